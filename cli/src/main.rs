@@ -1,0 +1,324 @@
+//! `skep`: submit jobs to a queen and inspect the cluster.
+//!
+//! Exit status is a contract scripts rely on (see `exit`): 0 done, 2 usage or invalid argument,
+//! 3 deadline exceeded, 4 rejected for capacity or rate limit, 5 unauthenticated or permission
+//! denied, 6 unavailable, 1 anything else.
+
+mod exit;
+mod render;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use skep_common::auth;
+use skep_common::secret::Secret;
+use skep_proto::v1::jobs_client::JobsClient;
+use skep_proto::v1::nodes_client::NodesClient;
+use skep_proto::v1::{
+    CancelJobRequest, GetJobRequest, ListJobsRequest, ListNodesRequest, SubmitRequest, job_event,
+};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::exit::Failure;
+
+/// How long past its deadline the CLI waits for the queen's verdict before giving up itself.
+const VERDICT_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "skep",
+    version,
+    about = "Run inference jobs on your own machines"
+)]
+struct Cli {
+    /// The queen's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "SKEP_QUEEN",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    queen: String,
+    /// File (mode 0600) holding your API token.
+    #[arg(long, global = true, env = "SKEP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Submit a job and stream its output.
+    Submit {
+        /// Model to run.
+        #[arg(long)]
+        model: String,
+        /// Time the job may take, end to end (e.g. 30s, 1m 30s).
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Duration,
+        /// Most tokens to generate (default: the queen's default).
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Print one JSON object per event instead of the text.
+        #[arg(long)]
+        json: bool,
+        prompt: String,
+    },
+    /// Inspect jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Inspect nodes.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCommand {
+    /// Show one job, with its timings per hop.
+    Get {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recent jobs.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job.
+    Cancel { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodesCommand {
+    /// List the pool managers known to the queen.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: Duration = s
+        .parse::<humantime::Duration>()
+        .map_err(|e| e.to_string())?
+        .into();
+    if d.is_zero() {
+        return Err("the deadline must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Failure::other(format!("cannot start runtime: {e}")).report(),
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.report(),
+    }
+}
+
+/// Authenticated connection to the queen.
+struct Queen {
+    channel: Channel,
+    header: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Queen {
+    async fn connect(cli: &Cli) -> Result<Queen, Failure> {
+        let path = cli.token_file.as_ref().ok_or_else(|| {
+            Failure::usage("no token: pass --token-file FILE or set SKEP_TOKEN_FILE")
+        })?;
+        let token = Secret::from_file(path).map_err(|e| Failure::usage(e.to_string()))?;
+        let header = auth::bearer_header(&token).map_err(|_| {
+            Failure::usage(format!("{} does not hold a valid token", path.display()))
+        })?;
+        let channel = Channel::from_shared(cli.queen.clone())
+            .map_err(|e| Failure::usage(format!("bad --queen URL: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| {
+                Failure::unavailable(format!("cannot reach the queen at {}: {e}", cli.queen))
+            })?;
+        Ok(Queen { channel, header })
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.header.clone());
+        req
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let queen = Queen::connect(&cli).await?;
+    match cli.command {
+        Command::Submit {
+            model,
+            deadline,
+            max_tokens,
+            json,
+            prompt,
+        } => {
+            submit(
+                &queen,
+                model,
+                deadline,
+                max_tokens.unwrap_or(0),
+                json,
+                prompt,
+            )
+            .await
+        }
+        Command::Jobs { command } => {
+            let mut client = JobsClient::new(queen.channel.clone());
+            match command {
+                JobsCommand::Get { id, json } => {
+                    let job = client
+                        .get(queen.request(GetJobRequest { job_id: id }))
+                        .await?
+                        .into_inner();
+                    render::job(&job, json);
+                }
+                JobsCommand::List { limit, json } => {
+                    let jobs = client
+                        .list(queen.request(ListJobsRequest { limit }))
+                        .await?
+                        .into_inner();
+                    for job in &jobs.jobs {
+                        render::job(job, json);
+                    }
+                }
+                JobsCommand::Cancel { id } => {
+                    client
+                        .cancel(queen.request(CancelJobRequest { job_id: id.clone() }))
+                        .await?;
+                    println!("cancel requested for job {id}");
+                }
+            }
+            Ok(())
+        }
+        Command::Nodes {
+            command: NodesCommand::List { json },
+        } => {
+            let mut client = NodesClient::new(queen.channel.clone());
+            let nodes = client
+                .list(queen.request(ListNodesRequest {}))
+                .await?
+                .into_inner();
+            render::nodes(&nodes.nodes, json);
+            Ok(())
+        }
+    }
+}
+
+async fn submit(
+    queen: &Queen,
+    model: String,
+    deadline: Duration,
+    max_tokens: u32,
+    json: bool,
+    prompt: String,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+    let mut req = queen.request(SubmitRequest {
+        model,
+        prompt,
+        max_tokens,
+        deadline_ms,
+    });
+    req.set_timeout(deadline);
+    let mut client = JobsClient::new(queen.channel.clone());
+    let give_up = tokio::time::sleep(deadline + VERDICT_GRACE);
+    tokio::pin!(give_up);
+    let mut stream = tokio::select! {
+        r = client.submit(req) => r?.into_inner(),
+        _ = &mut give_up => return Err(no_verdict()),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut reported = false;
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = &mut give_up => return Err(no_verdict()),
+        };
+        let ev = match msg {
+            Ok(Some(ev)) => ev,
+            Ok(None) => {
+                return Err(Failure::other(
+                    "the queen closed the stream without a result",
+                ));
+            }
+            Err(status) => {
+                if json && !reported {
+                    render::status_json(&status);
+                }
+                return Err(if reported {
+                    Failure::quiet(&status)
+                } else {
+                    status.into()
+                });
+            }
+        };
+        if json {
+            render::event_json(&ev);
+        }
+        match ev.kind {
+            Some(job_event::Kind::Accepted(a)) if !json => {
+                eprintln!("job {} accepted (deadline {}ms)", ev.job_id, a.deadline_ms);
+            }
+            Some(job_event::Kind::Token(t)) if !json => {
+                let _ = write!(out, "{}", t.text);
+                let _ = out.flush();
+            }
+            Some(job_event::Kind::Done(d)) => {
+                if !json {
+                    let _ = writeln!(out);
+                    eprintln!(
+                        "{}",
+                        render::done_line(
+                            d.tokens,
+                            d.timings.unwrap_or_default(),
+                            started.elapsed()
+                        )
+                    );
+                }
+                return Ok(());
+            }
+            Some(job_event::Kind::Error(e)) => {
+                reported = true;
+                if !json {
+                    let _ = writeln!(out);
+                    eprintln!("error: {}", e.message);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn no_verdict() -> Failure {
+    Failure::from(Status::new(
+        Code::DeadlineExceeded,
+        "no answer from the queen before the deadline",
+    ))
+}

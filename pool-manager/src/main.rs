@@ -1,0 +1,231 @@
+//! `skep-pool`: the pool manager daemon of one machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use skep_common::secret::Secret;
+use skep_common::telemetry::{self, LogFormat};
+use skep_common::{auth, validate};
+use skep_lane::LaneConfig;
+use skep_pool_manager::grpc::PoolService;
+use skep_pool_manager::membership::Membership;
+use skep_pool_manager::supervisor::{WorkerSpec, spawn_slots};
+use tokio::sync::{Semaphore, watch};
+use tracing::info;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum EngineKind {
+    Synthetic,
+    Gguf,
+}
+
+/// A skep pool manager: runs jobs from the queen on this machine's workers.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// State directory (lanes, keys). Created 0700 if missing.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The queen's gRPC URL, e.g. http://127.0.0.1:7700.
+    #[arg(long)]
+    queen: String,
+    /// Address to serve Pool/Execute on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// URL the queen should dial (default: http://<bound listen address>).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Token file (0600) this pool presents to the queen.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
+    #[arg(long, value_enum, default_value = "synthetic")]
+    engine: EngineKind,
+    /// Model name served (default: "synthetic" for the synthetic engine, the file stem for gguf).
+    #[arg(long)]
+    model: Option<String>,
+    /// GGUF model file for `--engine gguf`.
+    #[arg(long)]
+    model_path: Option<PathBuf>,
+    /// Synthetic engine: time to first token (humantime, e.g. 20ms).
+    #[arg(long, default_value = "20ms")]
+    synthetic_ttft: String,
+    /// Synthetic engine: tokens per second (0 = unpaced).
+    #[arg(long, default_value_t = 200.0)]
+    synthetic_tps: f64,
+    /// Name shown in `skep nodes list`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Worker binary (default: skep-worker next to this binary).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    #[arg(long, default_value = "pretty")]
+    log_format: LogFormat,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    create_private_dir(&args.data_dir)?;
+    let lane_dir = args.data_dir.join("lanes");
+    create_private_dir(&lane_dir)?;
+    let token_path = skep_common::secret::credential_path("pool-token", &args.token_file);
+    let token = Secret::from_file(&token_path)?;
+
+    let (model, engine_args) = engine_args(&args)?;
+    validate::model_name(&model).context("--model")?;
+    let program = match &args.worker_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("skep-worker"),
+    };
+    if !program.is_file() {
+        bail!(
+            "worker binary {} not found; build it or pass --worker-bin",
+            program.display()
+        );
+    }
+
+    // The pool always authenticates its caller (the dispatch key), so any bind is allowed.
+    auth::check_bind(args.listen, true)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    write_addr_file(&args.data_dir, local)?;
+    let pool_url = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+
+    let slots = args.workers as usize;
+    let free = Arc::new(Semaphore::new(slots));
+    let (jobs_tx, jobs_rx) = async_channel::bounded(slots);
+    let spec = Arc::new(WorkerSpec {
+        program,
+        args: engine_args,
+        lane_dir,
+        lane: LaneConfig::default(),
+    });
+    let _slots = spawn_slots(spec, slots, jobs_rx);
+
+    let (key_tx, key_rx) = watch::channel(None);
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("pool-{}", local.port()));
+    validate::identifier("name", &name).context("--name")?;
+    tokio::spawn(
+        Membership {
+            queen_url: args.queen.clone(),
+            token,
+            name,
+            pool_url: pool_url.clone(),
+            slots,
+            free: Arc::clone(&free),
+            models: vec![model.clone()],
+            key: key_tx,
+        }
+        .run(),
+    );
+
+    let service = PoolService::new(free, slots, jobs_tx, vec![model.clone()]);
+    info!(%local, %pool_url, %model, workers = slots, "pool manager listening");
+    tonic::transport::Server::builder()
+        // A dead queen connection must not pin a stream forever.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(service.into_server(key_rx))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await?;
+    info!("pool manager stopped");
+    Ok(())
+}
+
+fn engine_args(args: &Args) -> anyhow::Result<(String, Vec<String>)> {
+    match args.engine {
+        EngineKind::Synthetic => {
+            let model = args.model.clone().unwrap_or_else(|| "synthetic".into());
+            let engine = vec![
+                "--engine".into(),
+                "synthetic".into(),
+                "--model".into(),
+                model.clone(),
+                "--synthetic-ttft".into(),
+                args.synthetic_ttft.clone(),
+                "--synthetic-tps".into(),
+                args.synthetic_tps.to_string(),
+            ];
+            Ok((model, engine))
+        }
+        EngineKind::Gguf => {
+            let path = args
+                .model_path
+                .as_ref()
+                .context("--engine gguf needs --model-path")?;
+            let path = path
+                .canonicalize()
+                .with_context(|| format!("model file {}", path.display()))?;
+            let model = match &args.model {
+                Some(m) => m.clone(),
+                None => path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .context("model file name is not UTF-8; pass --model")?
+                    .to_owned(),
+            };
+            let engine = vec![
+                "--engine".into(),
+                "gguf".into(),
+                "--model".into(),
+                model.clone(),
+                "--model-path".into(),
+                path.to_string_lossy().into_owned(),
+            ];
+            Ok((model, engine))
+        }
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// Publishes the bound address (useful with port 0), atomically.
+fn write_addr_file(dir: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let tmp = dir.join("listen.addr.tmp");
+    std::fs::write(&tmp, addr.to_string())?;
+    std::fs::rename(tmp, dir.join("listen.addr"))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+}

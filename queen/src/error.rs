@@ -1,0 +1,55 @@
+//! The queen's error type. Conversion to gRPC statuses lives in `grpc/status.rs` only.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Auth(#[from] skep_common::auth::AuthError),
+    #[error("this operation needs the {0} role")]
+    PermissionDenied(&'static str),
+    #[error("{0}")]
+    Invalid(#[from] skep_common::validate::ValidationError),
+    #[error("{0}")]
+    BadDeadline(#[from] skep_common::deadline::DeadlineError),
+    #[error(
+        "job cannot finish in time: budget {}ms, estimated {}ms; raise the deadline or lower max_tokens",
+        .budget.as_millis(), .estimate.as_millis()
+    )]
+    Infeasible {
+        budget: Duration,
+        estimate: Duration,
+    },
+    #[error(
+        "deadline exceeded: budget {}ms, elapsed {}ms (exceeded by {}ms)",
+        .budget.as_millis(), .elapsed.as_millis(), .elapsed.saturating_sub(*.budget).as_millis()
+    )]
+    DeadlineExceeded { budget: Duration, elapsed: Duration },
+    #[error("queue is full; retry in {}ms", .retry_after.as_millis())]
+    QueueFull { retry_after: Duration },
+    #[error("no pool serves model {0:?}; start a pool manager with that model")]
+    NoPool(String),
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    #[error("job was cancelled")]
+    Cancelled,
+    /// A pool manager answered with an error; its status is passed on.
+    #[error("pool {node}: {message}")]
+    Pool {
+        node: String,
+        code: i32,
+        message: String,
+    },
+    #[error("pool {node} unreachable: {message}")]
+    PoolUnreachable { node: String, message: String },
+    #[error("state store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("internal component stopped")]
+    ActorStopped,
+}
+
+impl From<actix::MailboxError> for Error {
+    fn from(_: actix::MailboxError) -> Self {
+        Error::ActorStopped
+    }
+}

@@ -1,0 +1,293 @@
+//! One job's life on the queen, from admission to its terminal state.
+//!
+//! Each admitted job gets its own task running `run`. It persists every state change, waits for a
+//! slot (never past the deadline), dispatches to the assigned pool with the remaining budget,
+//! forwards tokens, and always ends with exactly one terminal event: done, or an error. Whatever
+//! happens, the slot goes back to the scheduler and admission hears that the job finished.
+
+use std::time::{Duration, Instant};
+
+use skep_common::deadline::Deadline;
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Error;
+use crate::admission::{AdmissionHandle, Admitted, Observed};
+use crate::grpc::dispatch::{self, PoolEvent};
+use crate::model::{JobRecord, JobState, Timings, micros, unix_ms};
+use crate::registry::RegistryHandle;
+use crate::scheduler::{Assignment, SchedulerHandle};
+use crate::store::{JobUpdate, StoreHandle};
+
+/// Events buffered per client stream.
+pub const EVENT_BUFFER: usize = 64;
+
+/// The queen's actors, as seen by request handlers and job tasks.
+#[derive(Clone)]
+pub struct Services {
+    pub admission: AdmissionHandle,
+    pub scheduler: SchedulerHandle,
+    pub registry: RegistryHandle,
+    pub store: StoreHandle,
+}
+
+/// A validated job request.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub model: String,
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub budget: Duration,
+    /// When the request reached the queen: the budget runs from here.
+    pub arrived: Instant,
+}
+
+/// What the client sees of a job, in order.
+#[derive(Debug)]
+pub enum Event {
+    Accepted {
+        budget: Duration,
+        estimate: Duration,
+    },
+    Queued {
+        position: usize,
+    },
+    Dispatched {
+        node_id: String,
+        attempt: u32,
+    },
+    Token {
+        index: u32,
+        text: String,
+    },
+    Done {
+        tokens: u32,
+        timings: Timings,
+    },
+    Failed {
+        error: Error,
+        timings: Timings,
+    },
+}
+
+struct Progress {
+    timings: Timings,
+    tokens: u32,
+    node_id: String,
+    observed: Option<Observed>,
+}
+
+/// Drives an admitted job to its end. Never panics, never returns early without a terminal event.
+pub async fn run(svc: Services, job: NewJob, admitted: Admitted, events: mpsc::Sender<Event>) {
+    let deadline = Deadline::from_start(job.arrived, job.budget);
+    let mut p = Progress {
+        timings: Timings {
+            admission_us: micros(job.arrived.elapsed()),
+            ..Timings::default()
+        },
+        tokens: 0,
+        node_id: String::new(),
+        observed: None,
+    };
+    let _ = events
+        .send(Event::Accepted {
+            budget: job.budget,
+            estimate: admitted.estimate,
+        })
+        .await;
+    let result = drive(&svc, &job, deadline, &admitted.cancel, &events, &mut p).await;
+    p.timings.total_us = micros(job.arrived.elapsed());
+
+    let (state, error) = match &result {
+        Ok(()) => (JobState::Done, String::new()),
+        Err(Error::DeadlineExceeded { .. }) => (JobState::DeadlineExceeded, result_msg(&result)),
+        Err(Error::Cancelled) => (JobState::Cancelled, result_msg(&result)),
+        Err(_) => (JobState::Failed, result_msg(&result)),
+    };
+    info!(job = %job.id, state = state.as_str(), tokens = p.tokens, total_ms = p.timings.total_us / 1000, "job finished");
+    let update = JobUpdate {
+        id: job.id.clone(),
+        state,
+        tokens: p.tokens,
+        node_id: p.node_id.clone(),
+        error,
+        timings: p.timings,
+        finished_unix_ms: unix_ms(),
+    };
+    if let Err(e) = svc.store.update(update).await {
+        warn!(job = %job.id, error = %e, "could not persist final state");
+    }
+    let _ = svc
+        .admission
+        .finished(&job.id, &job.model, p.observed)
+        .await;
+    let last = match result {
+        Ok(()) => Event::Done {
+            tokens: p.tokens,
+            timings: p.timings,
+        },
+        Err(error) => Event::Failed {
+            error,
+            timings: p.timings,
+        },
+    };
+    let _ = events.send(last).await;
+}
+
+fn result_msg(r: &Result<(), Error>) -> String {
+    r.as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+async fn drive(
+    svc: &Services,
+    job: &NewJob,
+    deadline: Deadline,
+    cancel: &CancellationToken,
+    events: &mpsc::Sender<Event>,
+    p: &mut Progress,
+) -> Result<(), Error> {
+    let late = || Error::DeadlineExceeded {
+        budget: job.budget,
+        elapsed: job.arrived.elapsed(),
+    };
+    svc.store
+        .insert(JobRecord {
+            id: job.id.clone(),
+            model: job.model.clone(),
+            state: JobState::Queued,
+            created_unix_ms: unix_ms(),
+            finished_unix_ms: 0,
+            deadline_ms: u64::try_from(job.budget.as_millis()).unwrap_or(u64::MAX),
+            max_tokens: job.max_tokens,
+            tokens: 0,
+            node_id: String::new(),
+            error: String::new(),
+            timings: p.timings,
+        })
+        .await?;
+
+    let queued_at = Instant::now();
+    let enqueued = svc
+        .scheduler
+        .enqueue(&job.model, deadline.instant())
+        .await?;
+    if enqueued.position > 0 {
+        let _ = events
+            .send(Event::Queued {
+                position: enqueued.position,
+            })
+            .await;
+    }
+    let assignment: Assignment = tokio::select! {
+        a = enqueued.assignment => match a {
+            Ok(a) => a,
+            // The scheduler drops a waiter only once its deadline has passed.
+            Err(_) if deadline.is_expired() => return Err(late()),
+            Err(_) => return Err(Error::ActorStopped),
+        },
+        _ = sleep_until(deadline.instant().into()) => return Err(late()),
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+        _ = events.closed() => return Err(Error::Cancelled),
+    };
+    p.timings.queue_wait_us = micros(queued_at.elapsed());
+    let node_id = assignment.target.node_id.clone();
+    p.node_id = node_id.clone();
+    let result = execute(svc, job, deadline, cancel, events, &assignment, p).await;
+    svc.scheduler.release(&node_id).await?;
+    result
+}
+
+async fn execute(
+    svc: &Services,
+    job: &NewJob,
+    deadline: Deadline,
+    cancel: &CancellationToken,
+    events: &mpsc::Sender<Event>,
+    assignment: &Assignment,
+    p: &mut Progress,
+) -> Result<(), Error> {
+    let late = || Error::DeadlineExceeded {
+        budget: job.budget,
+        elapsed: job.arrived.elapsed(),
+    };
+    if deadline.is_expired() {
+        return Err(late());
+    }
+    svc.store
+        .update(JobUpdate {
+            id: job.id.clone(),
+            state: JobState::Running,
+            tokens: 0,
+            node_id: p.node_id.clone(),
+            error: String::new(),
+            timings: p.timings,
+            finished_unix_ms: 0,
+        })
+        .await?;
+    let _ = events
+        .send(Event::Dispatched {
+            node_id: p.node_id.clone(),
+            attempt: 1,
+        })
+        .await;
+    let dispatched = Instant::now();
+    let call = dispatch::execute(&assignment.target, job, deadline.remaining());
+    let mut stream = tokio::select! {
+        s = call => s?,
+        _ = sleep_until(deadline.instant().into()) => return Err(late()),
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+    };
+    // Dropping `stream` on any early return cancels the call, which stops the worker.
+    loop {
+        let ev = tokio::select! {
+            ev = stream.next() => ev,
+            _ = sleep_until(deadline.instant().into()) => return Err(late()),
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+            _ = events.closed() => return Err(Error::Cancelled),
+        };
+        match ev {
+            Some(Ok(PoolEvent::Started { pool_us })) => {
+                p.timings.dispatch_us = micros(dispatched.elapsed()).saturating_sub(pool_us);
+                p.timings.pool_us = pool_us;
+            }
+            Some(Ok(PoolEvent::Token { index, text })) => {
+                // A token that arrives late is not delivered: no success after the deadline.
+                if deadline.is_expired() {
+                    return Err(late());
+                }
+                p.tokens += 1;
+                if events.send(Event::Token { index, text }).await.is_err() {
+                    return Err(Error::Cancelled);
+                }
+            }
+            Some(Ok(PoolEvent::Finished {
+                first_token,
+                generation,
+                tokens,
+            })) => {
+                p.timings.worker_first_token_us = micros(first_token);
+                p.timings.generation_us = micros(generation);
+                p.observed = Some(Observed {
+                    first_token,
+                    generation,
+                    tokens,
+                });
+                return Ok(());
+            }
+            Some(Err(_)) | None if deadline.is_expired() => return Err(late()),
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(Error::PoolUnreachable {
+                    node: p.node_id.clone(),
+                    message: "stream ended without a result".into(),
+                });
+            }
+        }
+    }
+}

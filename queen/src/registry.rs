@@ -1,0 +1,297 @@
+//! The node registry: which pool managers exist, what they serve, and whether they are alive.
+//!
+//! A node that misses heartbeats becomes suspect (no new work) and then dead (forgotten; it must
+//! register again). The registry tells the scheduler about every change, so the scheduler never
+//! places work on a node whose heartbeat is stale.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use skep_common::secret::Secret;
+use skep_proto::v1::pool_client::PoolClient;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+use crate::Error;
+use crate::scheduler::{SchedulerHandle, Target};
+
+/// Heartbeats missed before a node is suspect, then dead.
+const SUSPECT_AFTER_BEATS: u32 = 3;
+const DEAD_AFTER_BEATS: u32 = 6;
+/// How long a dead node stays visible in listings.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeHealth {
+    Healthy,
+    Suspect,
+    Dead,
+}
+
+/// A node as shown to operators.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub pool_url: String,
+    pub slots: u32,
+    pub free_slots: u32,
+    pub models: Vec<String>,
+    pub health: NodeHealth,
+    pub last_heartbeat: Duration,
+}
+
+struct Entry {
+    info: NodeInfo,
+    target: Target,
+    last_seen: Instant,
+}
+
+pub struct Registry {
+    nodes: HashMap<String, Entry>,
+    heartbeat: Duration,
+    scheduler: SchedulerHandle,
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.heartbeat / 2, |this, ctx| this.sweep(ctx));
+    }
+}
+
+// === impl Registry ===
+
+impl Registry {
+    pub fn start(heartbeat: Duration, scheduler: SchedulerHandle) -> RegistryHandle {
+        let addr = Registry {
+            nodes: HashMap::new(),
+            heartbeat,
+            scheduler,
+        }
+        .start();
+        RegistryHandle { addr, heartbeat }
+    }
+
+    /// Demotes nodes whose heartbeats stopped, and tells the scheduler.
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let suspect = self.heartbeat * SUSPECT_AFTER_BEATS;
+        let dead = self.heartbeat * DEAD_AFTER_BEATS;
+        let mut gone = Vec::new();
+        self.nodes.retain(|id, e| {
+            let silent = now.duration_since(e.last_seen);
+            let before = e.info.health;
+            e.info.health = if silent >= dead {
+                NodeHealth::Dead
+            } else if silent >= suspect {
+                NodeHealth::Suspect
+            } else {
+                before
+            };
+            if before == NodeHealth::Healthy && e.info.health != NodeHealth::Healthy {
+                warn!(node = %id, silent_ms = silent.as_millis() as u64, "node stopped heartbeating");
+                gone.push(id.clone());
+            }
+            silent < dead + FORGET_AFTER
+        });
+        for id in gone {
+            let sched = self.scheduler.clone();
+            ctx.spawn(actix::fut::wrap_future(async move {
+                let _ = sched.node_down(&id).await;
+            }));
+        }
+    }
+}
+
+pub struct Registered {
+    pub node_id: String,
+    pub dispatch_key: Arc<Secret>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Registered, Error>")]
+struct Register {
+    name: String,
+    pool_url: String,
+    slots: u32,
+    models: Vec<String>,
+}
+
+impl Handler<Register> for Registry {
+    type Result = ResponseFuture<Result<Registered, Error>>;
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
+        let endpoint = match Endpoint::from_shared(msg.pool_url.clone()) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(2)),
+            Err(_) => {
+                return Box::pin(async {
+                    Err(Error::Invalid(
+                        skep_common::validate::ValidationError::BadChars { field: "pool_url" },
+                    ))
+                });
+            }
+        };
+        // A pool that registers again (e.g. after restarting) replaces its old entry.
+        let stale: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.info.pool_url == msg.pool_url)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            self.nodes.remove(id);
+        }
+        let node_id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dispatch_key = Arc::new(Secret::generate());
+        let target = Target {
+            node_id: node_id.clone(),
+            client: PoolClient::new(endpoint.connect_lazy()),
+            dispatch_key: Arc::clone(&dispatch_key),
+        };
+        info!(node = %node_id, name = %msg.name, url = %msg.pool_url, slots = msg.slots, "node registered");
+        self.nodes.insert(
+            node_id.clone(),
+            Entry {
+                info: NodeInfo {
+                    id: node_id.clone(),
+                    name: msg.name,
+                    pool_url: msg.pool_url,
+                    slots: msg.slots,
+                    free_slots: msg.slots,
+                    models: msg.models.clone(),
+                    health: NodeHealth::Healthy,
+                    last_heartbeat: Duration::ZERO,
+                },
+                target: target.clone(),
+                last_seen: Instant::now(),
+            },
+        );
+        let sched = self.scheduler.clone();
+        let slots = msg.slots;
+        Box::pin(async move {
+            for id in stale {
+                sched.node_down(&id).await?;
+            }
+            sched.node_up(target, msg.models, slots).await?;
+            Ok(Registered {
+                node_id,
+                dispatch_key,
+            })
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<bool, Error>")]
+struct Heartbeat {
+    node_id: String,
+    free_slots: u32,
+    models: Vec<String>,
+}
+
+impl Handler<Heartbeat> for Registry {
+    type Result = ResponseFuture<Result<bool, Error>>;
+    fn handle(&mut self, msg: Heartbeat, _: &mut Self::Context) -> Self::Result {
+        let Some(e) = self.nodes.get_mut(&msg.node_id) else {
+            return Box::pin(async { Ok(false) });
+        };
+        if e.info.health == NodeHealth::Dead {
+            return Box::pin(async { Ok(false) });
+        }
+        e.last_seen = Instant::now();
+        e.info.free_slots = msg.free_slots;
+        let revived = e.info.health == NodeHealth::Suspect || e.info.models != msg.models;
+        e.info.models = msg.models;
+        e.info.health = NodeHealth::Healthy;
+        if !revived {
+            return Box::pin(async { Ok(true) });
+        }
+        info!(node = %msg.node_id, "node healthy again");
+        let (sched, target, models, slots) = (
+            self.scheduler.clone(),
+            e.target.clone(),
+            e.info.models.clone(),
+            e.info.slots,
+        );
+        Box::pin(async move {
+            sched.node_up(target, models, slots).await?;
+            Ok(true)
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Vec<NodeInfo>")]
+struct List;
+
+impl Handler<List> for Registry {
+    type Result = MessageResult<List>;
+    fn handle(&mut self, _: List, _: &mut Self::Context) -> Self::Result {
+        let now = Instant::now();
+        let mut v: Vec<NodeInfo> = self
+            .nodes
+            .values()
+            .map(|e| NodeInfo {
+                last_heartbeat: now.duration_since(e.last_seen),
+                ..e.info.clone()
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        MessageResult(v)
+    }
+}
+
+/// Async handle to the registry.
+#[derive(Clone)]
+pub struct RegistryHandle {
+    addr: Addr<Registry>,
+    heartbeat: Duration,
+}
+
+// === impl RegistryHandle ===
+
+impl RegistryHandle {
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat
+    }
+
+    pub async fn register(
+        &self,
+        name: String,
+        pool_url: String,
+        slots: u32,
+        models: Vec<String>,
+    ) -> Result<Registered, Error> {
+        self.addr
+            .send(Register {
+                name,
+                pool_url,
+                slots,
+                models,
+            })
+            .await?
+    }
+
+    /// False when the node is unknown (or declared dead) and must register again.
+    pub async fn heartbeat(
+        &self,
+        node_id: String,
+        free_slots: u32,
+        models: Vec<String>,
+    ) -> Result<bool, Error> {
+        self.addr
+            .send(Heartbeat {
+                node_id,
+                free_slots,
+                models,
+            })
+            .await?
+    }
+
+    pub async fn list(&self) -> Result<Vec<NodeInfo>, Error> {
+        Ok(self.addr.send(List).await?)
+    }
+}

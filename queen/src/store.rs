@@ -1,0 +1,244 @@
+//! The state store: jobs in an embedded SQLite database (WAL) under the data directory.
+//!
+//! SQLite calls block, so the store is a `SyncArbiter` actor on its own thread; `StoreHandle` is
+//! the async face the rest of the queen uses.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use actix::prelude::*;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::Error;
+use crate::model::{JobRecord, JobState, Timings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    finished_unix_ms INTEGER NOT NULL DEFAULT 0,
+    deadline_ms INTEGER NOT NULL,
+    max_tokens INTEGER NOT NULL,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    node_id TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '',
+    timings TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_unix_ms);
+";
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Actor for Store {
+    type Context = SyncContext<Self>;
+}
+
+/// Opens (creating if needed) the database and starts the store on its own thread.
+pub fn start(path: &Path) -> Result<StoreHandle, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    // SyncArbiter wants a factory; with one thread it is called once, so hand the connection over.
+    let slot = Mutex::new(Some(conn));
+    let addr = SyncArbiter::start(1, move || {
+        let conn = slot
+            .lock()
+            .ok()
+            .and_then(|mut c| c.take())
+            .expect("store factory is called once for its single thread");
+        Store { conn }
+    });
+    Ok(StoreHandle { addr })
+}
+
+/// Fields that change as a job progresses.
+#[derive(Debug, Clone)]
+pub struct JobUpdate {
+    pub id: String,
+    pub state: JobState,
+    pub tokens: u32,
+    pub node_id: String,
+    pub error: String,
+    pub timings: Timings,
+    pub finished_unix_ms: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+struct Insert(JobRecord);
+
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+struct Update(JobUpdate);
+
+#[derive(Message)]
+#[rtype(result = "Result<Option<JobRecord>, StoreError>")]
+struct Get(String);
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<JobRecord>, StoreError>")]
+struct List(u32);
+
+impl Handler<Insert> for Store {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, Insert(j): Insert, _: &mut Self::Context) -> Self::Result {
+        self.conn.execute(
+            "INSERT INTO jobs (id, model, state, created_unix_ms, finished_unix_ms, deadline_ms,
+                               max_tokens, tokens, node_id, error, timings)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                j.id,
+                j.model,
+                j.state.as_str(),
+                j.created_unix_ms,
+                j.finished_unix_ms,
+                j.deadline_ms,
+                j.max_tokens,
+                j.tokens,
+                j.node_id,
+                j.error,
+                timings_json(&j.timings),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+impl Handler<Update> for Store {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, Update(u): Update, _: &mut Self::Context) -> Self::Result {
+        self.conn.execute(
+            "UPDATE jobs SET state = ?2, tokens = ?3, node_id = ?4, error = ?5, timings = ?6,
+                             finished_unix_ms = ?7 WHERE id = ?1",
+            params![
+                u.id,
+                u.state.as_str(),
+                u.tokens,
+                u.node_id,
+                u.error,
+                timings_json(&u.timings),
+                u.finished_unix_ms
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+const SELECT: &str = "SELECT id, model, state, created_unix_ms, finished_unix_ms, deadline_ms,
+                             max_tokens, tokens, node_id, error, timings FROM jobs";
+
+impl Handler<Get> for Store {
+    type Result = Result<Option<JobRecord>, StoreError>;
+    fn handle(&mut self, Get(id): Get, _: &mut Self::Context) -> Self::Result {
+        let row = self
+            .conn
+            .query_row(&format!("{SELECT} WHERE id = ?1"), [id], row_to_raw)
+            .optional()?;
+        row.map(decode).transpose()
+    }
+}
+
+impl Handler<List> for Store {
+    type Result = Result<Vec<JobRecord>, StoreError>;
+    fn handle(&mut self, List(limit): List, _: &mut Self::Context) -> Self::Result {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{SELECT} ORDER BY created_unix_ms DESC LIMIT ?1"))?;
+        let rows = stmt.query_map([limit], row_to_raw)?;
+        rows.map(|r| decode(r?)).collect()
+    }
+}
+
+type RawRow = (
+    String,
+    String,
+    String,
+    u64,
+    u64,
+    u64,
+    u32,
+    u32,
+    String,
+    String,
+    String,
+);
+
+fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+fn decode(raw: RawRow) -> Result<JobRecord, StoreError> {
+    let (id, model, state, created, finished, deadline, max_tokens, tokens, node_id, error, t) =
+        raw;
+    let state =
+        JobState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state:?}")))?;
+    let timings = serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(JobRecord {
+        id,
+        model,
+        state,
+        created_unix_ms: created,
+        finished_unix_ms: finished,
+        deadline_ms: deadline,
+        max_tokens,
+        tokens,
+        node_id,
+        error,
+        timings,
+    })
+}
+
+fn timings_json(t: &Timings) -> String {
+    serde_json::to_string(t).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Async handle to the store.
+#[derive(Clone)]
+pub struct StoreHandle {
+    addr: Addr<Store>,
+}
+
+// === impl StoreHandle ===
+
+impl StoreHandle {
+    pub async fn insert(&self, job: JobRecord) -> Result<(), Error> {
+        Ok(self.addr.send(Insert(job)).await??)
+    }
+
+    pub async fn update(&self, update: JobUpdate) -> Result<(), Error> {
+        Ok(self.addr.send(Update(update)).await??)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, Error> {
+        Ok(self.addr.send(Get(id.to_owned())).await??)
+    }
+
+    pub async fn list(&self, limit: u32) -> Result<Vec<JobRecord>, Error> {
+        Ok(self.addr.send(List(limit)).await??)
+    }
+}

@@ -1,0 +1,63 @@
+//! The `Engine` trait every inference backend implements, and the factory that picks one.
+//!
+//! An engine turns a prompt into a stream of token texts. It knows nothing of lanes, deadlines or
+//! cancellation: the caller decides between tokens whether to go on, through the `emit` callback.
+
+pub mod gguf;
+pub mod synthetic;
+
+use std::ops::ControlFlow;
+
+pub use synthetic::{SyntheticConfig, SyntheticEngine};
+
+/// What the caller asks an engine to produce.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub max_tokens: u32,
+}
+
+/// Why generation stopped early, as decided by the caller's `emit` callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    DeadlineExceeded,
+    Cancelled,
+    /// The consumer of the tokens went away (e.g. the lane died).
+    Disconnected,
+}
+
+/// How a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Reached `max_tokens`, an end-of-sequence token or a stop sequence.
+    Complete { tokens: u32 },
+    /// The caller's `emit` returned `Break`.
+    Stopped { tokens: u32, reason: Stop },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model {0:?} is not served by this engine")]
+    UnknownModel(String),
+    #[error("could not load model: {0}")]
+    Load(String),
+    #[error("prompt could not be processed: {0}")]
+    Prompt(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// A loaded model that generates tokens. Loaded once per worker and kept warm.
+pub trait Engine: Send {
+    /// Name of the model this engine serves.
+    fn model(&self) -> &str;
+
+    /// Generates up to `req.max_tokens` tokens, handing each token's text to `emit` as soon as it
+    /// exists. `emit` is also where the caller checks its deadline and cancel flag: returning
+    /// `Break(reason)` stops generation before the next token is computed.
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        emit: &mut dyn FnMut(&str) -> ControlFlow<Stop>,
+    ) -> Result<Finish, EngineError>;
+}

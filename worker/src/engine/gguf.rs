@@ -1,0 +1,400 @@
+//! The GGUF engine: runs llama-architecture GGUF models (e.g. SmolLM2) on candle, CPU by default.
+//!
+//! The model is read once at start and kept warm; each job clears the KV cache and starts from
+//! position 0, so jobs never see each other's context. With the `cuda` cargo feature the weights
+//! go to the first CUDA GPU when one is present.
+
+mod stream;
+mod template;
+mod tokenizer;
+
+use std::fs::File;
+use std::io::BufReader;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::LogitsProcessor;
+use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+
+use self::stream::TextStream;
+use self::template::{ChatTemplate, TemplateError};
+use self::tokenizer::{GgufTokenizer, TokenizerError};
+use crate::engine::{Engine, EngineError, Finish, GenerateRequest, Stop};
+
+/// How tokens are picked. The default is greedy decoding, which makes output reproducible.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufOptions {
+    /// Softmax temperature; 0 (or below 1e-7) means greedy (argmax).
+    pub temperature: f64,
+    /// Nucleus sampling cut-off, only used when `temperature > 0`.
+    pub top_p: Option<f64>,
+    /// Seed of the sampler; every job starts from it, so a job is reproducible on its own.
+    pub seed: u64,
+    /// Generation ends when the text contains one of these; the stop text itself is not emitted.
+    pub stop: Vec<String>,
+}
+
+impl Default for GgufOptions {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: None,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why a GGUF model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not a readable GGUF file: {0}")]
+    Format(candle_core::Error),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("bad model metadata: {0}")]
+    Metadata(String),
+    #[error("cannot load weights: {0}")]
+    Weights(candle_core::Error),
+    #[error("reading the model crashed: {0}")]
+    Panicked(String),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("device: {0}")]
+    Device(candle_core::Error),
+}
+
+/// A GGUF model loaded and ready to generate.
+pub struct GgufEngine {
+    model_name: String,
+    weights: ModelWeights,
+    tokenizer: GgufTokenizer,
+    template: Option<ChatTemplate>,
+    device: Device,
+    /// Prompt plus generated tokens may not exceed this (the model's trained context, capped by
+    /// the rotary tables candle precomputes).
+    context_len: usize,
+    opts: GgufOptions,
+}
+
+// Hand-written so that logging an engine never dumps (or walks) the weights.
+impl std::fmt::Debug for GgufEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufEngine")
+            .field("model", &self.model_name)
+            .field("device", &self.device)
+            .field("context_len", &self.context_len)
+            .field("chat_template", &self.template.is_some())
+            .field("tokenizer", &self.tokenizer)
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GgufEngine {
+    /// Reads the GGUF file at `path` and builds weights, tokenizer and chat template.
+    pub fn load(path: &Path, model_name: &str, opts: GgufOptions) -> Result<Self, EngineError> {
+        Self::load_inner(path, model_name, opts)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
+    }
+
+    fn load_inner(path: &Path, model_name: &str, opts: GgufOptions) -> Result<Self, GgufError> {
+        let file = File::open(path).map_err(|source| GgufError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        // Read normally rather than memory-mapping: mapping needs `unsafe`, which the workspace
+        // forbids, and a 100 MB model reads in well under a second.
+        let mut reader = BufReader::new(file);
+        let device = pick_device()?;
+        // candle's GGUF reader validates most of the header, but a few corrupt values (e.g. a
+        // zero alignment or head count) reach arithmetic that panics. A corrupt file must be an
+        // error, not a crashed worker, so the whole read runs under catch_unwind.
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let content = Content::read(&mut reader).map_err(GgufError::Format)?;
+            let context_len = check_llama_metadata(&content)?;
+            let tokenizer = GgufTokenizer::from_gguf(&content)?;
+            let template = match content.metadata.get("tokenizer.chat_template") {
+                Some(v) => {
+                    let src = v
+                        .to_string()
+                        .map_err(|e| GgufError::Metadata(format!("tokenizer.chat_template: {e}")))?;
+                    Some(ChatTemplate::new(
+                        src.clone(),
+                        tokenizer.special_text(tokenizer.bos()),
+                        tokenizer.special_text(tokenizer.eos()),
+                    )?)
+                }
+                None => None,
+            };
+            let weights =
+                ModelWeights::from_gguf(content, &mut reader, &device).map_err(GgufError::Weights)?;
+            Ok::<_, GgufError>((weights, tokenizer, template, context_len))
+        }))
+        .map_err(|panic| GgufError::Panicked(panic_message(&panic)))??;
+        let (weights, tokenizer, template, context_len) = loaded;
+        tracing::info!(
+            model = model_name,
+            path = %path.display(),
+            vocab = tokenizer.vocab_size(),
+            context_len,
+            chat_template = template.is_some(),
+            device = ?device,
+            "gguf model loaded"
+        );
+        Ok(Self {
+            model_name: model_name.to_string(),
+            weights,
+            tokenizer,
+            template,
+            device,
+            context_len,
+            opts,
+        })
+    }
+
+    /// The exact text fed to the model for a user prompt: the chat template applied when the
+    /// model has one, the prompt itself otherwise.
+    pub fn format_prompt(&self, prompt: &str) -> Result<String, EngineError> {
+        match &self.template {
+            Some(t) => t
+                .render_user(prompt)
+                .map_err(|e| EngineError::Prompt(e.to_string())),
+            None => Ok(prompt.to_string()),
+        }
+    }
+
+    /// Token ids of `text` as llama.cpp would produce them with special-token parsing on and
+    /// no BOS added (`llama_tokenize(.., add_special = false, parse_special = true)`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer
+            .encode(text)
+            .map_err(|e| EngineError::Prompt(e.to_string()))
+    }
+
+    /// Text of token ids (control tokens dropped, invalid UTF-8 replaced by U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids)
+    }
+
+    /// The vocabulary entry of a token id as stored in the GGUF file.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.tokenizer.token(id)
+    }
+
+    /// Whether sampling this token ends generation (EOS, `<|im_end|>`, ...).
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.tokenizer.is_eog(id)
+    }
+
+    /// Up to `n` greedily chosen token ids after the chat-formatted `prompt`, stopping before an
+    /// end-of-generation token. Ignores temperature and stop sequences: it exists to compare the
+    /// raw model against a reference implementation.
+    pub fn greedy_token_ids(&mut self, prompt: &str, n: usize) -> Result<Vec<u32>, EngineError> {
+        let ids = self.prompt_ids(prompt)?;
+        let mut sampler = LogitsProcessor::new(0, None, None);
+        let mut out = Vec::with_capacity(n);
+        let mut logits = self.start(&ids)?;
+        let mut pos = ids.len();
+        while out.len() < n && pos < self.context_len {
+            let next = sampler.sample(&logits).map_err(inference)?;
+            if self.tokenizer.is_eog(next) {
+                break;
+            }
+            out.push(next);
+            logits = self.step(next, pos)?;
+            pos += 1;
+        }
+        Ok(out)
+    }
+
+    fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, EngineError> {
+        let text = self.format_prompt(prompt)?;
+        let ids = self
+            .tokenizer
+            .encode_prompt(&text)
+            .map_err(|e| EngineError::Prompt(e.to_string()))?;
+        if ids.is_empty() {
+            return Err(EngineError::Prompt("the prompt has no tokens".into()));
+        }
+        if ids.len() >= self.context_len {
+            return Err(EngineError::Prompt(format!(
+                "the prompt is {} tokens; the model's context holds {}",
+                ids.len(),
+                self.context_len
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Forgets the previous job and runs the prompt; returns the logits for the next token.
+    fn start(&mut self, ids: &[u32]) -> Result<Tensor, EngineError> {
+        // index_pos 0 already overwrites each layer's cache, but clearing also frees the last
+        // job's cache memory while the worker is idle.
+        self.weights.clear_kv_cache();
+        let input = Tensor::new(ids, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(inference)?;
+        self.logits(&input, 0)
+    }
+
+    /// Feeds one token at position `pos`; returns the logits for the next one.
+    fn step(&mut self, token: u32, pos: usize) -> Result<Tensor, EngineError> {
+        let input = Tensor::new(&[token], &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(inference)?;
+        self.logits(&input, pos)
+    }
+
+    fn logits(&mut self, input: &Tensor, pos: usize) -> Result<Tensor, EngineError> {
+        self.weights
+            .forward(input, pos)
+            .and_then(|l| l.squeeze(0))
+            .map_err(inference)
+    }
+}
+
+impl Engine for GgufEngine {
+    fn model(&self) -> &str {
+        &self.model_name
+    }
+
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        emit: &mut dyn FnMut(&str) -> ControlFlow<Stop>,
+    ) -> Result<Finish, EngineError> {
+        if req.max_tokens == 0 {
+            return Ok(Finish::Complete { tokens: 0 });
+        }
+        let ids = self.prompt_ids(&req.prompt)?;
+        let mut sampler = LogitsProcessor::new(self.opts.seed, Some(self.opts.temperature), self.opts.top_p);
+        let mut text = TextStream::new(&self.opts.stop);
+        let mut logits = self.start(&ids)?;
+        let mut pos = ids.len();
+        let mut tokens = 0u32;
+        loop {
+            let next = sampler.sample(&logits).map_err(inference)?;
+            if self.tokenizer.is_eog(next) {
+                break;
+            }
+            tokens += 1;
+            let bytes = self.tokenizer.piece(next).ok_or_else(|| {
+                EngineError::Inference(format!(
+                    "the model produced token {next}, outside its vocabulary of {}",
+                    self.tokenizer.vocab_size()
+                ))
+            })?;
+            let pushed = text.push(bytes);
+            // Text held back (half a character, a possible stop-sequence prefix) is emitted with
+            // a later token, so emit only ever sees non-empty, whole-character text.
+            if !pushed.text.is_empty() {
+                if let ControlFlow::Break(reason) = emit(&pushed.text) {
+                    return Ok(Finish::Stopped { tokens, reason });
+                }
+            }
+            if pushed.stopped {
+                return Ok(Finish::Complete { tokens });
+            }
+            if tokens >= req.max_tokens || pos >= self.context_len {
+                break;
+            }
+            logits = self.step(next, pos)?;
+            pos += 1;
+        }
+        let rest = text.finish();
+        if !rest.is_empty() {
+            if let ControlFlow::Break(reason) = emit(&rest) {
+                return Ok(Finish::Stopped { tokens, reason });
+            }
+        }
+        Ok(Finish::Complete { tokens })
+    }
+}
+
+/// The first CUDA GPU when built with `cuda` and one is present, the CPU otherwise.
+fn pick_device() -> Result<Device, GgufError> {
+    #[cfg(feature = "cuda")]
+    {
+        Device::cuda_if_available(0).map_err(GgufError::Device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(Device::Cpu)
+    }
+}
+
+/// Checks what `quantized_llama` assumes about the hyper-parameters before it divides or
+/// indexes with them, and returns the usable context length.
+fn check_llama_metadata(ct: &Content) -> Result<usize, GgufError> {
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+        .unwrap_or("");
+    if arch != "llama" {
+        return Err(GgufError::Unsupported(format!(
+            "general.architecture = {arch:?}; this engine runs \"llama\" models"
+        )));
+    }
+    let get = |key: &str| -> Result<usize, GgufError> {
+        match ct.metadata.get(key) {
+            Some(Value::U32(v)) => Ok(*v as usize),
+            Some(Value::U64(v)) => usize::try_from(*v).map_err(|_| bad(key, v)),
+            Some(v) => Err(bad(key, v)),
+            None => Err(GgufError::Metadata(format!("{key} is missing"))),
+        }
+    };
+    let heads = get("llama.attention.head_count")?;
+    let kv_heads = get("llama.attention.head_count_kv")?;
+    let embd = get("llama.embedding_length")?;
+    let rope_dim = get("llama.rope.dimension_count")?;
+    let blocks = get("llama.block_count")?;
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || embd == 0 || embd % heads != 0 {
+        return Err(GgufError::Metadata(format!(
+            "inconsistent attention shape: {heads} heads, {kv_heads} kv heads, width {embd}"
+        )));
+    }
+    if rope_dim == 0 || rope_dim % 2 != 0 || rope_dim != embd / heads || blocks == 0 {
+        return Err(GgufError::Metadata(format!(
+            "unsupported shape: rope dimension {rope_dim}, head size {}, {blocks} blocks",
+            embd / heads
+        )));
+    }
+    if let Some(Value::U32(0)) = ct.metadata.get("general.alignment") {
+        return Err(GgufError::Metadata("general.alignment is 0".into()));
+    }
+    let trained = match ct.metadata.get("llama.context_length") {
+        Some(Value::U32(v)) if *v > 0 => *v as usize,
+        _ => MAX_SEQ_LEN,
+    };
+    Ok(trained.min(MAX_SEQ_LEN))
+}
+
+fn bad(key: &str, v: impl std::fmt::Debug) -> GgufError {
+    GgufError::Metadata(format!("{key} has an unusable value {v:?}"))
+}
+
+fn inference(e: candle_core::Error) -> EngineError {
+    EngineError::Inference(e.to_string())
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}

@@ -1,0 +1,162 @@
+//! The synthetic engine: deterministic text at a configurable pace, for tests and benchmarks.
+//!
+//! Output depends only on the prompt (a SHA-256-seeded word sequence), so a test can compute the
+//! exact expected stream in-process. It is never used in place of a real model in the demo.
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::{Engine, EngineError, Finish, GenerateRequest, Stop};
+
+const WORDS: &[&str] = &[
+    "the", "hive", "hums", "while", "queens", "plan", "and", "workers", "stream", "tokens",
+    "through", "shared", "lanes", "before", "their", "deadline", "passes", "gently", "bees",
+    "carry", "honey", "home", "across", "a", "quiet", "network", "of", "small", "machines", "that",
+    "think", "together",
+];
+
+#[derive(Debug, Clone)]
+pub struct SyntheticConfig {
+    pub model: String,
+    /// Delay before the first token.
+    pub time_to_first_token: Duration,
+    /// Pace after the first token; 0 means as fast as possible.
+    pub tokens_per_sec: f64,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        SyntheticConfig {
+            model: "synthetic".to_owned(),
+            time_to_first_token: Duration::from_millis(20),
+            tokens_per_sec: 200.0,
+        }
+    }
+}
+
+pub struct SyntheticEngine {
+    config: SyntheticConfig,
+}
+
+// === impl SyntheticEngine ===
+
+impl SyntheticEngine {
+    pub fn new(config: SyntheticConfig) -> SyntheticEngine {
+        SyntheticEngine { config }
+    }
+
+    /// The i-th token text for a prompt: a pure function, shared by the engine and by tests.
+    pub fn token(prompt: &str, i: u32) -> String {
+        let mut h = Sha256::new();
+        h.update(prompt.as_bytes());
+        h.update(i.to_le_bytes());
+        let d = h.finalize();
+        let idx = u16::from_le_bytes([d[0], d[1]]) as usize % WORDS.len();
+        if i == 0 {
+            WORDS[idx].to_owned()
+        } else {
+            format!(" {}", WORDS[idx])
+        }
+    }
+
+    fn pause(&self) -> Duration {
+        if self.config.tokens_per_sec > 0.0 {
+            Duration::from_secs_f64(1.0 / self.config.tokens_per_sec)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+impl Engine for SyntheticEngine {
+    fn model(&self) -> &str {
+        &self.config.model
+    }
+
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        emit: &mut dyn FnMut(&str) -> ControlFlow<Stop>,
+    ) -> Result<Finish, EngineError> {
+        std::thread::sleep(self.config.time_to_first_token);
+        for i in 0..req.max_tokens {
+            if i > 0 {
+                std::thread::sleep(self.pause());
+            }
+            if let ControlFlow::Break(reason) = emit(&Self::token(&req.prompt, i)) {
+                return Ok(Finish::Stopped { tokens: i, reason });
+            }
+        }
+        Ok(Finish::Complete {
+            tokens: req.max_tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(
+        engine: &mut SyntheticEngine,
+        prompt: &str,
+        n: u32,
+        stop_after: u32,
+    ) -> (Vec<String>, Finish) {
+        let mut out = Vec::new();
+        let fin = engine
+            .generate(
+                &GenerateRequest {
+                    prompt: prompt.into(),
+                    max_tokens: n,
+                },
+                &mut |t| {
+                    if out.len() as u32 == stop_after {
+                        return ControlFlow::Break(Stop::Cancelled);
+                    }
+                    out.push(t.to_owned());
+                    ControlFlow::Continue(())
+                },
+            )
+            .unwrap();
+        (out, fin)
+    }
+
+    #[test]
+    fn output_is_deterministic_per_prompt() {
+        let cfg = SyntheticConfig {
+            time_to_first_token: Duration::ZERO,
+            tokens_per_sec: 0.0,
+            ..Default::default()
+        };
+        let mut e = SyntheticEngine::new(cfg);
+        let (a, fa) = run(&mut e, "hello", 16, u32::MAX);
+        let (b, _) = run(&mut e, "hello", 16, u32::MAX);
+        let (c, _) = run(&mut e, "other", 16, u32::MAX);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(fa, Finish::Complete { tokens: 16 });
+        assert_eq!(a[3], SyntheticEngine::token("hello", 3));
+    }
+
+    #[test]
+    fn break_stops_at_once() {
+        let cfg = SyntheticConfig {
+            time_to_first_token: Duration::ZERO,
+            tokens_per_sec: 0.0,
+            ..Default::default()
+        };
+        let mut e = SyntheticEngine::new(cfg);
+        let (out, fin) = run(&mut e, "p", 100, 5);
+        assert_eq!(out.len(), 5);
+        assert_eq!(
+            fin,
+            Finish::Stopped {
+                tokens: 5,
+                reason: Stop::Cancelled
+            }
+        );
+    }
+}

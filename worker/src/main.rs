@@ -1,0 +1,80 @@
+//! `skep-worker`: runs one engine behind a pair of shared-memory lanes. Started by `skep-pool`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use skep_common::telemetry::{self, LogFormat};
+use skep_worker::engine::{Engine, SyntheticConfig, SyntheticEngine};
+use skep_worker::{ServeConfig, serve};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineKind {
+    Synthetic,
+    Gguf,
+}
+
+/// A skep worker. It is started by a pool manager, never by hand.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[arg(long)]
+    request_lane: PathBuf,
+    #[arg(long)]
+    response_lane: PathBuf,
+    #[arg(long)]
+    generation: u64,
+    #[arg(long, value_enum, default_value = "synthetic")]
+    engine: EngineKind,
+    /// Name of the model served.
+    #[arg(long, default_value = "synthetic")]
+    model: String,
+    /// GGUF file for `--engine gguf`.
+    #[arg(long)]
+    model_path: Option<PathBuf>,
+    /// Synthetic engine: time to first token.
+    #[arg(long, default_value = "20ms", value_parser = humantime_duration)]
+    synthetic_ttft: Duration,
+    /// Synthetic engine: tokens per second after the first (0 = unpaced).
+    #[arg(long, default_value_t = 200.0)]
+    synthetic_tps: f64,
+    #[arg(long, default_value = "pretty")]
+    log_format: LogFormat,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<humantime::Duration>()
+        .map(Into::into)
+        .map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    let mut engine: Box<dyn Engine> = match args.engine {
+        EngineKind::Synthetic => Box::new(SyntheticEngine::new(SyntheticConfig {
+            model: args.model.clone(),
+            time_to_first_token: args.synthetic_ttft,
+            tokens_per_sec: args.synthetic_tps,
+        })),
+        EngineKind::Gguf => load_gguf(&args)?,
+    };
+    serve(
+        ServeConfig {
+            request_lane: args.request_lane,
+            response_lane: args.response_lane,
+            generation: args.generation,
+        },
+        engine.as_mut(),
+    )
+    .context("worker stopped")
+}
+
+fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn Engine>> {
+    let _path = args
+        .model_path
+        .as_ref()
+        .context("--engine gguf needs --model-path")?;
+    anyhow::bail!("the gguf engine is not built yet")
+}

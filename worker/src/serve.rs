@@ -1,0 +1,208 @@
+//! The worker's main loop: lane in, engine, lane out.
+//!
+//! Requests are untrusted bytes from shared memory: they are decoded from a private copy and
+//! validated before use. A corrupt lane ends the process (the pool manager restarts it on a new
+//! generation); a bad request gets an error response and the loop goes on.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use skep_common::validate;
+use skep_lane::{Lane, LaneError, monotonic_ns};
+use skep_proto::v1::{
+    LaneDone, LaneError as LaneErr, LaneRequest, LaneResponse, LaneToken, lane_response,
+};
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, Finish, GenerateRequest, Stop};
+
+/// How long to block on an empty request lane before checking that the pool manager lives.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// How long to wait for room in the response lane before deciding the pool manager is gone.
+const PUSH_WAIT: Duration = Duration::from_secs(2);
+/// How often the worker proves it is alive through the response lane's heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
+
+// gRPC status codes carried in lane errors.
+const CODE_CANCELLED: i32 = 1;
+const CODE_INVALID_ARGUMENT: i32 = 3;
+const CODE_DEADLINE_EXCEEDED: i32 = 4;
+const CODE_INTERNAL: i32 = 13;
+
+pub struct ServeConfig {
+    pub request_lane: PathBuf,
+    pub response_lane: PathBuf,
+    pub generation: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("lane: {0}")]
+    Lane(#[from] LaneError),
+    #[error("the pool manager went away")]
+    Orphaned,
+}
+
+/// Serves jobs until the lanes die or the parent process exits.
+pub fn serve(config: ServeConfig, engine: &mut dyn Engine) -> Result<(), ServeError> {
+    let requests = Lane::open(&config.request_lane, config.generation)?;
+    let responses = Lane::open(&config.response_lane, config.generation)?;
+    let parent = std::os::unix::process::parent_id();
+    responses.beat();
+    info!(
+        generation = config.generation,
+        model = engine.model(),
+        "worker ready"
+    );
+
+    let mut buf = Vec::new();
+    let mut last_beat = Instant::now();
+    loop {
+        if last_beat.elapsed() >= HEARTBEAT_EVERY {
+            responses.beat();
+            last_beat = Instant::now();
+        }
+        if std::os::unix::process::parent_id() != parent {
+            return Err(ServeError::Orphaned);
+        }
+        if !requests.pop_timeout(&mut buf, IDLE_WAIT)? {
+            continue;
+        }
+        let reply = |r: LaneResponse| responses.push_timeout(&r.encode_to_vec(), PUSH_WAIT);
+        let req = match LaneRequest::decode(buf.as_slice()) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "undecodable lane request");
+                reply(error(0, CODE_INVALID_ARGUMENT, "undecodable request"))?;
+                continue;
+            }
+        };
+        let seq = req.seq;
+        if let Some(msg) = check(&req) {
+            reply(error(seq, CODE_INVALID_ARGUMENT, msg))?;
+            continue;
+        }
+        run_job(&req, engine, &requests, &responses, &mut last_beat)?;
+    }
+}
+
+fn check(req: &LaneRequest) -> Option<&'static str> {
+    if validate::prompt(&req.prompt).is_err() {
+        return Some("invalid prompt");
+    }
+    if req.max_tokens == 0 || validate::max_tokens(req.max_tokens).is_err() {
+        return Some("invalid max_tokens");
+    }
+    None
+}
+
+fn run_job(
+    req: &LaneRequest,
+    engine: &mut dyn Engine,
+    requests: &Lane,
+    responses: &Lane,
+    last_beat: &mut Instant,
+) -> Result<(), ServeError> {
+    let seq = req.seq;
+    let deadline = req.deadline_mono_ns;
+    let push = |r: LaneResponse| responses.push_timeout(&r.encode_to_vec(), PUSH_WAIT);
+    if monotonic_ns() >= deadline {
+        push(error(
+            seq,
+            CODE_DEADLINE_EXCEEDED,
+            "deadline passed before the worker started",
+        ))?;
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut first_token = None;
+    let mut index = 0u32;
+    let mut lane_err = None;
+    let result = engine.generate(
+        &GenerateRequest {
+            prompt: req.prompt.clone(),
+            max_tokens: req.max_tokens,
+        },
+        &mut |text| {
+            // Checked before the token leaves: no token is delivered after the deadline.
+            if monotonic_ns() >= deadline {
+                return ControlFlow::Break(Stop::DeadlineExceeded);
+            }
+            if requests.cancel_requested() == seq {
+                return ControlFlow::Break(Stop::Cancelled);
+            }
+            first_token.get_or_insert_with(|| started.elapsed());
+            let token = LaneToken {
+                index,
+                text: text.to_owned(),
+            };
+            if let Err(e) = push(LaneResponse {
+                seq,
+                kind: Some(lane_response::Kind::Token(token)),
+            }) {
+                lane_err = Some(e);
+                return ControlFlow::Break(Stop::Disconnected);
+            }
+            index += 1;
+            if last_beat.elapsed() >= HEARTBEAT_EVERY {
+                responses.beat();
+                *last_beat = Instant::now();
+            }
+            ControlFlow::Continue(())
+        },
+    );
+    if let Some(e) = lane_err {
+        return Err(e.into());
+    }
+    let reply = match result {
+        Ok(Finish::Complete { tokens }) => LaneResponse {
+            seq,
+            kind: Some(lane_response::Kind::Done(LaneDone {
+                tokens,
+                first_token_us: micros(first_token.unwrap_or_default()),
+                generation_us: micros(started.elapsed() - first_token.unwrap_or_default()),
+            })),
+        },
+        Ok(Finish::Stopped {
+            reason: Stop::DeadlineExceeded,
+            tokens,
+        }) => {
+            debug!(seq, tokens, "stopped at deadline");
+            error(
+                seq,
+                CODE_DEADLINE_EXCEEDED,
+                "deadline exceeded during generation",
+            )
+        }
+        Ok(Finish::Stopped {
+            reason: Stop::Cancelled,
+            ..
+        }) => error(seq, CODE_CANCELLED, "cancelled"),
+        Ok(Finish::Stopped {
+            reason: Stop::Disconnected,
+            ..
+        }) => return Ok(()),
+        Err(e) => {
+            warn!(seq, error = %e, "engine failed");
+            error(seq, CODE_INTERNAL, &e.to_string())
+        }
+    };
+    push(reply)?;
+    Ok(())
+}
+
+fn error(seq: u64, code: i32, message: &str) -> LaneResponse {
+    LaneResponse {
+        seq,
+        kind: Some(lane_response::Kind::Error(LaneErr {
+            code,
+            message: message.to_owned(),
+        })),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

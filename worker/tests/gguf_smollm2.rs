@@ -1,0 +1,250 @@
+//! End-to-end tests of the GGUF engine on the real SmolLM2-135M-Instruct Q4_1 model.
+//!
+//! The model is not in the repository: `scripts/fetch-model.sh smollm2` installs it. A missing
+//! model fails these tests loudly instead of skipping them, so a green run always means the
+//! engine really ran.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
+use skep_worker::engine::{Engine, EngineError, Finish, GenerateRequest, Stop};
+
+const MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
+const QUESTION: &str = "What is the capital of France?";
+
+fn model_path() -> PathBuf {
+    let dir = match std::env::var_os("SKEP_MODEL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let home = std::env::var_os("HOME").expect("HOME is not set");
+            PathBuf::from(home).join(".cache/skep/models")
+        }
+    };
+    let path = dir.join(MODEL_FILE);
+    assert!(
+        path.is_file(),
+        "model file {} is missing: run `scripts/fetch-model.sh smollm2` first \
+         (or point SKEP_MODEL_DIR at the directory holding {MODEL_FILE})",
+        path.display()
+    );
+    path
+}
+
+/// One engine shared by all tests: loading is the slow part, and sharing it also exercises the
+/// "kept warm across jobs" path (every test is a new job on the same engine).
+fn engine() -> MutexGuard<'static, GgufEngine> {
+    static ENGINE: OnceLock<Mutex<GgufEngine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let e = GgufEngine::load(&model_path(), "smollm2", GgufOptions::default())
+                .expect("load SmolLM2");
+            Mutex::new(e)
+        })
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn generate(e: &mut GgufEngine, prompt: &str, max_tokens: u32) -> (String, Finish, usize) {
+    let mut text = String::new();
+    let mut calls = 0;
+    let finish = e
+        .generate(
+            &GenerateRequest {
+                prompt: prompt.into(),
+                max_tokens,
+            },
+            &mut |t| {
+                calls += 1;
+                text.push_str(t);
+                ControlFlow::Continue(())
+            },
+        )
+        .expect("generate");
+    (text, finish, calls)
+}
+
+#[test]
+fn tokenizer_matches_vocab_entries() {
+    let e = engine();
+    // Every id below is justified by the model's own vocab: the test asserts the entry text,
+    // so a wrong id cannot slip through as a "golden" number.
+    let id = |s: &str| -> u32 {
+        let ids = e.encode(s).expect("encode");
+        assert_eq!(ids.len(), 1, "{s:?} should be one token, got {ids:?}");
+        ids[0]
+    };
+    // Special tokens are parsed out of the text, with the ids the GGUF metadata gives them.
+    assert_eq!(id("<|im_start|>"), 1);
+    assert_eq!(id("<|im_end|>"), 2);
+    assert_eq!(id("<|endoftext|>"), 0);
+    // Byte-level BPE: a leading space is part of the word token, spelled with 'Ġ'.
+    let hello = e.encode("Hello world").expect("encode");
+    let entries: Vec<String> = hello.iter().map(|&i| e.token(i).expect("id")).collect();
+    assert_eq!(entries, ["Hello", "Ġworld"]);
+    // llama.cpp's "smollm" pre-tokenizer splits every digit on its own.
+    let digits = e.encode("2025").expect("encode");
+    let entries: Vec<String> = digits.iter().map(|&i| e.token(i).expect("id")).collect();
+    assert_eq!(entries, ["2", "0", "2", "5"]);
+    // Newline is 'Ċ' in the byte alphabet.
+    let nl = e.encode("a\nb").expect("encode");
+    let entries: Vec<String> = nl.iter().map(|&i| e.token(i).expect("id")).collect();
+    assert_eq!(entries, ["a", "Ċ", "b"]);
+    // A chat turn: special, word, newline, ... exactly as llama.cpp splits a ChatML prompt.
+    let turn = e.encode("<|im_start|>user\nHi<|im_end|>\n").expect("encode");
+    let entries: Vec<String> = turn.iter().map(|&i| e.token(i).expect("id")).collect();
+    assert_eq!(entries, ["<|im_start|>", "user", "Ċ", "Hi", "<|im_end|>", "Ċ"]);
+}
+
+#[test]
+fn tokenizer_round_trips_text() {
+    let e = engine();
+    for text in [
+        "Hello world",
+        "The quick brown fox jumps over the lazy dog.",
+        "  leading and trailing spaces  ",
+        "tabs\tand\nnewlines\n\n",
+        "numbers 3.14159 and 1,000,000",
+        "Unicode: café, naïve, Ελληνικά, 日本語, emoji 🦀🚀",
+        "code: fn main() { println!(\"hi\"); }",
+    ] {
+        let ids = e.encode(text).expect("encode");
+        assert!(!ids.is_empty());
+        assert_eq!(e.decode(&ids), text, "ids {ids:?}");
+    }
+}
+
+#[test]
+fn chat_template_is_applied() {
+    let e = engine();
+    assert_eq!(
+        e.format_prompt(QUESTION).expect("template"),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\
+         <|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n\
+         <|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_answers() {
+    let mut e = engine();
+    let (first, finish1, _) = generate(&mut e, QUESTION, 24);
+    let (second, finish2, _) = generate(&mut e, QUESTION, 24);
+    assert_eq!(first, second, "greedy decoding must be reproducible across jobs");
+    assert_eq!(finish1, finish2);
+    assert!(!first.trim().is_empty(), "no text generated");
+    // Not a quality benchmark, but a 135M instruct model does know this one; a broken
+    // tokenizer, template or KV cache produces gibberish instead.
+    assert!(first.contains("Paris"), "unexpected answer {first:?}");
+    eprintln!("SmolLM2 says: {first:?} ({finish1:?})");
+}
+
+#[test]
+fn greedy_token_ids_agree_with_generate() {
+    let mut e = engine();
+    let ids = e.greedy_token_ids(QUESTION, 8).expect("greedy ids");
+    assert_eq!(ids.len(), 8);
+    let (text, _, _) = generate(&mut e, QUESTION, 8);
+    assert_eq!(e.decode(&ids), text);
+}
+
+#[test]
+fn stops_at_max_tokens() {
+    let mut e = engine();
+    let (text, finish, calls) = generate(&mut e, "Write a long story about a dragon.", 5);
+    assert_eq!(finish, Finish::Complete { tokens: 5 });
+    assert!(calls <= 5, "{calls} emits for 5 tokens");
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn zero_max_tokens_generates_nothing() {
+    let mut e = engine();
+    let (text, finish, calls) = generate(&mut e, QUESTION, 0);
+    assert_eq!((text.as_str(), finish, calls), ("", Finish::Complete { tokens: 0 }, 0));
+}
+
+#[test]
+fn break_from_emit_stops_at_once() {
+    let mut e = engine();
+    let mut calls = 0;
+    let finish = e
+        .generate(
+            &GenerateRequest {
+                prompt: QUESTION.into(),
+                max_tokens: 50,
+            },
+            &mut |_| {
+                calls += 1;
+                ControlFlow::Break(Stop::Cancelled)
+            },
+        )
+        .expect("generate");
+    assert_eq!(calls, 1, "emit must not be called again after Break");
+    assert!(
+        matches!(finish, Finish::Stopped { tokens, reason: Stop::Cancelled } if tokens >= 1 && tokens <= 3),
+        "{finish:?}"
+    );
+}
+
+#[test]
+fn stop_sequence_ends_generation_without_emitting_it() {
+    let mut e = engine();
+    let (full, _, _) = generate(&mut e, QUESTION, 24);
+    // Stop on the first word of the known greedy answer after the first one.
+    let word = full
+        .split_whitespace()
+        .nth(1)
+        .expect("answer has at least two words")
+        .to_string();
+    let at = full.find(&word).expect("word is in the text");
+    let path = model_path();
+    let opts = GgufOptions {
+        stop: vec![word.clone()],
+        ..GgufOptions::default()
+    };
+    let mut stopping = GgufEngine::load(&path, "smollm2", opts).expect("load");
+    let (text, finish, _) = generate(&mut stopping, QUESTION, 24);
+    assert_eq!(text, full[..at], "stop sequence {word:?}");
+    assert!(matches!(finish, Finish::Complete { .. }));
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let path = model_path();
+    let opts = GgufOptions {
+        temperature: 0.8,
+        top_p: Some(0.95),
+        seed: 42,
+        stop: Vec::new(),
+    };
+    let mut e = GgufEngine::load(&path, "smollm2", opts).expect("load");
+    let (a, _, _) = generate(&mut e, "Name a colour.", 12);
+    let (b, _, _) = generate(&mut e, "Name a colour.", 12);
+    assert_eq!(a, b);
+    assert!(!a.is_empty());
+}
+
+#[test]
+fn corrupt_or_missing_files_are_errors_not_panics() {
+    let dir = std::env::temp_dir().join(format!("skep-gguf-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let load = |p: &std::path::Path| GgufEngine::load(p, "x", GgufOptions::default());
+
+    assert!(matches!(load(&dir.join("absent.gguf")), Err(EngineError::Load(_))));
+
+    let garbage = dir.join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a gguf file at all").expect("write");
+    assert!(matches!(load(&garbage), Err(EngineError::Load(_))));
+
+    // The real header and metadata, cut off in the middle of the tensor data.
+    let bytes = std::fs::read(model_path()).expect("read model");
+    for cut in [16, 4096, 1 << 20, bytes.len() / 2] {
+        let truncated = dir.join(format!("truncated-{cut}.gguf"));
+        std::fs::write(&truncated, &bytes[..cut]).expect("write");
+        let r = load(&truncated);
+        assert!(matches!(r, Err(EngineError::Load(_))), "cut at {cut}: {r:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
