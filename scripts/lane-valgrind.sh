@@ -10,18 +10,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 2; }
 
-# Build only this crate's hostile test binary and find its path from cargo's JSON output.
-bins=$(cargo test -j"${JOBS:-2}" -p skep-lane --test hostile --no-run --message-format=json \
+# Build only this crate's unit tests and hostile test binary; take their paths from cargo's
+# JSON output (test artifacts are the ones with a non-null "executable").
+mapfile -t bins < <(cargo test -j"${JOBS:-2}" -p skep-lane --lib --test hostile --no-run \
+    --message-format=json \
   | grep '"reason":"compiler-artifact"' \
-  | grep '"name":"hostile"' \
   | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
-bin=$(echo "$bins" | tail -n1)
-[ -n "$bin" ] && [ -x "$bin" ] || { echo "could not locate the hostile test binary" >&2; exit 2; }
+[ "${#bins[@]}" -eq 2 ] || { echo "expected 2 test binaries, got: ${bins[*]:-none}" >&2; exit 2; }
 
-echo "valgrind: $bin"
-# SKEP_LANE_FAST shrinks iteration counts (valgrind is ~50x slower); one test thread keeps
-# valgrind's serialised scheduler predictable. timeout guards the 2-minute bound.
-SKEP_LANE_FAST=1 timeout 150 valgrind \
-  --quiet --error-exitcode=1 --leak-check=no --track-origins=no \
-  "$bin" --test-threads=1
+for bin in "${bins[@]}"; do
+  echo "valgrind: $bin"
+  # SKEP_LANE_FAST shrinks iteration counts (valgrind is ~50x slower); one test thread keeps
+  # valgrind's serialised scheduler predictable. timeout guards the 2-minute bound.
+  SKEP_LANE_FAST=1 timeout 100 valgrind \
+    --quiet --error-exitcode=1 --leak-check=no \
+    "$bin" --test-threads=1
+done
 echo "valgrind: clean"

@@ -64,6 +64,10 @@ fn ping_pong_64(c: &mut Criterion) {
     echo.join().unwrap();
     let _ = std::fs::remove_file(&pa);
     let _ = std::fs::remove_file(&pb);
+    // Last benchmark to run: drop the per-process scratch directory too.
+    if let Some(dir) = pa.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 criterion_group!(benches, round_trip_64, ping_pong_64);

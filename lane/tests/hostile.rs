@@ -168,7 +168,7 @@ fn check_pop(r: Result<bool, LaneError>, out: &[u8]) -> bool {
 #[test]
 fn concurrent_scribbler_never_panics_or_hangs() {
     let (rounds, ops, budget) = if fast() {
-        (6, 300, Duration::from_secs(20))
+        (20, 500, Duration::from_secs(20))
     } else {
         (60, 3_000, Duration::from_secs(20))
     };
@@ -239,7 +239,7 @@ fn concurrent_scribbler_never_panics_or_hangs() {
 /// is at most `capacity` ahead, so more than capacity/16 + 2 successes would be a bug.
 #[test]
 fn sequential_corruption_drains_in_bounded_steps() {
-    let seeds: u64 = if fast() { 300 } else { 2_000 };
+    let seeds: u64 = if fast() { 1_000 } else { 2_000 };
     for seed in 1..=seeds {
         let s = Scratch::new("seq");
         let tx = Lane::create(&s.path(), CFG, GEN).unwrap();

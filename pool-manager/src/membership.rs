@@ -62,18 +62,19 @@ impl Membership {
                 req.metadata_mut().insert("authorization", header.clone());
                 Ok(req)
             });
+        // A fresh dispatch key per registration, known here before the queen can use it.
+        let key = Secret::generate();
+        self.key.send_replace(Some(TokenDigest::of(key.expose())));
         let reg = client
             .register(RegisterRequest {
                 name: self.name.clone(),
                 pool_url: self.pool_url.clone(),
                 slots: self.slots as u32,
                 models: self.models.clone(),
+                dispatch_key: key.expose().to_owned(),
             })
             .await?
             .into_inner();
-        let key = Secret::from_string(reg.dispatch_key);
-        self.key.send_replace(Some(TokenDigest::of(key.expose())));
-        drop(key);
         info!(node = %reg.node_id, "registered with queen");
         let every = Duration::from_millis(reg.heartbeat_interval_ms.clamp(100, 10_000) as u64);
         loop {

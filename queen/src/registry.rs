@@ -109,7 +109,6 @@ impl Registry {
 
 pub struct Registered {
     pub node_id: String,
-    pub dispatch_key: Arc<Secret>,
 }
 
 #[derive(Message)]
@@ -119,6 +118,7 @@ struct Register {
     pool_url: String,
     slots: u32,
     models: Vec<String>,
+    dispatch_key: Secret,
 }
 
 impl Handler<Register> for Registry {
@@ -145,11 +145,10 @@ impl Handler<Register> for Registry {
             self.nodes.remove(id);
         }
         let node_id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let dispatch_key = Arc::new(Secret::generate());
         let target = Target {
             node_id: node_id.clone(),
             client: PoolClient::new(endpoint.connect_lazy()),
-            dispatch_key: Arc::clone(&dispatch_key),
+            dispatch_key: Arc::new(msg.dispatch_key),
         };
         info!(node = %node_id, name = %msg.name, url = %msg.pool_url, slots = msg.slots, "node registered");
         self.nodes.insert(
@@ -176,10 +175,7 @@ impl Handler<Register> for Registry {
                 sched.node_down(&id).await?;
             }
             sched.node_up(target, msg.models, slots).await?;
-            Ok(Registered {
-                node_id,
-                dispatch_key,
-            })
+            Ok(Registered { node_id })
         })
     }
 }
@@ -264,6 +260,7 @@ impl RegistryHandle {
         pool_url: String,
         slots: u32,
         models: Vec<String>,
+        dispatch_key: Secret,
     ) -> Result<Registered, Error> {
         self.addr
             .send(Register {
@@ -271,6 +268,7 @@ impl RegistryHandle {
                 pool_url,
                 slots,
                 models,
+                dispatch_key,
             })
             .await?
     }

@@ -1,6 +1,7 @@
 //! `skep.v1.Nodes`: pool managers register and heartbeat; operators list nodes.
 
-use skep_common::validate;
+use skep_common::secret::Secret;
+use skep_common::{auth, validate};
 use skep_proto::v1::nodes_server::Nodes;
 use skep_proto::v1::{
     HeartbeatRequest, HeartbeatResponse, ListNodesRequest, ListNodesResponse, RegisterRequest,
@@ -63,14 +64,16 @@ impl Nodes for NodesService {
             )));
         }
         check_models(&r.models)?;
+        auth::parse_bearer(format!("Bearer {}", r.dispatch_key).as_bytes())
+            .map_err(|_| Status::invalid_argument("dispatch_key must be a token68 string"))?;
+        let key = Secret::from_string(r.dispatch_key);
         let reg = self
             .svc
             .registry
-            .register(r.name, r.pool_url, r.slots, r.models)
+            .register(r.name, r.pool_url, r.slots, r.models, key)
             .await?;
         Ok(Response::new(RegisterResponse {
             node_id: reg.node_id,
-            dispatch_key: reg.dispatch_key.expose().to_owned(),
             heartbeat_interval_ms: u32::try_from(
                 self.svc.registry.heartbeat_interval().as_millis(),
             )

@@ -1,0 +1,237 @@
+//! End-to-end tests of the walking skeleton: real queen, pool manager, workers and CLI.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use skep_integration::{Cluster, PoolOpts, events, runtime, wait_until};
+use skep_proto::v1::{GetJobRequest, ListNodesRequest, SubmitRequest};
+use skep_worker::engine::SyntheticEngine;
+use tonic::Code;
+
+#[test]
+fn job_streams_every_token_in_order_and_ends_done() {
+    let cluster = Cluster::start(PoolOpts::default());
+    let prompt = "Tell me about bees";
+    let out = cluster.submit("synthetic", "30s", 20, prompt);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let evs = events(&out);
+    assert_eq!(evs[0]["event"], "accepted");
+    let tokens: Vec<_> = evs.iter().filter(|e| e["event"] == "token").collect();
+    assert_eq!(tokens.len(), 20);
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(t["index"], i as u64, "tokens out of order");
+        assert_eq!(t["text"], SyntheticEngine::token(prompt, i as u32));
+    }
+    let last = evs.last().unwrap();
+    assert_eq!(last["event"], "done");
+    assert_eq!(last["tokens"], 20);
+
+    // The job is persisted with its final state and per-hop timings.
+    let id = evs[0]["job_id"].as_str().unwrap();
+    let got = cluster
+        .cli()
+        .args(["jobs", "get", id, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(got.status.code(), Some(0));
+    let job: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(job["state"], "done");
+    assert_eq!(job["tokens"], 20);
+    assert!(job["timings"]["total_us"].as_u64().unwrap() > 0);
+    assert!(job["timings"]["worker_first_token_us"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn job_longer_than_its_deadline_ends_deadline_exceeded_with_exit_3() {
+    // 20 tokens/s: 100 tokens need ~5s, far more than the 600ms deadline.
+    let cluster = Cluster::start(PoolOpts {
+        tps: 20.0,
+        ..PoolOpts::default()
+    });
+    let out = cluster.submit("synthetic", "600ms", 100, "slow job");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let evs = events(&out);
+    let last = evs.last().unwrap();
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["grpc_code"], Code::DeadlineExceeded as i32);
+    let tokens = evs.iter().filter(|e| e["event"] == "token").count();
+    assert!(
+        tokens > 0 && tokens < 100,
+        "expected a partial stream, got {tokens} tokens"
+    );
+
+    let id = evs[0]["job_id"].as_str().unwrap();
+    let rt = runtime();
+    let job = rt
+        .block_on(async {
+            cluster
+                .jobs_client()
+                .await
+                .get(cluster.authed(GetJobRequest { job_id: id.into() }))
+                .await
+        })
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, skep_proto::v1::JobState::DeadlineExceeded as i32);
+}
+
+#[test]
+fn wrong_or_missing_token_is_unauthenticated_with_exit_5() {
+    let cluster = Cluster::start(PoolOpts::default());
+    let bad = cluster.dir.join("bad.token");
+    std::fs::write(
+        &bad,
+        "skep_0000000000000000000000000000000000000000000000000000000000000000\n",
+    )
+    .unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&bad).unwrap().permissions(),
+        0o600,
+    );
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = skep_integration_cli(&cluster)
+        .args(["--token-file", bad.to_str().unwrap()])
+        .args(["submit", "--model", "synthetic", "--deadline", "5s", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid token"));
+
+    // Every RPC refuses a call without a token, not only Submit.
+    let rt = runtime();
+    rt.block_on(async {
+        let ch = cluster.channel().await.unwrap();
+        let mut jobs = skep_proto::v1::jobs_client::JobsClient::new(ch.clone());
+        let mut req = tonic::Request::new(SubmitRequest {
+            model: "synthetic".into(),
+            prompt: "hi".into(),
+            max_tokens: 1,
+            deadline_ms: 5000,
+        });
+        req.set_timeout(std::time::Duration::from_secs(5));
+        let err = jobs.submit(req).await.err().expect("must be refused");
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let err = jobs
+            .get(GetJobRequest { job_id: "x".into() })
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let mut nodes = skep_proto::v1::nodes_client::NodesClient::new(ch);
+        let err = nodes.list(ListNodesRequest {}).await.err().unwrap();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    });
+}
+
+fn skep_integration_cli(cluster: &Cluster) -> std::process::Command {
+    let mut c = std::process::Command::new(skep_integration::bin("skep"));
+    c.arg("--queen").arg(&cluster.queen_url);
+    c
+}
+
+#[test]
+fn killed_worker_fails_its_job_cleanly_and_is_restarted() {
+    // 10 tokens/s so the job is surely mid-stream when the worker dies.
+    let cluster = Cluster::start(PoolOpts {
+        tps: 10.0,
+        ..PoolOpts::default()
+    });
+    wait_until("a worker process", || cluster.worker_pids(0).len() == 1);
+    let old = cluster.worker_pids(0)[0];
+
+    let mut child = cluster
+        .cli()
+        .args([
+            "submit",
+            "--json",
+            "--model",
+            "synthetic",
+            "--deadline",
+            "30s",
+        ])
+        .args(["--max-tokens", "200", "a long story"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Wait for the first token, then kill the worker under it.
+    loop {
+        let line = lines
+            .next()
+            .expect("stream ended before any token")
+            .unwrap();
+        if line.contains("\"token\"") {
+            break;
+        }
+    }
+    skep_integration::kill(old);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(6),
+        "job must fail as unavailable: {rest:?}"
+    );
+    let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    assert_eq!(last["event"], "error");
+    assert!(
+        last["message"].as_str().unwrap().contains("worker"),
+        "{last}"
+    );
+
+    // The pool manager starts a fresh worker, and the next job succeeds on it.
+    wait_until("a replacement worker", || {
+        let pids = cluster.worker_pids(0);
+        pids.len() == 1 && pids[0] != old
+    });
+    let out = cluster.submit("synthetic", "30s", 5, "next job");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(events(&out).last().unwrap()["event"], "done");
+}
+
+#[test]
+fn unknown_model_is_unavailable_with_exit_6() {
+    let cluster = Cluster::start(PoolOpts::default());
+    let out = cluster.submit("no-such-model", "5s", 5, "hi");
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn invalid_arguments_exit_2() {
+    let cluster = Cluster::start(PoolOpts::default());
+    let out = cluster.submit("../etc/passwd", "5s", 5, "hi");
+    assert_eq!(out.status.code(), Some(2));
+    let out = cluster.submit("synthetic", "5s", u32::MAX, "hi");
+    assert_eq!(out.status.code(), Some(2));
+    let out = cluster
+        .cli()
+        .args(["submit", "--model", "m", "--deadline", "soon", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
