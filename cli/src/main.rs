@@ -17,9 +17,11 @@ use skep_common::auth;
 use skep_common::secret::Secret;
 use skep_proto::v1::jobs_client::JobsClient;
 use skep_proto::v1::nodes_client::NodesClient;
+use skep_proto::v1::tokens_client::TokensClient;
 use skep_proto::v1::{
     CancelJobRequest, GetJobRequest, ListJobsRequest, ListNodesRequest, SubmitRequest, job_event,
 };
+use skep_proto::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -78,6 +80,37 @@ enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// Manage API tokens (admin).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token. It is shown once: keep it in a 0600 file.
+    Create {
+        /// admin or submit.
+        #[arg(long, default_value = "submit")]
+        role: String,
+        /// Lifetime (e.g. 30d); default: no expiry.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// A name for operators.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Write the token to this new file (mode 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List tokens (fingerprints only; tokens themselves are never stored).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its fingerprint.
+    Revoke { fingerprint: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -216,6 +249,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Token { command } => token(&queen, command).await,
         Command::Nodes {
             command: NodesCommand::List { json },
         } => {
@@ -228,6 +262,64 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
+    let mut client = TokensClient::new(queen.channel.clone());
+    match command {
+        TokenCommand::Create {
+            role,
+            ttl,
+            label,
+            out,
+        } => {
+            let ttl_ms = ttl.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let created = client
+                .create(queen.request(CreateTokenRequest {
+                    role,
+                    ttl_ms,
+                    label,
+                }))
+                .await?
+                .into_inner();
+            let secret = Secret::from_string(created.token);
+            match out {
+                Some(path) => {
+                    secret
+                        .write_new(&path)
+                        .map_err(|e| Failure::other(e.to_string()))?;
+                    eprintln!(
+                        "token {} written to {}",
+                        created.fingerprint,
+                        path.display()
+                    );
+                }
+                None => {
+                    println!("{}", secret.expose());
+                    eprintln!(
+                        "token {} created; it will not be shown again",
+                        created.fingerprint
+                    );
+                }
+            }
+        }
+        TokenCommand::List { json } => {
+            let list = client
+                .list(queen.request(ListTokensRequest {}))
+                .await?
+                .into_inner();
+            render::tokens(&list.tokens, json);
+        }
+        TokenCommand::Revoke { fingerprint } => {
+            client
+                .revoke(queen.request(RevokeTokenRequest {
+                    fingerprint: fingerprint.clone(),
+                }))
+                .await?;
+            println!("token {fingerprint} revoked");
+        }
+    }
+    Ok(())
 }
 
 async fn submit(
@@ -250,9 +342,18 @@ async fn submit(
     let mut client = JobsClient::new(queen.channel.clone());
     let give_up = tokio::time::sleep(deadline + VERDICT_GRACE);
     tokio::pin!(give_up);
-    let mut stream = tokio::select! {
-        r = client.submit(req) => r?.into_inner(),
+    let call = tokio::select! {
+        r = client.submit(req) => r,
         _ = &mut give_up => return Err(no_verdict()),
+    };
+    let mut stream = match call {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            if json {
+                render::status_json(&status);
+            }
+            return Err(status.into());
+        }
     };
     let mut out = std::io::stdout().lock();
     let mut reported = false;

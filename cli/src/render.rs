@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use skep_proto::v1::{Job, JobEvent, JobState, Node, NodeState, Timings, job_event};
+use skep_proto::v1::{Job, JobEvent, JobState, Node, NodeState, Timings, TokenInfo, job_event};
 use tonic::Status;
 
 fn timings_json(t: &Timings) -> Value {
@@ -123,6 +123,32 @@ pub fn nodes(nodes: &[Node], json: bool) {
                 n.running,
                 n.models.join(","),
                 n.last_heartbeat_ms_ago
+            );
+        }
+    }
+}
+
+pub fn tokens(tokens: &[TokenInfo], json: bool) {
+    for t in tokens {
+        if json {
+            let v = json!({
+                "fingerprint": t.fingerprint,
+                "role": t.role,
+                "label": t.label,
+                "created_unix_ms": t.created_unix_ms,
+                "expires_unix_ms": t.expires_unix_ms,
+                "revoked": t.revoked,
+            });
+            println!("{v}");
+        } else {
+            let expiry = match t.expires_unix_ms {
+                0 => "never expires".to_owned(),
+                ms => format!("expires at unix ms {ms}"),
+            };
+            let state = if t.revoked { "revoked" } else { "active" };
+            println!(
+                "{}  {}  {}  {}  {}",
+                t.fingerprint, t.role, t.label, state, expiry
             );
         }
     }

@@ -54,6 +54,12 @@ impl TokenDigest {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    pub fn from_hex(s: &str) -> Option<TokenDigest> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(TokenDigest(out))
+    }
 }
 
 impl std::fmt::Debug for TokenDigest {

@@ -5,7 +5,10 @@
 //! how secrets are loaded, how deadlines are carried, how input is validated, how logs are set up.
 
 pub mod auth;
+pub mod daemon;
 pub mod deadline;
+pub mod ratelimit;
 pub mod secret;
+pub mod session;
 pub mod telemetry;
 pub mod validate;

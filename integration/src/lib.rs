@@ -5,6 +5,8 @@
 //! Nothing is mocked: processes, sockets, lanes and the database are the production ones. Every
 //! wait is bounded, and dropping a `Cluster` kills its processes and removes its directory.
 
+pub mod report;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -98,13 +100,34 @@ impl Cluster {
         c
     }
 
+    /// Starts a queen with extra flags and one pool.
+    #[track_caller]
+    pub fn start_with(queen_args: &[&str], opts: PoolOpts) -> Cluster {
+        let mut c = Cluster::queen_with("cluster", queen_args);
+        c.add_pool(opts);
+        c.wait_for_nodes(1);
+        c
+    }
+
     #[track_caller]
     pub fn queen_only(tag: &str) -> Cluster {
+        Cluster::queen_with(tag, &[])
+    }
+
+    #[track_caller]
+    pub fn queen_with(tag: &str, args: &[&str]) -> Cluster {
         let dir = unique_dir(tag);
         let qdir = dir.join("queen");
         let queen = Command::new(bin("skep-queen"))
             .args(["--data-dir", path_str(&qdir), "--listen", "127.0.0.1:0"])
             .args(["--heartbeat-interval", "200ms"])
+            // Tests make bursts of calls with one token; rate-limit tests set their own quota.
+            .args(if args.contains(&"--rate-limit") {
+                &[][..]
+            } else {
+                &["--rate-limit", "1000000/1s"][..]
+            })
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log_file(&dir, "queen.log"))
             .spawn()
@@ -116,6 +139,29 @@ impl Cluster {
             queen_url: format!("http://{addr}"),
             pools: Vec::new(),
         }
+    }
+
+    /// Kills the queen (SIGKILL) and starts it again on the same data dir and port.
+    #[track_caller]
+    pub fn restart_queen(&mut self) {
+        let _ = self.queen.kill();
+        let _ = self.queen.wait();
+        let qdir = self.dir.join("queen");
+        let addr = self.queen_url.trim_start_matches("http://").to_owned();
+        let _ = std::fs::remove_file(qdir.join("listen.addr"));
+        self.queen = Command::new(bin("skep-queen"))
+            .args(["--data-dir", path_str(&qdir), "--listen", &addr])
+            .args([
+                "--heartbeat-interval",
+                "200ms",
+                "--rate-limit",
+                "1000000/1s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir, "queen-restarted.log"))
+            .spawn()
+            .expect("restart skep-queen");
+        wait_for_file(&qdir.join("listen.addr"));
     }
 
     pub fn token_file(&self) -> PathBuf {
@@ -231,6 +277,50 @@ impl Cluster {
             .expect("run skep submit")
     }
 
+    /// `skep jobs get ID --json`, parsed.
+    #[track_caller]
+    pub fn job(&self, id: &str) -> serde_json::Value {
+        let out = self
+            .cli()
+            .args(["jobs", "get", id, "--json"])
+            .output()
+            .expect("run skep");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "jobs get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("job JSON")
+    }
+
+    /// Starts `skep submit --json` in the background, reading its events as they come.
+    pub fn spawn_submit(&self, deadline: &str, max_tokens: u32, prompt: &str) -> Submission {
+        let mut child = self
+            .cli()
+            .args([
+                "submit",
+                "--json",
+                "--model",
+                "synthetic",
+                "--deadline",
+                deadline,
+            ])
+            .args(["--max-tokens", &max_tokens.to_string(), prompt])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn skep submit");
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(
+            child.stdout.take().expect("stdout"),
+        ));
+        Submission {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
     /// Live `skep-worker` processes of pool `i`.
     pub fn worker_pids(&self, i: usize) -> Vec<u32> {
         children_of(self.pools[i].child.id(), "skep-worker")
@@ -251,6 +341,53 @@ impl Drop for Cluster {
         if std::env::var_os("SKEP_KEEP_TEST_DIRS").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// A `skep submit --json` running in the background.
+pub struct Submission {
+    pub child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// Events read so far.
+    pub seen: Vec<serde_json::Value>,
+}
+
+impl Submission {
+    /// Reads events until one named `event` arrives (and returns it).
+    #[track_caller]
+    pub fn wait_for(&mut self, event: &str) -> serde_json::Value {
+        loop {
+            let line = self
+                .lines
+                .next()
+                .unwrap_or_else(|| panic!("stream ended before a {event:?} event: {:?}", self.seen))
+                .expect("read stdout");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON event");
+            self.seen.push(v.clone());
+            if v["event"] == event {
+                return v;
+            }
+        }
+    }
+
+    pub fn job_id(&self) -> String {
+        self.seen
+            .first()
+            .and_then(|e| e["job_id"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Reads the rest of the stream and waits for the exit code.
+    pub fn finish(mut self) -> (Option<i32>, Vec<serde_json::Value>) {
+        for line in self.lines.by_ref() {
+            match line.ok().and_then(|l| serde_json::from_str(&l).ok()) {
+                Some(v) => self.seen.push(v),
+                None => break,
+            }
+        }
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        (code, self.seen)
     }
 }
 

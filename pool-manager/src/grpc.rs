@@ -17,10 +17,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::{Error, Job};
+use crate::{Error, Job, Speed};
 
 /// Events buffered per job between the worker lane and the gRPC stream.
 const EVENT_BUFFER: usize = 64;
+/// Longest a call waits for a slot that the queen believed free.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Largest request accepted: a maximal prompt plus room for the other fields.
 const MAX_MESSAGE: usize = validate::MAX_PROMPT_BYTES + 4096;
 
@@ -32,6 +34,7 @@ pub struct PoolService {
     slot_count: usize,
     jobs: async_channel::Sender<Job>,
     models: Vec<String>,
+    speed: Arc<Speed>,
 }
 
 // === impl PoolService ===
@@ -42,12 +45,14 @@ impl PoolService {
         slot_count: usize,
         jobs: async_channel::Sender<Job>,
         models: Vec<String>,
+        speed: Arc<Speed>,
     ) -> Self {
         PoolService {
             slots,
             slot_count,
             jobs,
             models,
+            speed,
         }
     }
 
@@ -66,10 +71,7 @@ impl PoolService {
         })
     }
 
-    fn admit(
-        &self,
-        req: &Request<ExecuteRequest>,
-    ) -> Result<(Deadline, tokio::sync::OwnedSemaphorePermit), Error> {
+    fn admit(&self, req: &Request<ExecuteRequest>) -> Result<Deadline, Error> {
         // The budget is measured from arrival: whatever the network took is already gone.
         let budget = deadline::budget(deadline::from_metadata(req.metadata())?, 0)?;
         let deadline = Deadline::after(budget);
@@ -81,15 +83,19 @@ impl PoolService {
             validate::max_tokens(u32::MAX)?;
         }
         validate::max_tokens(r.max_tokens)?;
+        // Re-check feasibility here: the queen's estimate may be stale, and this pool knows how
+        // long its own workers take to say anything at all.
+        let first_token = self.speed.first_token();
+        if deadline.remaining() < first_token {
+            return Err(Error::Infeasible {
+                remaining: deadline.remaining(),
+                first_token,
+            });
+        }
         if !self.models.iter().any(|m| m == &r.model) {
             return Err(Error::UnknownModel(r.model.clone()));
         }
-        let permit = Arc::clone(&self.slots)
-            .try_acquire_owned()
-            .map_err(|_| Error::Busy {
-                slots: self.slot_count,
-            })?;
-        Ok((deadline, permit))
+        Ok(deadline)
     }
 }
 
@@ -103,6 +109,23 @@ fn authorize<T>(key: &DispatchKey, req: &Request<T>) -> Result<(), Error> {
     }
 }
 
+impl PoolService {
+    /// A free slot. The queen only sends work for free slots, but a slot it has just released
+    /// may still be draining its last token here, so wait briefly rather than bounce the job.
+    async fn slot(&self, deadline: Deadline) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        let busy = || Error::Busy {
+            slots: self.slot_count,
+        };
+        let wait = deadline.remaining().min(SLOT_WAIT);
+        match tokio::time::timeout(wait, Arc::clone(&self.slots).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) if deadline.is_expired() => Err(Error::LateArrival),
+            Err(_) => Err(busy()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Pool for PoolService {
     type ExecuteStream = ReceiverStream<Result<ExecuteEvent, Status>>;
@@ -112,7 +135,8 @@ impl Pool for PoolService {
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let arrived = Instant::now();
-        let (deadline, permit) = self.admit(&request)?;
+        let deadline = self.admit(&request)?;
+        let permit = self.slot(deadline).await?;
         let request = request.into_inner();
         info!(job = %request.job_id, remaining_ms = deadline.remaining().as_millis() as u64, "execute");
         let (events, rx) = mpsc::channel(EVENT_BUFFER);

@@ -27,6 +27,31 @@ pub struct Job {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// What the pool has observed of its workers' speed, shared by the slots (writers) and the gRPC
+/// layer (reader) through an atomic: a plain number, no lock.
+#[derive(Debug, Default)]
+pub struct Speed {
+    first_token_us: std::sync::atomic::AtomicU64,
+}
+
+impl Speed {
+    /// Folds in one observation (moving average, weight 1/4 for the newest).
+    pub fn observe_first_token(&self, us: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let old = self.first_token_us.load(Relaxed);
+        let new = if old == 0 { us } else { old - old / 4 + us / 4 };
+        self.first_token_us.store(new.max(1), Relaxed);
+    }
+
+    /// Typical time to a first token; zero until a job has run.
+    pub fn first_token(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(
+            self.first_token_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
 /// Pool-manager errors, mapped to gRPC status codes in `grpc/status.rs` only.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,6 +69,14 @@ pub enum Error {
     UnknownModel(String),
     #[error("the deadline passed before the job reached a worker")]
     LateArrival,
+    #[error(
+        "cannot produce a first token in time: {}ms left, workers need about {}ms",
+        .remaining.as_millis(), .first_token.as_millis()
+    )]
+    Infeasible {
+        remaining: std::time::Duration,
+        first_token: std::time::Duration,
+    },
     #[error("pool manager is shutting down")]
     ShuttingDown,
     #[error("deadline exceeded in the pool")]

@@ -9,8 +9,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use skep_common::secret::Secret;
 use skep_common::telemetry::{self, LogFormat};
-use skep_common::{auth, validate};
+use skep_common::{auth, daemon, validate};
 use skep_lane::LaneConfig;
+use skep_pool_manager::Speed;
 use skep_pool_manager::grpc::PoolService;
 use skep_pool_manager::membership::Membership;
 use skep_pool_manager::supervisor::{WorkerSpec, spawn_slots};
@@ -79,9 +80,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    create_private_dir(&args.data_dir)?;
+    daemon::create_private_dir(&args.data_dir)?;
     let lane_dir = args.data_dir.join("lanes");
-    create_private_dir(&lane_dir)?;
+    daemon::create_private_dir(&lane_dir)?;
     let token_path = skep_common::secret::credential_path("pool-token", &args.token_file);
     let token = Secret::from_file(&token_path)?;
 
@@ -104,7 +105,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr()?;
-    write_addr_file(&args.data_dir, local)?;
+    daemon::write_addr_file(&args.data_dir, local)?;
     let pool_url = args
         .advertise
         .clone()
@@ -119,7 +120,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lane_dir,
         lane: LaneConfig::default(),
     });
-    let _slots = spawn_slots(spec, slots, jobs_rx);
+    let speed = Arc::new(Speed::default());
+    let _slots = spawn_slots(spec, slots, jobs_rx, Arc::clone(&speed));
 
     let (key_tx, key_rx) = watch::channel(None);
     let name = args
@@ -141,16 +143,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .run(),
     );
 
-    let service = PoolService::new(free, slots, jobs_tx, vec![model.clone()]);
+    let service = PoolService::new(free, slots, jobs_tx, vec![model.clone()], speed);
     info!(%local, %pool_url, %model, workers = slots, "pool manager listening");
     tonic::transport::Server::builder()
         // A dead queen connection must not pin a stream forever.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(service.into_server(key_rx))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown_signal(),
-        )
+        .serve_with_incoming_shutdown(daemon::incoming(listener), daemon::shutdown_signal())
         .await?;
     info!("pool manager stopped");
     Ok(())
@@ -199,33 +198,4 @@ fn engine_args(args: &Args) -> anyhow::Result<(String, Vec<String>)> {
             Ok((model, engine))
         }
     }
-}
-
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
-}
-
-/// Publishes the bound address (useful with port 0), atomically.
-fn write_addr_file(dir: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
-    let tmp = dir.join("listen.addr.tmp");
-    std::fs::write(&tmp, addr.to_string())?;
-    std::fs::rename(tmp, dir.join("listen.addr"))?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("shutting down");
 }

@@ -10,7 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::io::Write;
+
 use prost::Message;
+use skep_common::secret::Secret;
+use skep_common::session;
 use skep_lane::{Lane, LaneConfig, LaneError, monotonic_ns};
 use skep_proto::v1::{
     ExecuteEvent, LaneRequest, LaneResponse, WorkerFinished, WorkerStarted, WorkerToken,
@@ -18,7 +22,7 @@ use skep_proto::v1::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::{Error, Job};
+use crate::{Error, Job, Speed};
 
 /// How often an idle slot checks that its worker still lives.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
@@ -49,13 +53,19 @@ pub fn spawn_slots(
     spec: Arc<WorkerSpec>,
     count: usize,
     jobs: async_channel::Receiver<Job>,
+    speed: Arc<Speed>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count as u32)
-        .map(|slot| tokio::spawn(slot_task(slot, Arc::clone(&spec), jobs.clone())))
+        .map(|slot| {
+            let task = slot_task(slot, Arc::clone(&spec), jobs.clone(), Arc::clone(&speed));
+            tokio::spawn(task)
+        })
         .collect()
 }
 
 struct Worker {
+    /// This incarnation's lane session secret; the worker runs only requests MACed with it.
+    session: Secret,
     slot: u32,
     generation: u64,
     child: Child,
@@ -84,7 +94,12 @@ impl std::fmt::Display for Death {
     }
 }
 
-async fn slot_task(slot: u32, spec: Arc<WorkerSpec>, jobs: async_channel::Receiver<Job>) {
+async fn slot_task(
+    slot: u32,
+    spec: Arc<WorkerSpec>,
+    jobs: async_channel::Receiver<Job>,
+    speed: Arc<Speed>,
+) {
     let mut generation = 0u64;
     let mut worker: Option<Worker> = None;
     loop {
@@ -105,8 +120,9 @@ async fn slot_task(slot: u32, spec: Arc<WorkerSpec>, jobs: async_channel::Receiv
         tokio::select! {
             job = jobs.recv() => {
                 let Ok(job) = job else { break };
+                let speed = Arc::clone(&speed);
                 let joined = tokio::task::spawn_blocking(move || {
-                    let outcome = run_job(&mut w, job);
+                    let outcome = run_job(&mut w, job, &speed);
                     (w, outcome)
                 })
                 .await;
@@ -145,7 +161,8 @@ impl Worker {
             .arg(&resp_path)
             .arg("--generation")
             .arg(generation.to_string())
-            .stdin(Stdio::null())
+            // The session secret goes down this pipe: never argv, env or a file.
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .env_clear()
             .envs(
@@ -153,7 +170,22 @@ impl Worker {
             )
             .spawn()
             .map_err(LaneError::Io)?;
+        let session = Secret::generate();
+        let mut child = child;
+        let handed_over = child.stdin.take().map(|mut stdin| {
+            stdin
+                .write_all(session.expose().as_bytes())
+                .and_then(|_| stdin.write_all(b"\n"))
+        });
+        if !matches!(handed_over, Some(Ok(()))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LaneError::Io(std::io::Error::other(
+                "could not hand the session secret to the worker",
+            )));
+        }
         Ok(Worker {
+            session,
             slot,
             generation,
             child,
@@ -196,7 +228,7 @@ impl Drop for Worker {
 
 /// Runs one job on the worker, forwarding its events. Returns why the worker must be replaced,
 /// or `None` if it can take the next job.
-fn run_job(w: &mut Worker, job: Job) -> Option<Death> {
+fn run_job(w: &mut Worker, job: Job, speed: &Speed) -> Option<Death> {
     let Job {
         request,
         deadline,
@@ -214,13 +246,22 @@ fn run_job(w: &mut Worker, job: Job) -> Option<Death> {
     w.seq += 1;
     let seq = w.seq;
     let remaining = u64::try_from(deadline.remaining().as_nanos()).unwrap_or(u64::MAX);
+    let deadline_ns = monotonic_ns().saturating_add(remaining);
+    let mac = session::request_mac(
+        &w.session,
+        seq,
+        &request.job_id,
+        deadline_ns,
+        &request.prompt,
+    );
     let lane_req = LaneRequest {
         seq,
         job_id: request.job_id,
         model: request.model,
         prompt: request.prompt,
         max_tokens: request.max_tokens,
-        deadline_mono_ns: monotonic_ns().saturating_add(remaining),
+        deadline_mono_ns: deadline_ns,
+        mac: mac.to_vec(),
     };
     if let Err(e) = w
         .requests
@@ -297,6 +338,7 @@ fn run_job(w: &mut Worker, job: Job) -> Option<Death> {
                 }
             }
             Some(lane_response::Kind::Done(d)) => {
+                speed.observe_first_token(d.first_token_us);
                 send(execute_event::Kind::Finished(WorkerFinished {
                     tokens: d.tokens,
                     pool_us,

@@ -1,19 +1,61 @@
-//! Who may call the queen: the known token digests and the role each grants.
+//! Who may call the queen: the token book (digests, roles, expiry, revocation) and the
+//! authenticator the gRPC interceptor uses.
 //!
-//! The interceptor in `grpc` authenticates every call through `Authenticator::check` and leaves
-//! the resulting `Identity` in the request's extensions for handlers to authorize against.
+//! The book publishes an immutable snapshot through a `watch` channel, so the interceptor reads
+//! the current tokens without locks or awaits, and a revocation takes effect on the next call.
+//! Only digests are held; a raw token exists only in the response that creates it.
 
 use std::sync::Arc;
 
 use skep_common::auth::{self, AuthError, TokenDigest};
+use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Everything, including node and token management.
+    /// Everything, including nodes and tokens.
     Admin,
     /// Submit and follow jobs.
     Submit,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Submit => "submit",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "submit" => Some(Role::Submit),
+            _ => None,
+        }
+    }
+}
+
+/// A token as the queen knows it: never the token itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEntry {
+    pub digest: TokenDigest,
+    pub role: Role,
+    pub label: String,
+    pub created_unix_ms: u64,
+    /// 0 = never expires.
+    pub expires_unix_ms: u64,
+    pub revoked: bool,
+}
+
+impl TokenEntry {
+    pub fn fingerprint(&self) -> String {
+        self.digest.fingerprint()
+    }
+
+    fn usable(&self, now_unix_ms: u64) -> bool {
+        !self.revoked && (self.expires_unix_ms == 0 || now_unix_ms < self.expires_unix_ms)
+    }
 }
 
 /// An authenticated caller. Only the fingerprint of its token is kept.
@@ -23,27 +65,166 @@ pub struct Identity {
     pub role: Role,
 }
 
+type Snapshot = Arc<Vec<TokenEntry>>;
+
+/// The set of known tokens. Cheap to clone; all clones share one book.
+#[derive(Clone)]
+pub struct TokenBook {
+    tx: Arc<watch::Sender<Snapshot>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BookError {
+    #[error("no token with fingerprint {0}")]
+    NotFound(String),
+    #[error("fingerprint {0} matches several tokens; revoke is refused")]
+    Ambiguous(String),
+    #[error("refusing to revoke the last admin token: you would lock yourself out")]
+    LastAdmin,
+}
+
+// === impl TokenBook ===
+
+impl TokenBook {
+    pub fn new(entries: Vec<TokenEntry>) -> TokenBook {
+        TokenBook {
+            tx: Arc::new(watch::Sender::new(Arc::new(entries))),
+        }
+    }
+
+    pub fn authenticator(&self) -> Authenticator {
+        Authenticator {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<TokenEntry> {
+        self.tx.borrow().as_ref().clone()
+    }
+
+    pub fn add(&self, entry: TokenEntry) {
+        self.tx.send_modify(|s| {
+            let mut v = s.as_ref().clone();
+            v.retain(|e| e.digest != entry.digest);
+            v.push(entry);
+            *s = Arc::new(v);
+        });
+    }
+
+    /// The live token a fingerprint names, if exactly one does.
+    pub fn find(&self, fingerprint: &str) -> Result<TokenEntry, BookError> {
+        let snap = self.tx.borrow().clone();
+        let mut hits = snap
+            .iter()
+            .filter(|e| !e.revoked && e.fingerprint() == fingerprint);
+        match (hits.next(), hits.next()) {
+            (Some(e), None) => Ok(e.clone()),
+            (Some(_), Some(_)) => Err(BookError::Ambiguous(fingerprint.to_owned())),
+            (None, _) => Err(BookError::NotFound(fingerprint.to_owned())),
+        }
+    }
+
+    /// Checks that revoking `entry` leaves at least one usable admin token.
+    pub fn check_revocable(&self, entry: &TokenEntry, now_unix_ms: u64) -> Result<(), BookError> {
+        let snap = self.tx.borrow().clone();
+        let admins_left = snap
+            .iter()
+            .filter(|e| e.role == Role::Admin && e.usable(now_unix_ms) && e.digest != entry.digest)
+            .count();
+        if entry.role == Role::Admin && admins_left == 0 {
+            return Err(BookError::LastAdmin);
+        }
+        Ok(())
+    }
+
+    pub fn revoke(&self, digest: &TokenDigest) {
+        self.tx.send_modify(|s| {
+            let v = s
+                .iter()
+                .map(|e| TokenEntry {
+                    revoked: e.revoked || e.digest == *digest,
+                    ..e.clone()
+                })
+                .collect();
+            *s = Arc::new(v);
+        });
+    }
+}
+
+/// Checks bearer tokens against the current snapshot of the book.
 #[derive(Clone)]
 pub struct Authenticator {
-    tokens: Arc<Vec<(TokenDigest, Role)>>,
+    rx: watch::Receiver<Snapshot>,
 }
 
 // === impl Authenticator ===
 
 impl Authenticator {
-    pub fn new(tokens: Vec<(TokenDigest, Role)>) -> Self {
-        Authenticator {
-            tokens: Arc::new(tokens),
-        }
-    }
-
-    pub fn check(&self, md: &MetadataMap) -> Result<Identity, AuthError> {
+    /// The identity behind the request's bearer token. Unknown, revoked and expired tokens all
+    /// get the same answer, so a caller cannot probe which tokens exist.
+    pub fn check(&self, md: &MetadataMap, now_unix_ms: u64) -> Result<Identity, AuthError> {
         let presented = auth::bearer_digest(md)?;
-        let role = auth::find_digest(&presented, self.tokens.iter().map(|(d, r)| (d, *r)))
+        let snap = self.rx.borrow().clone();
+        let entry = auth::find_digest(&presented, snap.iter().map(|e| (&e.digest, e)))
+            .filter(|e| e.usable(now_unix_ms))
             .ok_or(AuthError::Invalid)?;
         Ok(Identity {
             fingerprint: presented.fingerprint(),
-            role,
+            role: entry.role,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(token: &str, role: Role, expires: u64) -> TokenEntry {
+        TokenEntry {
+            digest: TokenDigest::of(token),
+            role,
+            label: "t".into(),
+            created_unix_ms: 1,
+            expires_unix_ms: expires,
+            revoked: false,
+        }
+    }
+
+    fn md(token: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn known_tokens_authenticate_with_their_role() {
+        let book = TokenBook::new(vec![
+            entry("adm", Role::Admin, 0),
+            entry("sub", Role::Submit, 0),
+        ]);
+        let a = book.authenticator();
+        assert_eq!(a.check(&md("adm"), 10).unwrap().role, Role::Admin);
+        let id = a.check(&md("sub"), 10).unwrap();
+        assert_eq!(id.role, Role::Submit);
+        assert_eq!(id.fingerprint, TokenDigest::of("sub").fingerprint());
+        assert_eq!(a.check(&md("nope"), 10).unwrap_err(), AuthError::Invalid);
+    }
+
+    #[test]
+    fn expired_and_revoked_tokens_are_invalid() {
+        let book = TokenBook::new(vec![
+            entry("adm", Role::Admin, 0),
+            entry("tmp", Role::Submit, 100),
+        ]);
+        let a = book.authenticator();
+        assert!(a.check(&md("tmp"), 99).is_ok());
+        assert_eq!(a.check(&md("tmp"), 100).unwrap_err(), AuthError::Invalid);
+        let e = book.find(&TokenDigest::of("adm").fingerprint()).unwrap();
+        assert_eq!(book.check_revocable(&e, 10), Err(BookError::LastAdmin));
+        book.add(entry("adm2", Role::Admin, 0));
+        book.check_revocable(&e, 10).unwrap();
+        book.revoke(&e.digest);
+        assert_eq!(a.check(&md("adm"), 10).unwrap_err(), AuthError::Invalid);
+        assert!(a.check(&md("adm2"), 10).is_ok());
     }
 }

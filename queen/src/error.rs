@@ -44,6 +44,10 @@ pub enum Error {
     PoolUnreachable { node: String, message: String },
     #[error("state store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("rate limit exceeded; retry in {}ms", .retry_after.as_millis())]
+    RateLimited { retry_after: Duration },
+    #[error("{0}")]
+    Tokens(#[from] crate::auth::BookError),
     #[error("internal component stopped")]
     ActorStopped,
 }

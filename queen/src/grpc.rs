@@ -8,17 +8,26 @@ pub mod dispatch;
 mod jobs;
 mod nodes;
 mod status;
+mod tokens;
 
 use std::future::Future;
 
+use std::sync::Arc;
+
+use skep_common::ratelimit::RateLimits;
 use skep_common::validate;
 use skep_proto::v1::jobs_server::JobsServer;
 use skep_proto::v1::nodes_server::NodesServer;
+use skep_proto::v1::tokens_server::TokensServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
+use tracing::{debug, warn};
 
+use crate::Error;
 use crate::auth::{Authenticator, Identity, Role};
 use crate::job::Services;
+use crate::model::unix_ms;
 
 /// Largest request accepted: a maximal prompt plus room for the other fields.
 const MAX_MESSAGE: usize = validate::MAX_PROMPT_BYTES + 4096;
@@ -27,36 +36,61 @@ const MAX_MESSAGE: usize = validate::MAX_PROMPT_BYTES + 4096;
 pub async fn serve(
     listener: TcpListener,
     services: Services,
-    authenticator: Authenticator,
+    limits: Arc<RateLimits>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let authenticator = services.tokens.authenticator();
+    // Every call, before any handler: peer throttle, token, identity budget.
     let auth = move |mut req: Request<()>| {
-        let identity = authenticator.check(req.metadata()).map_err(|e| {
-            tracing::debug!(error = %e, "rejected call");
-            Status::from(crate::Error::from(e))
-        })?;
+        let identity = admit_call(&authenticator, &limits, &req).map_err(Status::from)?;
         req.extensions_mut().insert(identity);
         Ok(req)
     };
     let jobs = JobsServer::new(jobs::JobsService::new(services.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
-    let nodes =
-        NodesServer::new(nodes::NodesService::new(services)).max_decoding_message_size(MAX_MESSAGE);
+    let nodes = NodesServer::new(nodes::NodesService::new(services.clone()))
+        .max_decoding_message_size(MAX_MESSAGE);
+    let tokens = TokensServer::new(tokens::TokensService::new(services))
+        .max_decoding_message_size(MAX_MESSAGE);
     tonic::transport::Server::builder()
         // Tokens stream for as long as a job runs; keepalives find dead clients.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            jobs,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            nodes, auth,
-        ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .add_service(InterceptedService::new(jobs, auth.clone()))
+        .add_service(InterceptedService::new(nodes, auth.clone()))
+        .add_service(InterceptedService::new(tokens, auth))
+        .serve_with_incoming_shutdown(skep_common::daemon::incoming(listener), shutdown)
         .await
+}
+
+fn admit_call(
+    authenticator: &Authenticator,
+    limits: &RateLimits,
+    req: &Request<()>,
+) -> Result<Identity, Error> {
+    let peer = req.remote_addr().map(|a| a.ip());
+    if let Some(ip) = peer {
+        limits
+            .check_peer(ip)
+            .map_err(|r| Error::RateLimited { retry_after: r.0 })?;
+    }
+    let identity = match authenticator.check(req.metadata(), unix_ms()) {
+        Ok(id) => id,
+        Err(e) => {
+            debug!(error = %e, "rejected call");
+            if let Some(ip) = peer
+                && let Err(r) = limits.record_auth_failure(ip)
+            {
+                warn!(peer = %ip, "too many bad tokens; throttling this peer");
+                return Err(Error::RateLimited { retry_after: r.0 });
+            }
+            return Err(e.into());
+        }
+    };
+    limits.check_identity(&identity.fingerprint).map_err(|r| {
+        warn!(caller = %identity.fingerprint, "rate limit exceeded");
+        Error::RateLimited { retry_after: r.0 }
+    })?;
+    Ok(identity)
 }
 
 /// The caller's identity, checked against the role an RPC needs. Admin may do everything.

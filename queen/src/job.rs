@@ -18,7 +18,7 @@ use crate::admission::{AdmissionHandle, Admitted, Observed};
 use crate::grpc::dispatch::{self, PoolEvent};
 use crate::model::{JobRecord, JobState, Timings, micros, unix_ms};
 use crate::registry::RegistryHandle;
-use crate::scheduler::{Assignment, SchedulerHandle};
+use crate::scheduler::{Assignment, Enqueued, SchedulerHandle};
 use crate::store::{JobUpdate, StoreHandle};
 
 /// Events buffered per client stream.
@@ -31,6 +31,7 @@ pub struct Services {
     pub scheduler: SchedulerHandle,
     pub registry: RegistryHandle,
     pub store: StoreHandle,
+    pub tokens: crate::auth::TokenBook,
 }
 
 /// A validated job request.
@@ -81,7 +82,13 @@ struct Progress {
 }
 
 /// Drives an admitted job to its end. Never panics, never returns early without a terminal event.
-pub async fn run(svc: Services, job: NewJob, admitted: Admitted, events: mpsc::Sender<Event>) {
+pub async fn run(
+    svc: Services,
+    job: NewJob,
+    admitted: Admitted,
+    enqueued: Enqueued,
+    events: mpsc::Sender<Event>,
+) {
     let deadline = Deadline::from_start(job.arrived, job.budget);
     let mut p = Progress {
         timings: Timings {
@@ -98,7 +105,16 @@ pub async fn run(svc: Services, job: NewJob, admitted: Admitted, events: mpsc::S
             estimate: admitted.estimate,
         })
         .await;
-    let result = drive(&svc, &job, deadline, &admitted.cancel, &events, &mut p).await;
+    let result = drive(
+        &svc,
+        &job,
+        deadline,
+        &admitted.cancel,
+        enqueued,
+        &events,
+        &mut p,
+    )
+    .await;
     p.timings.total_us = micros(job.arrived.elapsed());
 
     let (state, error) = match &result {
@@ -149,6 +165,7 @@ async fn drive(
     job: &NewJob,
     deadline: Deadline,
     cancel: &CancellationToken,
+    enqueued: Enqueued,
     events: &mpsc::Sender<Event>,
     p: &mut Progress,
 ) -> Result<(), Error> {
@@ -172,11 +189,7 @@ async fn drive(
         })
         .await?;
 
-    let queued_at = Instant::now();
-    let enqueued = svc
-        .scheduler
-        .enqueue(&job.model, deadline.instant())
-        .await?;
+    let queued_at = job.arrived;
     if enqueued.position > 0 {
         let _ = events
             .send(Event::Queued {
@@ -195,7 +208,7 @@ async fn drive(
         _ = cancel.cancelled() => return Err(Error::Cancelled),
         _ = events.closed() => return Err(Error::Cancelled),
     };
-    p.timings.queue_wait_us = micros(queued_at.elapsed());
+    p.timings.queue_wait_us = micros(queued_at.elapsed()).saturating_sub(p.timings.admission_us);
     let node_id = assignment.target.node_id.clone();
     p.node_id = node_id.clone();
     let result = execute(svc, job, deadline, cancel, events, &assignment, p).await;

@@ -2,18 +2,22 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use skep_common::auth::{self, TokenDigest};
+use skep_common::daemon;
+use skep_common::ratelimit::{DEFAULT_BAD_AUTH_QUOTA, DEFAULT_IDENTITY_QUOTA, Quota, RateLimits};
 use skep_common::secret::{Secret, credential_path};
 use skep_common::telemetry::{self, LogFormat};
 use skep_queen::admission::{Admission, DEFAULT_MAX_LIVE};
-use skep_queen::auth::{Authenticator, Role};
+use skep_queen::auth::{Role, TokenBook, TokenEntry};
 use skep_queen::job::Services;
 use skep_queen::registry::Registry;
 use skep_queen::scheduler::{DEFAULT_MAX_QUEUED, Scheduler};
+use skep_queen::store::StoreHandle;
 use skep_queen::{grpc, store};
 use tracing::info;
 
@@ -36,6 +40,12 @@ struct Args {
     /// Interval pools are told to heartbeat at (humantime).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
+    /// Requests each caller identity may make (token bucket), e.g. 100/10s.
+    #[arg(long, default_value_t = DEFAULT_IDENTITY_QUOTA)]
+    rate_limit: Quota,
+    /// Failed authentications a peer address may make before it is throttled, e.g. 10/1m.
+    #[arg(long, default_value_t = DEFAULT_BAD_AUTH_QUOTA)]
+    bad_auth_limit: Quota,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -60,13 +70,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    create_private_dir(&args.data_dir)?;
+    daemon::create_private_dir(&args.data_dir)?;
     let token_path = credential_path("admin-token", &args.data_dir.join("admin.token"));
     let admin = Secret::load_or_create(&token_path)?;
     let admin_digest = TokenDigest::of(admin.expose());
     drop(admin);
     info!(file = %token_path.display(), fingerprint = %admin_digest.fingerprint(), "admin token ready");
-    let authenticator = Authenticator::new(vec![(admin_digest, Role::Admin)]);
     // Every RPC is authenticated, so the bind policy is satisfied; keep the check wired anyway.
     auth::check_bind(args.listen, true)?;
 
@@ -74,50 +83,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let scheduler = Scheduler::start(args.max_queued);
     let registry = Registry::start(args.heartbeat_interval, scheduler.clone());
     let admission = Admission::start(args.max_live);
+    let tokens = load_tokens(&store, admin_digest).await?;
+    let limits = Arc::new(RateLimits::new(args.rate_limit, args.bad_auth_limit));
     let services = Services {
         admission,
         scheduler,
         registry,
         store,
+        tokens,
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr()?;
-    write_addr_file(&args.data_dir, local)?;
+    daemon::write_addr_file(&args.data_dir, local)?;
     info!(%local, "queen listening");
-    grpc::serve(listener, services, authenticator, shutdown_signal()).await?;
+    grpc::serve(listener, services, limits, daemon::shutdown_signal()).await?;
     info!("queen stopped");
     Ok(())
 }
 
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
-}
-
-fn write_addr_file(dir: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
-    let tmp = dir.join("listen.addr.tmp");
-    std::fs::write(&tmp, addr.to_string())?;
-    std::fs::rename(tmp, dir.join("listen.addr"))?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// The token book from the database, with the bootstrap admin token (the file in the data dir)
+/// registered on first start.
+async fn load_tokens(store: &StoreHandle, admin: TokenDigest) -> anyhow::Result<TokenBook> {
+    let mut tokens = store.load_tokens().await?;
+    if !tokens.iter().any(|t| t.digest == admin) {
+        let entry = TokenEntry {
+            digest: admin,
+            role: Role::Admin,
+            label: "bootstrap".into(),
+            created_unix_ms: skep_queen::model::unix_ms(),
+            expires_unix_ms: 0,
+            revoked: false,
+        };
+        store.insert_token(entry.clone()).await?;
+        tokens.push(entry);
     }
-    info!("shutting down");
+    Ok(TokenBook::new(tokens))
 }

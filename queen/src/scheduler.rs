@@ -202,6 +202,46 @@ impl Handler<Enqueue> for Scheduler {
     }
 }
 
+/// How busy the pools serving one model are, as seen by a job with a given deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Waiting jobs that would run before this one (earlier or equal deadline).
+    pub ahead: usize,
+    /// Slots of healthy pools serving the model, and how many of them are busy.
+    pub slots: u32,
+    pub running: u32,
+}
+
+#[derive(Message)]
+#[rtype(result = "Load")]
+struct GetLoad {
+    model: String,
+    deadline: Instant,
+}
+
+impl Handler<GetLoad> for Scheduler {
+    type Result = MessageResult<GetLoad>;
+    fn handle(&mut self, msg: GetLoad, _: &mut Self::Context) -> Self::Result {
+        let ahead = self.queues.get(&msg.model).map_or(0, |q| {
+            q.iter()
+                .filter(|Reverse(w)| w.deadline <= msg.deadline)
+                .count()
+        });
+        let (slots, running) = self
+            .nodes
+            .values()
+            .filter(|n| n.models.contains(&msg.model))
+            .fold((0, 0), |(s, r), n| {
+                (s + n.slots, r + n.running.min(n.slots))
+            });
+        MessageResult(Load {
+            ahead,
+            slots,
+            running,
+        })
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Release {
@@ -289,6 +329,17 @@ impl SchedulerHandle {
                 deadline,
             })
             .await?
+    }
+
+    /// Queue and slot occupancy for `model`, for admission's estimate.
+    pub async fn load(&self, model: &str, deadline: Instant) -> Result<Load, Error> {
+        Ok(self
+            .addr
+            .send(GetLoad {
+                model: model.to_owned(),
+                deadline,
+            })
+            .await?)
     }
 
     pub async fn release(&self, node_id: &str) -> Result<(), Error> {

@@ -10,6 +10,7 @@ use actix::prelude::*;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Error;
+use crate::auth::{Role, TokenEntry};
 use crate::model::{JobRecord, JobState, Timings};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     timings TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_unix_ms);
+CREATE TABLE IF NOT EXISTS tokens (
+    digest TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    label TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    expires_unix_ms INTEGER NOT NULL DEFAULT 0,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
 ";
 
 pub struct Store {
@@ -162,6 +171,79 @@ impl Handler<List> for Store {
     }
 }
 
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+struct InsertToken(TokenEntry);
+
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+struct RevokeToken(String);
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<TokenEntry>, StoreError>")]
+struct LoadTokens;
+
+impl Handler<InsertToken> for Store {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, InsertToken(t): InsertToken, _: &mut Self::Context) -> Self::Result {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tokens (digest, role, label, created_unix_ms, expires_unix_ms, revoked)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                t.digest.to_hex(),
+                t.role.as_str(),
+                t.label,
+                t.created_unix_ms,
+                t.expires_unix_ms,
+                t.revoked
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+impl Handler<RevokeToken> for Store {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, RevokeToken(digest): RevokeToken, _: &mut Self::Context) -> Self::Result {
+        self.conn
+            .execute("UPDATE tokens SET revoked = 1 WHERE digest = ?1", [digest])?;
+        Ok(())
+    }
+}
+
+impl Handler<LoadTokens> for Store {
+    type Result = Result<Vec<TokenEntry>, StoreError>;
+    fn handle(&mut self, _: LoadTokens, _: &mut Self::Context) -> Self::Result {
+        let mut stmt = self.conn.prepare(
+            "SELECT digest, role, label, created_unix_ms, expires_unix_ms, revoked FROM tokens",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u64>(3)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, bool>(5)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (digest, role, label, created, expires, revoked) = r?;
+            Ok(TokenEntry {
+                digest: skep_common::auth::TokenDigest::from_hex(&digest)
+                    .ok_or_else(|| StoreError::Corrupt("token digest".into()))?,
+                role: Role::parse(&role)
+                    .ok_or_else(|| StoreError::Corrupt(format!("role {role:?}")))?,
+                label,
+                created_unix_ms: created,
+                expires_unix_ms: expires,
+                revoked,
+            })
+        })
+        .collect()
+    }
+}
+
 type RawRow = (
     String,
     String,
@@ -236,6 +318,18 @@ impl StoreHandle {
 
     pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, Error> {
         Ok(self.addr.send(Get(id.to_owned())).await??)
+    }
+
+    pub async fn insert_token(&self, token: TokenEntry) -> Result<(), Error> {
+        Ok(self.addr.send(InsertToken(token)).await??)
+    }
+
+    pub async fn revoke_token(&self, digest: &skep_common::auth::TokenDigest) -> Result<(), Error> {
+        Ok(self.addr.send(RevokeToken(digest.to_hex())).await??)
+    }
+
+    pub async fn load_tokens(&self) -> Result<Vec<TokenEntry>, Error> {
+        Ok(self.addr.send(LoadTokens).await??)
     }
 
     pub async fn list(&self, limit: u32) -> Result<Vec<JobRecord>, Error> {

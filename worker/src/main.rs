@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use skep_common::secret::Secret;
 use skep_common::telemetry::{self, LogFormat};
 use skep_worker::engine::{Engine, SyntheticConfig, SyntheticEngine};
 use skep_worker::{ServeConfig, serve};
@@ -52,6 +53,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format);
+    let session = read_session()?;
     let mut engine: Box<dyn Engine> = match args.engine {
         EngineKind::Synthetic => Box::new(SyntheticEngine::new(SyntheticConfig {
             model: args.model.clone(),
@@ -66,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             response_lane: args.response_lane,
             generation: args.generation,
         },
+        &session,
         engine.as_mut(),
     )
     .context("worker stopped")
@@ -77,4 +80,21 @@ fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn Engine>> {
         .as_ref()
         .context("--engine gguf needs --model-path")?;
     anyhow::bail!("the gguf engine is not built yet")
+}
+
+/// The lane session secret, handed over by the pool manager on stdin (never argv or env).
+fn read_session() -> anyhow::Result<Secret> {
+    use std::io::Read;
+    let mut line = String::new();
+    std::io::stdin()
+        .take(4096)
+        .read_to_string(&mut line)
+        .context("reading the session secret from stdin")?;
+    let secret = line.trim();
+    if secret.is_empty() {
+        anyhow::bail!(
+            "no session secret on stdin: skep-worker is started by skep-pool, not by hand"
+        );
+    }
+    Ok(Secret::from_string(secret.to_owned()))
 }

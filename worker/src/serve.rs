@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use skep_common::validate;
+use skep_common::secret::Secret;
+use skep_common::{session, validate};
 use skep_lane::{Lane, LaneError, monotonic_ns};
 use skep_proto::v1::{
     LaneDone, LaneError as LaneErr, LaneRequest, LaneResponse, LaneToken, lane_response,
@@ -30,6 +31,7 @@ const CODE_CANCELLED: i32 = 1;
 const CODE_INVALID_ARGUMENT: i32 = 3;
 const CODE_DEADLINE_EXCEEDED: i32 = 4;
 const CODE_INTERNAL: i32 = 13;
+const CODE_UNAUTHENTICATED: i32 = 16;
 
 pub struct ServeConfig {
     pub request_lane: PathBuf,
@@ -46,7 +48,11 @@ pub enum ServeError {
 }
 
 /// Serves jobs until the lanes die or the parent process exits.
-pub fn serve(config: ServeConfig, engine: &mut dyn Engine) -> Result<(), ServeError> {
+pub fn serve(
+    config: ServeConfig,
+    session: &Secret,
+    engine: &mut dyn Engine,
+) -> Result<(), ServeError> {
     let requests = Lane::open(&config.request_lane, config.generation)?;
     let responses = Lane::open(&config.response_lane, config.generation)?;
     let parent = std::os::unix::process::parent_id();
@@ -80,6 +86,23 @@ pub fn serve(config: ServeConfig, engine: &mut dyn Engine) -> Result<(), ServeEr
             }
         };
         let seq = req.seq;
+        let genuine = session::verify_request(
+            session,
+            seq,
+            &req.job_id,
+            req.deadline_mono_ns,
+            &req.prompt,
+            &req.mac,
+        );
+        if !genuine {
+            warn!(seq, "lane request without a valid session MAC; refused");
+            reply(error(
+                seq,
+                CODE_UNAUTHENTICATED,
+                "request not from this worker's pool manager",
+            ))?;
+            continue;
+        }
         if let Some(msg) = check(&req) {
             reply(error(seq, CODE_INVALID_ARGUMENT, msg))?;
             continue;

@@ -92,9 +92,89 @@ fn tokenizer_matches_vocab_entries() {
     let entries: Vec<String> = nl.iter().map(|&i| e.token(i).expect("id")).collect();
     assert_eq!(entries, ["a", "Ċ", "b"]);
     // A chat turn: special, word, newline, ... exactly as llama.cpp splits a ChatML prompt.
-    let turn = e.encode("<|im_start|>user\nHi<|im_end|>\n").expect("encode");
+    let turn = e
+        .encode("<|im_start|>user\nHi<|im_end|>\n")
+        .expect("encode");
     let entries: Vec<String> = turn.iter().map(|&i| e.token(i).expect("id")).collect();
-    assert_eq!(entries, ["<|im_start|>", "user", "Ċ", "Hi", "<|im_end|>", "Ċ"]);
+    assert_eq!(
+        entries,
+        ["<|im_start|>", "user", "Ċ", "Hi", "<|im_end|>", "Ċ"]
+    );
+}
+
+/// Ids produced by llama.cpp itself (llama-cpp-python 0.3.36, `Llama.tokenize(text,
+/// add_bos=False, special=True)`) on this very file; see docs/MODELS.md.
+#[test]
+fn token_ids_match_llama_cpp() {
+    let e = engine();
+    let cases: &[(&str, &[u32])] = &[
+        ("Hello world", &[19556, 905]),
+        ("2025", &[34, 32, 34, 37]),
+        ("a\nb", &[81, 198, 82]),
+        (
+            "<|im_start|>user\nHi<|im_end|>\n",
+            &[1, 4093, 198, 26843, 2, 198],
+        ),
+        (
+            "  leading and trailing spaces  ",
+            &[216, 2899, 284, 35079, 5600, 256],
+        ),
+        (
+            "tabs\tand\nnewlines\n\n",
+            &[100, 7366, 197, 397, 198, 2241, 5110, 1116],
+        ),
+        (
+            "numbers 3.14159 and 1,000,000",
+            &[
+                28707, 216, 35, 30, 33, 36, 33, 37, 41, 284, 216, 33, 28, 32, 32, 32, 28, 32, 32,
+                32,
+            ],
+        ),
+        (
+            "Unicode: café, naïve, Ελληνικά, 日本語, emoji 🦀🚀",
+            &[
+                3706, 15817, 42, 37366, 28, 15486, 46494, 28, 5664, 239, 17162, 17162, 25723,
+                11517, 12001, 21118, 26112, 28, 17097, 241, 115, 40993, 179, 120, 248, 28, 649,
+                33777, 15107, 116, 218, 10813, 244, 218,
+            ],
+        ),
+        (
+            "code: fn main() { println!(\"hi\"); }",
+            &[
+                4635, 42, 24526, 1085, 1000, 1662, 1628, 34115, 17, 1470, 6004, 21646, 4029,
+            ],
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(e.encode(text).expect("encode"), *want, "{text:?}");
+    }
+    // The whole chat prompt, as llama.cpp tokenizes the rendered template.
+    let prompt = e.format_prompt("What is 2+2?").expect("template");
+    assert_eq!(
+        e.encode(&prompt).expect("encode"),
+        [
+            1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+            407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520,
+            9531, 198
+        ]
+    );
+}
+
+/// Greedy continuations computed by llama.cpp (temperature 0, no repeat penalty) on the same
+/// file. Different matmul kernels round differently, so only continuations without near-ties
+/// are asserted (on "Hi", llama.cpp and candle part ways at the 6th token: "help" vs "assist").
+#[test]
+fn greedy_tokens_match_llama_cpp() {
+    let mut e = engine();
+    let ids = e.greedy_token_ids("What is 2+2?", 32).expect("greedy");
+    // "The answer to this classic math problem is 4." then <|im_end|>.
+    assert_eq!(
+        ids,
+        [504, 2988, 288, 451, 8170, 4119, 1732, 314, 216, 36, 30]
+    );
+    let ids = e.greedy_token_ids(QUESTION, 10).expect("greedy");
+    // "L'Étoile, la Marseillaise" (sic: that is what this model says).
+    assert_eq!(ids, [60, 23, 39614, 1141, 552, 28, 2618, 2828, 313, 7712]);
 }
 
 #[test]
@@ -127,17 +207,33 @@ fn chat_template_is_applied() {
 }
 
 #[test]
-fn greedy_generation_is_deterministic_and_answers() {
+fn greedy_generation_is_deterministic() {
     let mut e = engine();
     let (first, finish1, _) = generate(&mut e, QUESTION, 24);
     let (second, finish2, _) = generate(&mut e, QUESTION, 24);
-    assert_eq!(first, second, "greedy decoding must be reproducible across jobs");
+    assert_eq!(
+        first, second,
+        "greedy decoding must be reproducible across jobs"
+    );
     assert_eq!(finish1, finish2);
     assert!(!first.trim().is_empty(), "no text generated");
-    // Not a quality benchmark, but a 135M instruct model does know this one; a broken
-    // tokenizer, template or KV cache produces gibberish instead.
-    assert!(first.contains("Paris"), "unexpected answer {first:?}");
+    // No claim about the answer: this 135M Q4_1 model's greedy reply to this question is not
+    // "Paris" (it rambles about L'Étoile), so the content is the model's business.
     eprintln!("SmolLM2 says: {first:?} ({finish1:?})");
+}
+
+#[test]
+fn answers_a_simple_question_coherently() {
+    let mut e = engine();
+    // Not a quality benchmark: a broken tokenizer, template, rotary embedding or KV cache makes
+    // the model produce gibberish, and this model does get this one right when it works.
+    let (text, finish, _) = generate(&mut e, "What is 2+2?", 32);
+    assert!(text.contains('4'), "unexpected answer {text:?}");
+    // The answer is short, so generation must have ended on <|im_end|>, not on max_tokens.
+    match finish {
+        Finish::Complete { tokens } => assert!(tokens < 32, "{text:?} ran to max_tokens"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -162,7 +258,10 @@ fn stops_at_max_tokens() {
 fn zero_max_tokens_generates_nothing() {
     let mut e = engine();
     let (text, finish, calls) = generate(&mut e, QUESTION, 0);
-    assert_eq!((text.as_str(), finish, calls), ("", Finish::Complete { tokens: 0 }, 0));
+    assert_eq!(
+        (text.as_str(), finish, calls),
+        ("", Finish::Complete { tokens: 0 }, 0)
+    );
 }
 
 #[test]
@@ -183,7 +282,7 @@ fn break_from_emit_stops_at_once() {
         .expect("generate");
     assert_eq!(calls, 1, "emit must not be called again after Break");
     assert!(
-        matches!(finish, Finish::Stopped { tokens, reason: Stop::Cancelled } if tokens >= 1 && tokens <= 3),
+        matches!(finish, Finish::Stopped { tokens, reason: Stop::Cancelled } if (1..=3).contains(&tokens)),
         "{finish:?}"
     );
 }
@@ -232,7 +331,10 @@ fn corrupt_or_missing_files_are_errors_not_panics() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let load = |p: &std::path::Path| GgufEngine::load(p, "x", GgufOptions::default());
 
-    assert!(matches!(load(&dir.join("absent.gguf")), Err(EngineError::Load(_))));
+    assert!(matches!(
+        load(&dir.join("absent.gguf")),
+        Err(EngineError::Load(_))
+    ));
 
     let garbage = dir.join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a gguf file at all").expect("write");
@@ -244,7 +346,10 @@ fn corrupt_or_missing_files_are_errors_not_panics() {
         let truncated = dir.join(format!("truncated-{cut}.gguf"));
         std::fs::write(&truncated, &bytes[..cut]).expect("write");
         let r = load(&truncated);
-        assert!(matches!(r, Err(EngineError::Load(_))), "cut at {cut}: {r:?}");
+        assert!(
+            matches!(r, Err(EngineError::Load(_))),
+            "cut at {cut}: {r:?}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,7 +14,9 @@ impl From<Error> for Status {
             Error::NotRegistered | Error::ShuttingDown => Status::unavailable(msg),
             Error::Busy { .. } => Status::resource_exhausted(msg),
             Error::UnknownModel(_) => Status::not_found(msg),
-            Error::LateArrival | Error::DeadlineExceeded => Status::deadline_exceeded(msg),
+            Error::LateArrival | Error::DeadlineExceeded | Error::Infeasible { .. } => {
+                Status::deadline_exceeded(msg)
+            }
             Error::Worker { code, message } => Status::new(tonic::Code::from(code), message),
             Error::WorkerLost(_) => Status::unavailable(msg),
         }

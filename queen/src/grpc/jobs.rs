@@ -45,12 +45,21 @@ impl JobsService {
         let max_tokens = validate::max_tokens(r.max_tokens)?;
         let budget = deadline::budget(header, r.deadline_ms)?;
         let id = uuid::Uuid::new_v4().to_string();
+        let load = self.svc.scheduler.load(&r.model, arrived + budget).await?;
         let admitted = self
             .svc
             .admission
-            .admit(&id, &r.model, max_tokens, budget)
+            .admit(&id, &r.model, max_tokens, budget, load)
             .await?;
         info!(job = %id, caller = %who.fingerprint, model = %r.model, max_tokens, budget_ms = budget.as_millis() as u64, "job admitted");
+        // Take a place in the queue before answering, so a full queue is a clean rejection.
+        let enqueued = match self.svc.scheduler.enqueue(&r.model, arrived + budget).await {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = self.svc.admission.finished(&id, &r.model, None).await;
+                return Err(e);
+            }
+        };
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let new = NewJob {
             id: id.clone(),
@@ -60,7 +69,7 @@ impl JobsService {
             budget,
             arrived,
         };
-        tokio::spawn(job::run(self.svc.clone(), new, admitted, tx));
+        tokio::spawn(job::run(self.svc.clone(), new, admitted, enqueued, tx));
         Ok((id, ReceiverStream::new(rx)))
     }
 }

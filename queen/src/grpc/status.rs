@@ -20,7 +20,10 @@ impl From<Error> for Status {
             Error::Infeasible { .. } | Error::DeadlineExceeded { .. } => {
                 Status::deadline_exceeded(msg)
             }
-            Error::QueueFull { retry_after } => {
+            Error::Tokens(crate::auth::BookError::NotFound(_)) => Status::not_found(msg),
+            Error::Tokens(crate::auth::BookError::Ambiguous(_)) => Status::invalid_argument(msg),
+            Error::Tokens(crate::auth::BookError::LastAdmin) => Status::failed_precondition(msg),
+            Error::QueueFull { retry_after } | Error::RateLimited { retry_after } => {
                 let mut s = Status::resource_exhausted(msg);
                 if let Ok(v) = retry_after.as_millis().to_string().parse() {
                     s.metadata_mut().insert("grpc-retry-pushback-ms", v);

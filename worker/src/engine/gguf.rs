@@ -125,9 +125,9 @@ impl GgufEngine {
             let tokenizer = GgufTokenizer::from_gguf(&content)?;
             let template = match content.metadata.get("tokenizer.chat_template") {
                 Some(v) => {
-                    let src = v
-                        .to_string()
-                        .map_err(|e| GgufError::Metadata(format!("tokenizer.chat_template: {e}")))?;
+                    let src = v.to_string().map_err(|e| {
+                        GgufError::Metadata(format!("tokenizer.chat_template: {e}"))
+                    })?;
                     Some(ChatTemplate::new(
                         src.clone(),
                         tokenizer.special_text(tokenizer.bos()),
@@ -136,8 +136,8 @@ impl GgufEngine {
                 }
                 None => None,
             };
-            let weights =
-                ModelWeights::from_gguf(content, &mut reader, &device).map_err(GgufError::Weights)?;
+            let weights = ModelWeights::from_gguf(content, &mut reader, &device)
+                .map_err(GgufError::Weights)?;
             Ok::<_, GgufError>((weights, tokenizer, template, context_len))
         }))
         .map_err(|panic| GgufError::Panicked(panic_message(&panic)))??;
@@ -277,7 +277,8 @@ impl Engine for GgufEngine {
             return Ok(Finish::Complete { tokens: 0 });
         }
         let ids = self.prompt_ids(&req.prompt)?;
-        let mut sampler = LogitsProcessor::new(self.opts.seed, Some(self.opts.temperature), self.opts.top_p);
+        let mut sampler =
+            LogitsProcessor::new(self.opts.seed, Some(self.opts.temperature), self.opts.top_p);
         let mut text = TextStream::new(&self.opts.stop);
         let mut logits = self.start(&ids)?;
         let mut pos = ids.len();
@@ -297,10 +298,10 @@ impl Engine for GgufEngine {
             let pushed = text.push(bytes);
             // Text held back (half a character, a possible stop-sequence prefix) is emitted with
             // a later token, so emit only ever sees non-empty, whole-character text.
-            if !pushed.text.is_empty() {
-                if let ControlFlow::Break(reason) = emit(&pushed.text) {
-                    return Ok(Finish::Stopped { tokens, reason });
-                }
+            if !pushed.text.is_empty()
+                && let ControlFlow::Break(reason) = emit(&pushed.text)
+            {
+                return Ok(Finish::Stopped { tokens, reason });
             }
             if pushed.stopped {
                 return Ok(Finish::Complete { tokens });
@@ -312,10 +313,10 @@ impl Engine for GgufEngine {
             pos += 1;
         }
         let rest = text.finish();
-        if !rest.is_empty() {
-            if let ControlFlow::Break(reason) = emit(&rest) {
-                return Ok(Finish::Stopped { tokens, reason });
-            }
+        if !rest.is_empty()
+            && let ControlFlow::Break(reason) = emit(&rest)
+        {
+            return Ok(Finish::Stopped { tokens, reason });
         }
         Ok(Finish::Complete { tokens })
     }

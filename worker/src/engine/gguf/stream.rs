@@ -69,7 +69,10 @@ impl TextStream {
 
     /// Byte offset in `held` of the earliest complete stop sequence.
     fn earliest_stop(&self) -> Option<usize> {
-        self.stop.iter().filter_map(|s| self.held.find(s.as_str())).min()
+        self.stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
     }
 
     /// Byte offset from which `held` could still grow into a stop sequence; everything before it

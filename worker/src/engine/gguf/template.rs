@@ -27,7 +27,11 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// Checks the template by rendering a sample prompt, so that a broken template fails the
     /// load rather than every job.
-    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, TemplateError> {
+    pub fn new(
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<Self, TemplateError> {
         let t = Self {
             source,
             bos_token,

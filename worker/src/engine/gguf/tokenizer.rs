@@ -190,10 +190,10 @@ impl GgufTokenizer {
     /// does not already start with it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let mut ids = self.encode(text)?;
-        if let (true, Some(bos)) = (self.add_bos, self.bos) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
+        if let (true, Some(bos)) = (self.add_bos, self.bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }
@@ -298,7 +298,10 @@ fn malformed(key: &'static str, why: impl std::fmt::Debug) -> TokenizerError {
     }
 }
 
-fn string<'a>(md: &'a HashMap<String, Value>, key: &'static str) -> Result<&'a str, TokenizerError> {
+fn string<'a>(
+    md: &'a HashMap<String, Value>,
+    key: &'static str,
+) -> Result<&'a str, TokenizerError> {
     md.get(key)
         .ok_or(TokenizerError::Missing(key))?
         .to_string()

@@ -1,0 +1,123 @@
+//! `skep.v1.Tokens`: create, list and revoke API tokens (admin only).
+
+use std::time::Duration;
+
+use skep_common::auth::TokenDigest;
+use skep_common::secret::Secret;
+use skep_common::validate;
+use skep_proto::v1::tokens_server::Tokens;
+use skep_proto::v1::{
+    CreateTokenRequest, CreateTokenResponse, ListTokensRequest, ListTokensResponse,
+    RevokeTokenRequest, RevokeTokenResponse, TokenInfo,
+};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::require;
+use crate::Error;
+use crate::auth::{Role, TokenEntry};
+use crate::job::Services;
+use crate::model::unix_ms;
+
+/// Longest lifetime a token may be given.
+const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+pub struct TokensService {
+    svc: Services,
+}
+
+impl TokensService {
+    pub fn new(svc: Services) -> Self {
+        TokensService { svc }
+    }
+}
+
+fn info(e: &TokenEntry) -> TokenInfo {
+    TokenInfo {
+        fingerprint: e.fingerprint(),
+        role: e.role.as_str().to_owned(),
+        label: e.label.clone(),
+        created_unix_ms: e.created_unix_ms,
+        expires_unix_ms: e.expires_unix_ms,
+        revoked: e.revoked,
+    }
+}
+
+#[tonic::async_trait]
+impl Tokens for TokensService {
+    async fn create(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let who = require(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let role = Role::parse(&r.role)
+            .ok_or_else(|| Status::invalid_argument("role must be \"admin\" or \"submit\""))?;
+        let label = if r.label.is_empty() {
+            "unnamed".to_owned()
+        } else {
+            r.label
+        };
+        validate::identifier("label", &label).map_err(Error::from)?;
+        let ttl = Duration::from_millis(r.ttl_ms);
+        if ttl > MAX_TTL {
+            return Err(Status::invalid_argument("ttl must be at most 10 years"));
+        }
+        let now = unix_ms();
+        let token = Secret::generate();
+        let entry = TokenEntry {
+            digest: TokenDigest::of(token.expose()),
+            role,
+            label,
+            created_unix_ms: now,
+            expires_unix_ms: if r.ttl_ms == 0 {
+                0
+            } else {
+                now.saturating_add(r.ttl_ms)
+            },
+            revoked: false,
+        };
+        self.svc.store.insert_token(entry.clone()).await?;
+        self.svc.tokens.add(entry.clone());
+        info!(caller = %who.fingerprint, token = %entry.fingerprint(), role = role.as_str(), "token created");
+        Ok(Response::new(CreateTokenResponse {
+            token: token.expose().to_owned(),
+            fingerprint: entry.fingerprint(),
+            expires_unix_ms: entry.expires_unix_ms,
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        require(&req, Role::Admin)?;
+        let tokens = self.svc.tokens.list().iter().map(info).collect();
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let who = require(&req, Role::Admin)?;
+        let fp = req.into_inner().fingerprint;
+        if fp.len() != 6 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument("fingerprint must be 6 hex digits"));
+        }
+        let entry = self.svc.tokens.find(&fp).map_err(Error::from)?;
+        self.svc
+            .tokens
+            .check_revocable(&entry, unix_ms())
+            .map_err(Error::from)?;
+        self.svc.store.revoke_token(&entry.digest).await?;
+        self.svc.tokens.revoke(&entry.digest);
+        info!(caller = %who.fingerprint, token = %fp, "token revoked");
+        Ok(Response::new(RevokeTokenResponse {
+            token: Some(info(&TokenEntry {
+                revoked: true,
+                ..entry
+            })),
+        }))
+    }
+}

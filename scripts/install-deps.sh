@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the system tools skep's scripts use, if they are missing. Idempotent.
+set -euo pipefail
+
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v python3 >/dev/null || need+=(python3 python3-pip)
+if ((${#need[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${need[*]}; install them (e.g. sudo apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true

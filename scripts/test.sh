@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# README command 2: run skep's whole test suite on a fresh machine.
+#
+# Installs what it needs (system packages, the test model), checks formatting and lints, builds
+# the binaries the integration tests start, then runs every test. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "prerequisites"
+scripts/install-deps.sh
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build binaries"
+cargo build --workspace --bins
+
+step "model for the real-engine tests"
+SKEP_MODEL_PATH="$(scripts/fetch-model.sh smollm2 | tail -n 1)"
+export SKEP_MODEL_PATH
+
+step "tests"
+cargo test --workspace
+
+step "lane checks under valgrind"
+scripts/lane-valgrind.sh
+
+step "all tests passed"
