@@ -4,6 +4,7 @@
 //! 3 deadline exceeded, 4 rejected for capacity or rate limit, 5 unauthenticated or permission
 //! denied, 6 unavailable, 1 anything else.
 
+mod audit;
 mod exit;
 mod render;
 
@@ -80,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// Verify, tail and search an audit log (offline, from its files).
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// Manage API tokens (admin).
     Token {
         #[command(subcommand)]
@@ -153,7 +159,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The audit commands work offline on files: no token, no queen.
+    let cli = match Cli::parse() {
+        Cli {
+            command: Command::Audit { command },
+            ..
+        } => return audit::run(command),
+        cli => cli,
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -250,6 +263,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Token { command } => token(&queen, command).await,
+        Command::Audit { .. } => Ok(()),
         Command::Nodes {
             command: NodesCommand::List { json },
         } => {

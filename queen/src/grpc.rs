@@ -25,9 +25,11 @@ use tonic::{Request, Status};
 use tracing::{debug, warn};
 
 use crate::Error;
+use crate::audit::{AuditHandle, events};
 use crate::auth::{Authenticator, Identity, Role};
 use crate::job::Services;
 use crate::model::unix_ms;
+use skep_audit::Fields;
 
 /// Largest request accepted: a maximal prompt plus room for the other fields.
 const MAX_MESSAGE: usize = validate::MAX_PROMPT_BYTES + 4096;
@@ -40,9 +42,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let authenticator = services.tokens.authenticator();
+    let audit = services.audit.clone();
     // Every call, before any handler: peer throttle, token, identity budget.
     let auth = move |mut req: Request<()>| {
-        let identity = admit_call(&authenticator, &limits, &req).map_err(Status::from)?;
+        let identity = admit_call(&authenticator, &limits, &audit, &req).map_err(Status::from)?;
         req.extensions_mut().insert(identity);
         Ok(req)
     };
@@ -65,6 +68,7 @@ pub async fn serve(
 fn admit_call(
     authenticator: &Authenticator,
     limits: &RateLimits,
+    audit: &AuditHandle,
     req: &Request<()>,
 ) -> Result<Identity, Error> {
     let peer = req.remote_addr().map(|a| a.ip());
@@ -77,6 +81,14 @@ fn admit_call(
         Ok(id) => id,
         Err(e) => {
             debug!(error = %e, "rejected call");
+            // The actor is the presented token's fingerprint when there is a well-formed one.
+            let actor = skep_common::auth::bearer_digest(req.metadata())
+                .map_or_else(|_| "anonymous".to_owned(), |d| d.fingerprint());
+            let mut fields = Fields::new().reason(&e.to_string());
+            if let Some(ip) = peer {
+                fields = fields.str("peer", &ip.to_string());
+            }
+            audit.record(events::AUTH_FAILURE, &actor, fields);
             if let Some(ip) = peer
                 && let Err(r) = limits.record_auth_failure(ip)
             {
@@ -88,6 +100,11 @@ fn admit_call(
     };
     limits.check_identity(&identity.fingerprint).map_err(|r| {
         warn!(caller = %identity.fingerprint, "rate limit exceeded");
+        audit.record(
+            events::RATELIMIT_EXCEEDED,
+            &identity.fingerprint,
+            Fields::new(),
+        );
         Error::RateLimited { retry_after: r.0 }
     })?;
     Ok(identity)

@@ -15,11 +15,13 @@ use tracing::{info, warn};
 
 use crate::Error;
 use crate::admission::{AdmissionHandle, Admitted, Observed};
+use crate::audit::events;
 use crate::grpc::dispatch::{self, PoolEvent};
 use crate::model::{JobRecord, JobState, Timings, micros, unix_ms};
 use crate::registry::RegistryHandle;
 use crate::scheduler::{Assignment, Enqueued, SchedulerHandle};
 use crate::store::{JobUpdate, StoreHandle};
+use skep_audit::Fields;
 
 /// Events buffered per client stream.
 pub const EVENT_BUFFER: usize = 64;
@@ -32,6 +34,7 @@ pub struct Services {
     pub registry: RegistryHandle,
     pub store: StoreHandle,
     pub tokens: crate::auth::TokenBook,
+    pub audit: crate::audit::AuditHandle,
 }
 
 /// A validated job request.
@@ -44,6 +47,8 @@ pub struct NewJob {
     pub budget: Duration,
     /// When the request reached the queen: the budget runs from here.
     pub arrived: Instant,
+    /// Fingerprint of the submitter's token, for the audit trail.
+    pub caller: String,
 }
 
 /// What the client sees of a job, in order.
@@ -136,6 +141,23 @@ pub async fn run(
     if let Err(e) = svc.store.update(update).await {
         warn!(job = %job.id, error = %e, "could not persist final state");
     }
+    let event = match state {
+        JobState::Done => events::JOB_COMPLETED,
+        JobState::DeadlineExceeded => events::JOB_DEADLINE_EXCEEDED,
+        JobState::Cancelled => events::JOB_CANCELLED,
+        _ => events::JOB_FAILED,
+    };
+    let mut fields = Fields::new()
+        .job(&job.id)
+        .model(&job.model)
+        .num("tokens", u64::from(p.tokens));
+    if !p.node_id.is_empty() {
+        fields = fields.node(&p.node_id);
+    }
+    if let Err(e) = &result {
+        fields = fields.reason(&e.to_string());
+    }
+    svc.audit.record(event, &job.caller, fields);
     let _ = svc
         .admission
         .finished(&job.id, &job.model, p.observed)
@@ -243,6 +265,11 @@ async fn execute(
             finished_unix_ms: 0,
         })
         .await?;
+    svc.audit.record(
+        "job.dispatched",
+        &job.caller,
+        Fields::new().job(&job.id).node(&p.node_id),
+    );
     let _ = events
         .send(Event::Dispatched {
             node_id: p.node_id.clone(),

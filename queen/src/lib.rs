@@ -7,6 +7,7 @@
 //! speaks tonic.
 
 pub mod admission;
+pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod grpc;

@@ -84,6 +84,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let registry = Registry::start(args.heartbeat_interval, scheduler.clone());
     let admission = Admission::start(args.max_live);
     let tokens = load_tokens(&store, admin_digest).await?;
+    let audit = skep_queen::audit::start(
+        &args.data_dir.join("audit"),
+        &credential_path("audit-key", &args.data_dir.join("audit.key")),
+        &args.data_dir.join("queen.db"),
+    )
+    .context("starting the audit log")?;
     let limits = Arc::new(RateLimits::new(args.rate_limit, args.bad_auth_limit));
     let services = Services {
         admission,
@@ -91,6 +97,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         registry,
         store,
         tokens,
+        audit: audit.clone(),
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -100,6 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     daemon::write_addr_file(&args.data_dir, local)?;
     info!(%local, "queen listening");
     grpc::serve(listener, services, limits, daemon::shutdown_signal()).await?;
+    audit.flush().await;
     info!("queen stopped");
     Ok(())
 }

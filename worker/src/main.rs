@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use skep_common::secret::Secret;
 use skep_common::telemetry::{self, LogFormat};
+use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
 use skep_worker::engine::{Engine, SyntheticConfig, SyntheticEngine};
 use skep_worker::{ServeConfig, serve};
 
@@ -75,11 +76,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn Engine>> {
-    let _path = args
+    let path = args
         .model_path
         .as_ref()
         .context("--engine gguf needs --model-path")?;
-    anyhow::bail!("the gguf engine is not built yet")
+    let engine = GgufEngine::load(path, &args.model, GgufOptions::default())
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok(Box::new(engine))
 }
 
 /// The lane session secret, handed over by the pool manager on stdin (never argv or env).

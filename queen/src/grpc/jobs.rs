@@ -17,8 +17,10 @@ use tracing::info;
 
 use super::{convert, require};
 use crate::Error;
+use crate::audit::events;
 use crate::auth::Role;
 use crate::job::{self, EVENT_BUFFER, NewJob, Services};
+use skep_audit::Fields;
 
 /// Most jobs `List` returns.
 const MAX_LIST: u32 = 1000;
@@ -38,28 +40,55 @@ impl JobsService {
     ) -> Result<(String, ReceiverStream<job::Event>), Error> {
         let arrived = Instant::now();
         let who = require(&req, Role::Submit)?;
-        let header = deadline::from_metadata(req.metadata())?;
+        let audit = &self.svc.audit;
+        let r = req.get_ref();
+        let checked = (|| {
+            let header = deadline::from_metadata(req.metadata())?;
+            validate::model_name(&r.model)?;
+            validate::prompt(&r.prompt)?;
+            let max_tokens = validate::max_tokens(r.max_tokens)?;
+            Ok::<_, Error>((max_tokens, deadline::budget(header, r.deadline_ms)?))
+        })();
+        let (max_tokens, budget) = checked.inspect_err(|e| {
+            let why = Fields::new().reason(&e.to_string());
+            audit.record(events::VALIDATION_REJECTED, &who.fingerprint, why);
+        })?;
         let r = req.into_inner();
-        validate::model_name(&r.model)?;
-        validate::prompt(&r.prompt)?;
-        let max_tokens = validate::max_tokens(r.max_tokens)?;
-        let budget = deadline::budget(header, r.deadline_ms)?;
         let id = uuid::Uuid::new_v4().to_string();
+        let rejected = |e: &Error| {
+            let why = Fields::new()
+                .job(&id)
+                .model(&r.model)
+                .reason(&e.to_string());
+            audit.record(events::JOB_REJECTED, &who.fingerprint, why);
+        };
         let load = self.svc.scheduler.load(&r.model, arrived + budget).await?;
         let admitted = self
             .svc
             .admission
             .admit(&id, &r.model, max_tokens, budget, load)
-            .await?;
-        info!(job = %id, caller = %who.fingerprint, model = %r.model, max_tokens, budget_ms = budget.as_millis() as u64, "job admitted");
+            .await
+            .inspect_err(rejected)?;
         // Take a place in the queue before answering, so a full queue is a clean rejection.
         let enqueued = match self.svc.scheduler.enqueue(&r.model, arrived + budget).await {
             Ok(e) => e,
             Err(e) => {
+                rejected(&e);
                 let _ = self.svc.admission.finished(&id, &r.model, None).await;
                 return Err(e);
             }
         };
+        info!(job = %id, caller = %who.fingerprint, model = %r.model, max_tokens, budget_ms = budget.as_millis() as u64, "job admitted");
+        let submitted = Fields::new()
+            .job(&id)
+            .model(&r.model)
+            .prompt(&r.prompt)
+            .num("max_tokens", u64::from(max_tokens))
+            .num(
+                "budget_ms",
+                u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+            );
+        audit.record(events::JOB_SUBMITTED, &who.fingerprint, submitted);
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let new = NewJob {
             id: id.clone(),
@@ -68,6 +97,7 @@ impl JobsService {
             max_tokens,
             budget,
             arrived,
+            caller: who.fingerprint.clone(),
         };
         tokio::spawn(job::run(self.svc.clone(), new, admitted, enqueued, tx));
         Ok((id, ReceiverStream::new(rx)))

@@ -15,9 +15,11 @@ use tracing::info;
 
 use super::require;
 use crate::Error;
+use crate::audit::events;
 use crate::auth::{Role, TokenEntry};
 use crate::job::Services;
 use crate::model::unix_ms;
+use skep_audit::Fields;
 
 /// Longest lifetime a token may be given.
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -80,6 +82,12 @@ impl Tokens for TokensService {
         self.svc.store.insert_token(entry.clone()).await?;
         self.svc.tokens.add(entry.clone());
         info!(caller = %who.fingerprint, token = %entry.fingerprint(), role = role.as_str(), "token created");
+        let fields = Fields::new()
+            .str(events::field::TOKEN_FP, &entry.fingerprint())
+            .str("role", role.as_str());
+        self.svc
+            .audit
+            .record(events::TOKEN_CREATED, &who.fingerprint, fields);
         Ok(Response::new(CreateTokenResponse {
             token: token.expose().to_owned(),
             fingerprint: entry.fingerprint(),
@@ -113,6 +121,10 @@ impl Tokens for TokensService {
         self.svc.store.revoke_token(&entry.digest).await?;
         self.svc.tokens.revoke(&entry.digest);
         info!(caller = %who.fingerprint, token = %fp, "token revoked");
+        let fields = Fields::new().str(events::field::TOKEN_FP, &fp);
+        self.svc
+            .audit
+            .record(events::TOKEN_REVOKED, &who.fingerprint, fields);
         Ok(Response::new(RevokeTokenResponse {
             token: Some(info(&TokenEntry {
                 revoked: true,
