@@ -198,6 +198,8 @@ start_in_ns() {
   setsid ip netns exec "$ns" "$@" >>"$TMP/logs/$name.log" 2>&1 </dev/null &
   STARTED_PID=$!
   BG_PIDS+=("$STARTED_PID")
+  # Killing daemons is the point of some scenarios: no "Killed" job notices from bash.
+  disown "$STARTED_PID" 2>/dev/null || true
 }
 
 alive() { kill -0 "$1" 2>/dev/null; }
@@ -245,7 +247,8 @@ restart_pool() {
 }
 
 stop_pool() {
-  local key=$1 pid=${POOL_PID[$key]:-}
+  local key=$1
+  local pid=${POOL_PID[$key]:-}
   [ -n "$pid" ] || return 0
   kill -TERM -- "-$pid" 2>/dev/null || true
   local end=$((SECONDS + 5))
@@ -411,30 +414,36 @@ scenario_enrollment() {
   fi
   stop_pool c
 
-  # Pool D reuses the spent token from another empty data dir: it must not get in.
-  start_pool d "$NS_B" "$IP_B" $((POOL_PORT + 2)) "$enroll" "$TMP/pool-d"
-  local pid_d=${POOL_PID[d]} end=$((SECONDS + 10)) seen=""
+  # Pool D reuses the spent token from another empty data dir: it must not get in. It runs under
+  # `timeout 10` (exit 124: still running after 10 s) so that its exit code can be read.
+  local rcfile=$TMP/pool-d.rc
+  (
+    rc=0
+    ip netns exec "$NS_B" timeout 10 "$BIN/skep-pool" --data-dir "$TMP/pool-d" \
+      --queen "$QUEEN_URL" --token-file "$enroll" --listen "$IP_B:$((POOL_PORT + 2))" \
+      --advertise "http://$IP_B:$((POOL_PORT + 2))" --workers 1 --engine synthetic \
+      --name pool-d >>"$TMP/logs/pool-d.log" 2>&1 </dev/null || rc=$?
+    echo "$rc" >"$rcfile"
+  ) &
+  local pid_d=$! end=$((SECONDS + 15)) seen=""
+  BG_PIDS+=("$pid_d")
   while ((SECONDS < end)); do
     if nodes_json | py_json names | tr ' ' '\n' | grep -qx pool-d; then
       seen=1
-      break
     fi
-    alive "$pid_d" || break
+    [ -s "$rcfile" ] && break
     sleep 0.3
   done
-  local rc=0
-  if alive "$pid_d"; then
-    rc=running
-  else
-    wait "$pid_d" || rc=$?
-  fi
-  stop_pool d
+  wait "$pid_d" 2>/dev/null || true
+  local rc
+  rc=$(cat "$rcfile" 2>/dev/null || echo unknown)
+  [ "$rc" = 124 ] && rc=running
   if [ -n "$seen" ]; then
     REASON="pool-d enrolled with an already used enrollment token (it appears in nodes list)"
     return 1
   fi
-  if [ "$rc" = 0 ]; then
-    REASON="pool-d exited 0 after reusing a spent enrollment token"
+  if [ "$rc" = 0 ] || [ "$rc" = unknown ]; then
+    REASON="pool-d exited '$rc' after reusing a spent enrollment token"
     return 1
   fi
   if [ "$rc" = running ] &&
@@ -484,7 +493,7 @@ scenario_failover() {
   nodes=$(py_json event-field dispatched node_id <"$out")
   second=$(printf '%s\n' "$nodes" | tail -n 1)
   if [ "$rc" != 0 ]; then
-    REASON="killed pool-$victim mid-job; job did not finish (submit exit $rc, dispatches: $(echo $nodes)): $(tail -c 300 "$out.err")"
+    REASON="killed pool-$victim mid-job; job did not finish (submit exit $rc, dispatches: $(echo $nodes); error: $(py_json event-field error message <"$out" | head -n 1)$(tail -c 200 "$out.err"))"
     return 1
   fi
   if [ "$(printf '%s\n' "$nodes" | wc -l)" -lt 2 ] || [ "$second" = "$first" ]; then
@@ -531,10 +540,34 @@ scenario_partition() {
 }
 
 scenario_revoke() {
+  local rc=0
+  revoke_inner || rc=$?
+  # Put pool A back as it was (admin token, its own data dir) for any scenario that follows.
+  stop_pool a
+  POOL_TOKEN[a]=$ADMIN_TOKEN
+  POOL_DIR[a]=$TMP/pool-a
+  return "$rc"
+}
+
+revoke_inner() {
   ensure_pools || return 1
+  # With enrollment available, pool A gets its own node credential, so revoking it must keep A
+  # out for good. Without it, A presents the admin token and may register again under a new id:
+  # then only the revoked id is checked.
+  local enroll=$TMP/enroll-revoke.token enrolled=""
+  rm -f "$enroll"
+  if cli token create --enroll --ttl 1h --out "$enroll" >/dev/null 2>&1 && [ -s "$enroll" ]; then
+    stop_pool a
+    DEAD_IDS+="$ID_A "
+    POOL_TOKEN[a]=$enroll
+    POOL_DIR[a]=$TMP/pool-a-enrolled
+    restart_pool a
+    ID_A=$(wait_healthy a) || { REASON="pool-a did not enroll for the revoke scenario"; return 1; }
+    enrolled=1
+  fi
   local err
   if ! err=$(cli nodes revoke "$ID_A" 2>&1); then
-    REASON="'skep nodes revoke $ID_A' failed: $(printf '%s' "$err" | head -c 300)"
+    REASON="'skep nodes revoke $ID_A' failed: $err"
     return 1
   fi
   local st
@@ -543,22 +576,35 @@ scenario_revoke() {
     return 1
   fi
   DEAD_IDS+="$ID_A "
-  local i out rc node
+  local i out rc node name
   for i in 1 2 3; do
     out=$TMP/revoke-$i.json
     rc=0
     submit_job "$out" 3 || rc=$?
     node=$(py_json event-field dispatched node_id <"$out" | tail -n 1)
     [ "$rc" = 0 ] || { REASON="job $i after revoke exited $rc: $(tail -c 200 "$out.err")"; return 1; }
-    if [ "$node" = "$ID_A" ] || [ "$(name_of_id "$node")" != pool-b ]; then
-      REASON="job $i after revoke ran on '$node' ($(name_of_id "$node")), not pool-b"
+    name=$(name_of_id "$node")
+    if [ "$node" = "$ID_A" ] || { [ -n "$enrolled" ] && [ "$name" != pool-b ]; }; then
+      REASON="job $i after revoke ran on '$node' ($name), not pool-b"
       return 1
     fi
   done
-  REASON="revoked node went $st; 3 following jobs ran on pool-b"
+  if [ -n "$enrolled" ]; then
+    local back
+    back=$(healthy_id_of pool-a)
+    if [ -n "$back" ]; then
+      REASON="revoked pool-a is healthy again as node $back (its credential still works)"
+      return 1
+    fi
+    REASON="revoked enrolled pool-a went $st and stayed out; 3 following jobs ran on pool-b"
+  else
+    REASON="revoked node went $st; 3 following jobs avoided it (pool-a used the admin token: enrollment unavailable, re-registration not checked)"
+  fi
 }
 
 # === driver ===
+
+one_line() { printf '%s' "$1" | tr -s '\n\t ' '   ' | head -c 600; }
 
 check() {
   local scenarios=("$@") s
@@ -602,9 +648,9 @@ check() {
     REASON=""
     t0=$SECONDS
     if "scenario_$s"; then
-      printf 'PASS  %-11s %s (%ss)\n' "$s" "$REASON" $((SECONDS - t0))
+      printf 'PASS  %-11s %s (%ss)\n' "$s" "$(one_line "$REASON")" $((SECONDS - t0))
     else
-      printf 'FAIL  %-11s %s (%ss)\n' "$s" "$REASON" $((SECONDS - t0))
+      printf 'FAIL  %-11s %s (%ss)\n' "$s" "$(one_line "$REASON")" $((SECONDS - t0))
       failed+=("$s")
     fi
   done

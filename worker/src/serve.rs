@@ -6,6 +6,7 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -63,13 +64,31 @@ pub fn serve(
         "worker ready"
     );
 
+    // Beat from a thread of its own: a long prompt can keep the engine busy for seconds, and
+    // the pool manager must not mistake that for a hang. A dead process stops beating at once.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                responses.beat();
+                std::thread::sleep(HEARTBEAT_EVERY);
+            }
+        });
+        let result = serve_loop(&requests, &responses, session, engine, parent);
+        stop.store(true, Ordering::Relaxed);
+        result
+    })
+}
+
+fn serve_loop(
+    requests: &Lane,
+    responses: &Lane,
+    session: &Secret,
+    engine: &mut dyn Engine,
+    parent: u32,
+) -> Result<(), ServeError> {
     let mut buf = Vec::new();
-    let mut last_beat = Instant::now();
     loop {
-        if last_beat.elapsed() >= HEARTBEAT_EVERY {
-            responses.beat();
-            last_beat = Instant::now();
-        }
         if std::os::unix::process::parent_id() != parent {
             return Err(ServeError::Orphaned);
         }
@@ -107,7 +126,7 @@ pub fn serve(
             reply(error(seq, CODE_INVALID_ARGUMENT, msg))?;
             continue;
         }
-        run_job(&req, engine, &requests, &responses, &mut last_beat)?;
+        run_job(&req, engine, requests, responses)?;
     }
 }
 
@@ -126,7 +145,6 @@ fn run_job(
     engine: &mut dyn Engine,
     requests: &Lane,
     responses: &Lane,
-    last_beat: &mut Instant,
 ) -> Result<(), ServeError> {
     let seq = req.seq;
     let deadline = req.deadline_mono_ns;
@@ -169,10 +187,6 @@ fn run_job(
                 return ControlFlow::Break(Stop::Disconnected);
             }
             index += 1;
-            if last_beat.elapsed() >= HEARTBEAT_EVERY {
-                responses.beat();
-                *last_beat = Instant::now();
-            }
             ControlFlow::Continue(())
         },
     );
