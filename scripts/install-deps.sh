@@ -5,6 +5,9 @@ set -euo pipefail
 need=()
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
+# `ip` is for scripts/netns-cluster.sh, which needs root anyway: without root it is skipped, not
+# a reason to fail here.
+if ! command -v ip >/dev/null && [ "$(id -u)" -eq 0 ]; then need+=(iproute2); fi
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]}; install them (e.g. sudo apt-get install ${need[*]})" >&2

@@ -55,10 +55,13 @@ can_run() {
     echo "cannot run: 'ip' (iproute2) is missing; scripts/install-deps.sh installs it as root"
     return 1
   fi
-  if ! command -v python3 >/dev/null; then
-    echo "cannot run: python3 is missing (used to read the CLI's JSON output)"
-    return 1
-  fi
+  local tool
+  for tool in python3 setsid flock timeout; do
+    if ! command -v "$tool" >/dev/null; then
+      echo "cannot run: '$tool' is missing (python3 reads the CLI's JSON; the others are util-linux/coreutils)"
+      return 1
+    fi
+  done
   local ns="skep-probe-$$" out
   if ! out=$(ip netns add "$ns" 2>&1); then
     echo "cannot run: 'ip netns add' failed: $out"
@@ -185,8 +188,7 @@ link_set() { ip -n "$NS_NET" link set "v-$1" "$2"; }
 # === daemons ===
 
 BG_PIDS=()
-declare -A POOL_PID=() POOL_NS=() POOL_IP=() POOL_PORT_OF=() POOL_DIR=() POOL_TOKEN=()
-DEAD_IDS=" " # node ids whose process we killed: never count them as healthy again
+declare -A POOL_PID=() POOL_ID=() POOL_NS=() POOL_IP=() POOL_PORT_OF=() POOL_DIR=() POOL_TOKEN=()
 ADMIN_TOKEN=""
 
 # Starts a command in namespace $1, in its own process group (so its children can be killed with
@@ -195,7 +197,8 @@ start_in_ns() {
   local ns=$1 name=$2
   shift 2
   # Not a process-group leader here, so setsid execs (no fork): $! is the daemon's pid and pgid.
-  setsid ip netns exec "$ns" "$@" >>"$TMP/logs/$name.log" 2>&1 </dev/null &
+  # fd 9 (the run lock) is closed for it, so a daemon outliving a SIGKILLed run holds no lock.
+  setsid ip netns exec "$ns" "$@" >>"$TMP/logs/$name.log" 2>&1 </dev/null 9>&- &
   STARTED_PID=$!
   BG_PIDS+=("$STARTED_PID")
   # Killing daemons is the point of some scenarios: no "Killed" job notices from bash.
@@ -254,7 +257,24 @@ stop_pool() {
   local end=$((SECONDS + 5))
   while alive "$pid" && ((SECONDS < end)); do sleep 0.1; done
   kill_group "$pid"
-  POOL_PID[$key]=""
+  forget_pool "$key"
+}
+
+# SIGKILLs pool KEY with its workers, as a crash would.
+kill_pool() {
+  kill_group "${POOL_PID[$1]}"
+  forget_pool "$1"
+}
+
+# The queen lists a stopped pool as healthy until it misses a few heartbeats: wait (bounded) for
+# that, so that a healthy entry seen later is the restarted process (whatever its node id).
+forget_pool() {
+  local id=${POOL_ID[$1]:-}
+  POOL_ID[$1]=""
+  POOL_PID[$1]=""
+  if [ -n "$id" ] && ! wait_not_healthy "$id" >/dev/null; then
+    log "node $id (pool-$1) still healthy ${WAIT_S}s after its process was stopped"
+  fi
 }
 
 # === talking to the queen (always from inside skep-q) ===
@@ -262,7 +282,7 @@ stop_pool() {
 # skep CLI as admin; every call bounded by `timeout`.
 cli() {
   ip netns exec "$NS_Q" timeout "${CLI_TIMEOUT:-20}" "$BIN/skep" --queen "$QUEEN_URL" \
-    --token-file "$ADMIN_TOKEN" "$@"
+    --token-file "$ADMIN_TOKEN" "$@" 9>&-
 }
 
 nodes_json() { cli nodes list --json 2>/dev/null || true; }
@@ -286,7 +306,7 @@ if mode == "state-of-id":          # node state by id, or "absent"
 elif mode == "name-of-id":
     print(next((r.get("name", "") for r in rows if r.get("id") == args[0]), ""))
 elif mode == "healthy-id-of-name": # a healthy node with that name whose id is not excluded
-    excluded = args[1].split()
+    excluded = args[1].split() if len(args) > 1 else []
     print(next((r["id"] for r in rows if r.get("name") == args[0]
                 and r.get("state") == "healthy" and r.get("id") not in excluded), ""))
 elif mode == "healthy-names":
@@ -302,17 +322,17 @@ elif mode == "field":              # a field of the first object
 ' "$@"
 }
 
-healthy_id_of() { nodes_json | py_json healthy-id-of-name "$1" "$DEAD_IDS"; }
+healthy_id_of() { nodes_json | py_json healthy-id-of-name "$1" "${2:-}"; }
 state_of_id() { nodes_json | py_json state-of-id "$1"; }
 name_of_id() { nodes_json | py_json name-of-id "$1"; }
 
-# Waits (bounded) until pool KEY shows healthy; prints its node id.
+# Waits (bounded) until pool KEY shows healthy; sets POOL_ID[KEY].
 wait_healthy() {
   local key=$1 end=$((SECONDS + ${2:-$WAIT_S})) id
   while :; do
     id=$(healthy_id_of "pool-$key")
     if [ -n "$id" ]; then
-      echo "$id"
+      POOL_ID[$key]=$id
       return 0
     fi
     if ((SECONDS >= end)); then return 1; fi
@@ -340,12 +360,14 @@ ensure_pools() {
   local key
   for key in a b; do
     if [ -z "${POOL_PID[$key]:-}" ] || ! alive "${POOL_PID[$key]}"; then
-      [ -n "${POOL_PID[$key]:-}" ] && kill_group "${POOL_PID[$key]}"
+      [ -z "${POOL_PID[$key]:-}" ] || kill_pool "$key"
       restart_pool "$key"
     fi
   done
-  ID_A=$(wait_healthy a) || { REASON="pool-a not healthy within ${WAIT_S}s"; return 1; }
-  ID_B=$(wait_healthy b) || { REASON="pool-b not healthy within ${WAIT_S}s"; return 1; }
+  wait_healthy a || { REASON="pool-a not healthy within ${WAIT_S}s"; return 1; }
+  wait_healthy b || { REASON="pool-b not healthy within ${WAIT_S}s"; return 1; }
+  ID_A=${POOL_ID[a]}
+  ID_B=${POOL_ID[b]}
 }
 
 # submit_job OUT_FILE MAX_TOKENS [DEADLINE]: a JSON-streamed synthetic job; returns skep's exit code.
@@ -389,25 +411,25 @@ scenario_enrollment() {
 
   # Pool C enrolls with the fresh token from an empty data dir.
   start_pool c "$NS_B" "$IP_B" $((POOL_PORT + 1)) "$enroll" "$TMP/pool-c"
-  local id_c
-  id_c=$(wait_healthy c) || {
+  wait_healthy c || {
     REASON="pool-c did not become healthy with a fresh enrollment token: $(tail -n 3 "$TMP/logs/pool-c.log" | tr '\n' ' ' | head -c 400)"
     stop_pool c
     return 1
   }
-  local loose
-  loose=$(find "$TMP/pool-c" -maxdepth 1 -type f -perm /077 -printf '%f ' 2>/dev/null)
-  if [ -n "$loose" ]; then
-    REASON="pool-c data dir has files readable by others: $loose"
+  # Its node credentials are stored in its data dir (anything but listen.addr and lanes/), 0600.
+  local stored loose
+  stored=$(find "$TMP/pool-c" -type f ! -name listen.addr ! -path "$TMP/pool-c/lanes/*" -printf '%P ')
+  loose=$(find "$TMP/pool-c" -type f ! -name listen.addr ! -path "$TMP/pool-c/lanes/*" -perm /077 -printf '%P ')
+  if [ -z "$stored" ] || [ -n "$loose" ]; then
+    REASON="pool-c enrolled but its stored credentials are missing or not 0600 (files: ${stored:-none}; too open: ${loose:-none})"
     stop_pool c
     return 1
   fi
 
   # It keeps working from its stored credentials: restart it with the (now used) token.
   stop_pool c
-  DEAD_IDS+="$id_c "
   restart_pool c
-  if ! wait_healthy c >/dev/null; then
+  if ! wait_healthy c; then
     REASON="enrolled pool-c did not come back healthy after a restart (stored credentials not used?): $(tail -n 3 "$TMP/logs/pool-c.log" | tr '\n' ' ' | head -c 400)"
     stop_pool c
     return 1
@@ -422,7 +444,7 @@ scenario_enrollment() {
     ip netns exec "$NS_B" timeout 10 "$BIN/skep-pool" --data-dir "$TMP/pool-d" \
       --queen "$QUEEN_URL" --token-file "$enroll" --listen "$IP_B:$((POOL_PORT + 2))" \
       --advertise "http://$IP_B:$((POOL_PORT + 2))" --workers 1 --engine synthetic \
-      --name pool-d >>"$TMP/logs/pool-d.log" 2>&1 </dev/null || rc=$?
+      --name pool-d >>"$TMP/logs/pool-d.log" 2>&1 </dev/null 9>&- || rc=$?
     echo "$rc" >"$rcfile"
   ) &
   local pid_d=$! end=$((SECONDS + 15)) seen=""
@@ -430,10 +452,13 @@ scenario_enrollment() {
   while ((SECONDS < end)); do
     if nodes_json | py_json names | tr ' ' '\n' | grep -qx pool-d; then
       seen=1
+      break
     fi
     [ -s "$rcfile" ] && break
     sleep 0.3
   done
+  # Stop it if still running: its `timeout` (the subshell's child) passes TERM on to skep-pool.
+  [ -s "$rcfile" ] || pkill -TERM -P "$pid_d" 2>/dev/null || true
   wait "$pid_d" 2>/dev/null || true
   local rc
   rc=$(cat "$rcfile" 2>/dev/null || echo unknown)
@@ -447,7 +472,7 @@ scenario_enrollment() {
     return 1
   fi
   if [ "$rc" = running ] &&
-    ! grep -qiE 'error|denied|unauthenticated|invalid|refused|enroll' "$TMP/logs/pool-d.log"; then
+    ! grep -qE 'ERROR|WARN|[Ee]rror:|denied|[Uu]nauthenticated|[Ii]nvalid' "$TMP/logs/pool-d.log"; then
     REASON="pool-d (spent token) is still running and logged no error"
     return 1
   fi
@@ -486,8 +511,7 @@ scenario_failover() {
     return 1
     ;;
   esac
-  kill_group "${POOL_PID[$victim]}"
-  DEAD_IDS+="$first "
+  kill_pool "$victim"
   wait "$pid" || rc=$?
   local nodes second
   nodes=$(py_json event-field dispatched node_id <"$out")
@@ -500,10 +524,15 @@ scenario_failover() {
     REASON="job finished but without a second dispatch to another node (dispatches: $(echo $nodes))"
     return 1
   fi
-  local expect_id
+  local expect_id attempt
   [ "$survivor" = a ] && expect_id=$ID_A || expect_id=$ID_B
   if [ "$second" != "$expect_id" ]; then
     REASON="retry went to '$second', expected pool-$survivor ($expect_id)"
+    return 1
+  fi
+  attempt=$(py_json event-field dispatched attempt <"$out" | tail -n 1)
+  if [ "${attempt:-0}" -lt 2 ] 2>/dev/null; then
+    REASON="the second dispatch reports attempt '$attempt', expected 2"
     return 1
   fi
   local job state
@@ -531,12 +560,11 @@ scenario_partition() {
     REASON="during the partition a job ended with exit $rc on '$node' (expected done on pool-a $ID_A): $(tail -c 200 "$out.err")"
     return 1
   fi
-  local back
-  if ! back=$(wait_healthy b); then
+  if ! wait_healthy b; then
     REASON="pool-b was $st while cut off, but not healthy again ${WAIT_S}s after the link came back"
     return 1
   fi
-  REASON="pool-b went $st when cut off (job done on pool-a meanwhile), healthy again after restore (node $back)"
+  REASON="pool-b went $st when cut off (job done on pool-a meanwhile), healthy again after restore (node ${POOL_ID[b]})"
 }
 
 scenario_revoke() {
@@ -558,11 +586,11 @@ revoke_inner() {
   rm -f "$enroll"
   if cli token create --enroll --ttl 1h --out "$enroll" >/dev/null 2>&1 && [ -s "$enroll" ]; then
     stop_pool a
-    DEAD_IDS+="$ID_A "
     POOL_TOKEN[a]=$enroll
     POOL_DIR[a]=$TMP/pool-a-enrolled
     restart_pool a
-    ID_A=$(wait_healthy a) || { REASON="pool-a did not enroll for the revoke scenario"; return 1; }
+    wait_healthy a || { REASON="pool-a did not enroll for the revoke scenario"; return 1; }
+    ID_A=${POOL_ID[a]}
     enrolled=1
   fi
   local err
@@ -575,7 +603,6 @@ revoke_inner() {
     REASON="node $ID_A (pool-a) still healthy 10s after revoke"
     return 1
   fi
-  DEAD_IDS+="$ID_A "
   local i out rc node name
   for i in 1 2 3; do
     out=$TMP/revoke-$i.json
@@ -633,8 +660,10 @@ check() {
   trap cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  teardown_net # leftovers of a run that was killed with SIGKILL
-  TMP=$(mktemp -d /tmp/skep-netns.XXXXXX)
+  # Leftovers of a run that was SIGKILLed (we hold the lock, so no other run owns them).
+  teardown_net
+  rm -rf "${TMPDIR:-/tmp}"/skep-netns.??????
+  TMP=$(mktemp -d "${TMPDIR:-/tmp}/skep-netns.XXXXXX")
   mkdir -p "$TMP/logs"
 
   log "network: $BRIDGE in $NS_NET; $NS_Q=$IP_Q $NS_A=$IP_A $NS_B=$IP_B"
@@ -681,7 +710,11 @@ check)
   ;;
 cleanup)
   [ "$(id -u)" -eq 0 ] || { echo "cleanup needs root" >&2; exit 1; }
+  mkdir -p "$(dirname "$LOCK_FILE")"
+  exec 9>"$LOCK_FILE"
+  flock -w "$WAIT_S" 9 || { echo "a netns-cluster run holds $LOCK_FILE" >&2; exit 1; }
   teardown_net
+  rm -rf "${TMPDIR:-/tmp}"/skep-netns.??????
   ;;
 -h | --help | help) usage ;;
 *)

@@ -32,4 +32,12 @@ cargo test --workspace
 step "lane checks under valgrind"
 scripts/lane-valgrind.sh
 
+step "multi-host checks in network namespaces"
+if reason="$(scripts/netns-cluster.sh can-run 2>&1)"; then
+  scripts/netns-cluster.sh check
+else
+  echo "NOT RUN: network namespaces are not available on this machine: $reason"
+  echo "(run scripts/test.sh as root with iproute2 to include them)"
+fi
+
 step "all tests passed"

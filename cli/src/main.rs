@@ -22,7 +22,9 @@ use skep_proto::v1::tokens_client::TokensClient;
 use skep_proto::v1::{
     CancelJobRequest, GetJobRequest, ListJobsRequest, ListNodesRequest, SubmitRequest, job_event,
 };
-use skep_proto::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest};
+use skep_proto::v1::{
+    CreateTokenRequest, ListTokensRequest, RevokeNodeRequest, RevokeTokenRequest,
+};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -98,8 +100,11 @@ enum TokenCommand {
     /// Create a token. It is shown once: keep it in a 0600 file.
     Create {
         /// admin or submit.
-        #[arg(long, default_value = "submit")]
+        #[arg(long, default_value = "submit", conflicts_with = "enroll")]
         role: String,
+        /// Make a single-use enrollment token for a new pool manager (use with --ttl).
+        #[arg(long)]
+        enroll: bool,
         /// Lifetime (e.g. 30d); default: no expiry.
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
@@ -145,6 +150,8 @@ enum NodesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Cut a node off at once: its keys stop working and its jobs move elsewhere.
+    Revoke { id: String },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -264,15 +271,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Token { command } => token(&queen, command).await,
         Command::Audit { .. } => Ok(()),
-        Command::Nodes {
-            command: NodesCommand::List { json },
-        } => {
+        Command::Nodes { command } => {
             let mut client = NodesClient::new(queen.channel.clone());
-            let nodes = client
-                .list(queen.request(ListNodesRequest {}))
-                .await?
-                .into_inner();
-            render::nodes(&nodes.nodes, json);
+            match command {
+                NodesCommand::List { json } => {
+                    let nodes = client
+                        .list(queen.request(ListNodesRequest {}))
+                        .await?
+                        .into_inner();
+                    render::nodes(&nodes.nodes, json);
+                }
+                NodesCommand::Revoke { id } => {
+                    client
+                        .revoke(queen.request(RevokeNodeRequest {
+                            node_id: id.clone(),
+                        }))
+                        .await?;
+                    println!("node {id} revoked");
+                }
+            }
             Ok(())
         }
     }
@@ -283,10 +300,12 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
     match command {
         TokenCommand::Create {
             role,
+            enroll,
             ttl,
             label,
             out,
         } => {
+            let role = if enroll { "enroll".to_owned() } else { role };
             let ttl_ms = ttl.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let created = client
                 .create(queen.request(CreateTokenRequest {

@@ -84,7 +84,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let lane_dir = args.data_dir.join("lanes");
     daemon::create_private_dir(&lane_dir)?;
     let token_path = skep_common::secret::credential_path("pool-token", &args.token_file);
-    let token = Secret::from_file(&token_path)?;
+    // Checked now (mode, content) so a bad file fails at start, not on first enrollment.
+    if !args.data_dir.join("runtime.key").exists() {
+        Secret::from_file(&token_path)?;
+    }
 
     let (model, engine_args) = engine_args(&args)?;
     validate::model_name(&model).context("--model")?;
@@ -129,10 +132,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("pool-{}", local.port()));
     validate::identifier("name", &name).context("--name")?;
-    tokio::spawn(
+    let membership = tokio::spawn(
         Membership {
             queen_url: args.queen.clone(),
-            token,
+            bootstrap: token_path,
+            data_dir: args.data_dir.clone(),
             name,
             pool_url: pool_url.clone(),
             slots,
@@ -145,12 +149,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let service = PoolService::new(free, slots, jobs_tx, vec![model.clone()], speed);
     info!(%local, %pool_url, %model, workers = slots, "pool manager listening");
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         // A dead queen connection must not pin a stream forever.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(service.into_server(key_rx))
-        .serve_with_incoming_shutdown(daemon::incoming(listener), daemon::shutdown_signal())
-        .await?;
+        .serve_with_incoming_shutdown(daemon::incoming(listener), daemon::shutdown_signal());
+    // Serve until shut down, or until the queen refuses this node for good.
+    tokio::select! {
+        r = server => r?,
+        m = membership => match m {
+            Ok(Err(fatal)) => return Err(fatal.into()),
+            Ok(Ok(())) => {}
+            Err(e) => return Err(anyhow::anyhow!("membership task failed: {e}")),
+        },
+    }
     info!("pool manager stopped");
     Ok(())
 }

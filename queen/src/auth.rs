@@ -17,6 +17,10 @@ pub enum Role {
     Admin,
     /// Submit and follow jobs.
     Submit,
+    /// Enroll one node, once.
+    Enroll,
+    /// An enrolled pool manager: register and heartbeat as its own node.
+    Node,
 }
 
 impl Role {
@@ -24,6 +28,8 @@ impl Role {
         match self {
             Role::Admin => "admin",
             Role::Submit => "submit",
+            Role::Enroll => "enroll",
+            Role::Node => "node",
         }
     }
 
@@ -31,6 +37,8 @@ impl Role {
         match s {
             "admin" => Some(Role::Admin),
             "submit" => Some(Role::Submit),
+            "enroll" => Some(Role::Enroll),
+            "node" => Some(Role::Node),
             _ => None,
         }
     }
@@ -46,6 +54,8 @@ pub struct TokenEntry {
     /// 0 = never expires.
     pub expires_unix_ms: u64,
     pub revoked: bool,
+    /// For `Node` tokens: the node they belong to; empty otherwise.
+    pub node_id: String,
 }
 
 impl TokenEntry {
@@ -63,6 +73,10 @@ impl TokenEntry {
 pub struct Identity {
     pub fingerprint: String,
     pub role: Role,
+    /// The token's digest, so a single-use token can be consumed by the handler.
+    pub digest: TokenDigest,
+    /// For node tokens, the node they speak for.
+    pub node_id: String,
 }
 
 type Snapshot = Arc<Vec<TokenEntry>>;
@@ -137,6 +151,47 @@ impl TokenBook {
         Ok(())
     }
 
+    /// Revokes a live token and says whether this call did it: the atomic check-and-set that
+    /// makes an enrollment token single-use even under concurrent calls.
+    pub fn consume(&self, digest: &TokenDigest) -> bool {
+        self.tx.send_if_modified(|s| {
+            let live = s.iter().any(|e| e.digest == *digest && !e.revoked);
+            if live {
+                let v = s
+                    .iter()
+                    .map(|e| TokenEntry {
+                        revoked: e.revoked || e.digest == *digest,
+                        ..e.clone()
+                    })
+                    .collect();
+                *s = Arc::new(v);
+            }
+            live
+        })
+    }
+
+    /// Revokes every token of `node_id`; returns their digests.
+    pub fn revoke_node(&self, node_id: &str) -> Vec<TokenDigest> {
+        let mut hit = Vec::new();
+        self.tx.send_modify(|s| {
+            let v = s
+                .iter()
+                .map(|e| {
+                    let mine = !node_id.is_empty() && e.node_id == node_id;
+                    if mine && !e.revoked {
+                        hit.push(e.digest);
+                    }
+                    TokenEntry {
+                        revoked: e.revoked || mine,
+                        ..e.clone()
+                    }
+                })
+                .collect();
+            *s = Arc::new(v);
+        });
+        hit
+    }
+
     pub fn revoke(&self, digest: &TokenDigest) {
         self.tx.send_modify(|s| {
             let v = s
@@ -171,6 +226,8 @@ impl Authenticator {
         Ok(Identity {
             fingerprint: presented.fingerprint(),
             role: entry.role,
+            digest: presented,
+            node_id: entry.node_id.clone(),
         })
     }
 }
@@ -187,7 +244,35 @@ mod tests {
             created_unix_ms: 1,
             expires_unix_ms: expires,
             revoked: false,
+            node_id: String::new(),
         }
+    }
+
+    #[test]
+    fn enrollment_tokens_are_consumed_once() {
+        let book = TokenBook::new(vec![
+            entry("adm", Role::Admin, 0),
+            entry("enr", Role::Enroll, 0),
+        ]);
+        let d = TokenDigest::of("enr");
+        assert!(book.consume(&d));
+        assert!(!book.consume(&d), "second use must fail");
+        assert_eq!(
+            book.authenticator().check(&md("enr"), 1).unwrap_err(),
+            AuthError::Invalid
+        );
+    }
+
+    #[test]
+    fn revoking_a_node_revokes_its_keys_only() {
+        let mut k = entry("key-a", Role::Node, 0);
+        k.node_id = "node-a".into();
+        let book = TokenBook::new(vec![entry("adm", Role::Admin, 0), k]);
+        assert_eq!(book.revoke_node("node-a"), vec![TokenDigest::of("key-a")]);
+        let a = book.authenticator();
+        assert!(a.check(&md("key-a"), 1).is_err());
+        assert!(a.check(&md("adm"), 1).is_ok());
+        assert!(book.revoke_node("").is_empty());
     }
 
     fn md(token: &str) -> MetadataMap {

@@ -29,6 +29,8 @@ pub enum Error {
     QueueFull { retry_after: Duration },
     #[error("no pool serves model {0:?}; start a pool manager with that model")]
     NoPool(String),
+    #[error("node {0} not found")]
+    NodeNotFound(String),
     #[error("job {0} not found")]
     JobNotFound(String),
     #[error("job was cancelled")]

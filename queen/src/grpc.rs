@@ -110,15 +110,23 @@ fn admit_call(
     Ok(identity)
 }
 
-/// The caller's identity, checked against the role an RPC needs. Admin may do everything.
+/// The caller's identity, if its role is `role`. Admin may do everything.
 fn require<T>(req: &Request<T>, role: Role) -> Result<Identity, crate::Error> {
+    require_any(req, &[role])
+}
+
+/// The caller's identity, if its role is one of `roles`. Admin may do everything.
+fn require_any<T>(req: &Request<T>, roles: &[Role]) -> Result<Identity, crate::Error> {
     let id = req
         .extensions()
         .get::<Identity>()
         .cloned()
         .ok_or(crate::Error::Auth(skep_common::auth::AuthError::Missing))?;
-    match (id.role, role) {
-        (Role::Admin, _) | (Role::Submit, Role::Submit) => Ok(id),
-        (Role::Submit, Role::Admin) => Err(crate::Error::PermissionDenied("admin")),
+    if id.role == Role::Admin || roles.contains(&id.role) {
+        Ok(id)
+    } else {
+        Err(crate::Error::PermissionDenied(
+            roles.first().map_or("admin", |r| r.as_str()),
+        ))
     }
 }

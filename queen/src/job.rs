@@ -219,23 +219,82 @@ async fn drive(
             })
             .await;
     }
-    let assignment: Assignment = tokio::select! {
-        a = enqueued.assignment => match a {
-            Ok(a) => a,
-            // The scheduler drops a waiter only once its deadline has passed.
-            Err(_) if deadline.is_expired() => return Err(late()),
-            Err(_) => return Err(Error::ActorStopped),
-        },
-        _ = sleep_until(deadline.instant().into()) => return Err(late()),
-        _ = cancel.cancelled() => return Err(Error::Cancelled),
-        _ = events.closed() => return Err(Error::Cancelled),
-    };
-    p.timings.queue_wait_us = micros(queued_at.elapsed()).saturating_sub(p.timings.admission_us);
-    let node_id = assignment.target.node_id.clone();
-    p.node_id = node_id.clone();
-    let result = execute(svc, job, deadline, cancel, events, &assignment, p).await;
-    svc.scheduler.release(&node_id).await?;
-    result
+    let mut waiting = enqueued;
+    let mut attempt = 1;
+    let mut avoid = Vec::new();
+    loop {
+        let assignment: Assignment = tokio::select! {
+            a = waiting.assignment => match a {
+                Ok(a) => a,
+                // The scheduler drops a waiter only once its deadline has passed.
+                Err(_) if deadline.is_expired() => return Err(late()),
+                Err(_) => return Err(Error::ActorStopped),
+            },
+            _ = sleep_until(deadline.instant().into()) => return Err(late()),
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+            _ = events.closed() => return Err(Error::Cancelled),
+        };
+        if attempt == 1 {
+            p.timings.queue_wait_us =
+                micros(queued_at.elapsed()).saturating_sub(p.timings.admission_us);
+        }
+        let node_id = assignment.target.node_id.clone();
+        p.node_id = node_id.clone();
+        let result = execute(svc, job, deadline, cancel, events, &assignment, attempt, p).await;
+        svc.scheduler.release(&node_id).await?;
+        let error = match result {
+            Err(e) if retryable(&e) && attempt < MAX_ATTEMPTS && !deadline.is_expired() => e,
+            other => return other,
+        };
+        // Try another pool with what is left of the budget; the stream shows it as a new
+        // `dispatched` event with the next attempt number.
+        warn!(job = %job.id, node = %node_id, attempt, error = %error, "pool failed mid-job; retrying elsewhere");
+        avoid.push(node_id);
+        attempt += 1;
+        waiting = match svc
+            .scheduler
+            .enqueue_avoiding(&job.model, deadline.instant(), avoid.clone())
+            .await
+        {
+            Ok(w) => w,
+            // Nowhere else to go: the job fails with what actually went wrong.
+            Err(Error::NoPool(_)) => return Err(error),
+            Err(e) => return Err(e),
+        };
+    }
+}
+
+/// Attempts per job, the first included.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Failures of a pool (not of the job) that another pool may not have.
+fn retryable(e: &Error) -> bool {
+    match e {
+        Error::PoolUnreachable { .. } => true,
+        Error::Pool { code, .. } => {
+            matches!(
+                tonic_code(*code),
+                RetryCode::Unavailable | RetryCode::Transport
+            )
+        }
+        _ => false,
+    }
+}
+
+enum RetryCode {
+    Unavailable,
+    Transport,
+    Other,
+}
+
+/// gRPC codes by number, without naming tonic outside `grpc`: 14 unavailable; 2 unknown and
+/// 13 internal are what a broken HTTP/2 connection surfaces as.
+fn tonic_code(code: i32) -> RetryCode {
+    match code {
+        14 => RetryCode::Unavailable,
+        2 | 13 => RetryCode::Transport,
+        _ => RetryCode::Other,
+    }
 }
 
 async fn execute(
@@ -245,6 +304,7 @@ async fn execute(
     cancel: &CancellationToken,
     events: &mpsc::Sender<Event>,
     assignment: &Assignment,
+    attempt: u32,
     p: &mut Progress,
 ) -> Result<(), Error> {
     let late = || Error::DeadlineExceeded {
@@ -273,7 +333,7 @@ async fn execute(
     let _ = events
         .send(Event::Dispatched {
             node_id: p.node_id.clone(),
-            attempt: 1,
+            attempt,
         })
         .await;
     let dispatched = Instant::now();
@@ -290,6 +350,10 @@ async fn execute(
             _ = sleep_until(deadline.instant().into()) => return Err(late()),
             _ = cancel.cancelled() => return Err(Error::Cancelled),
             _ = events.closed() => return Err(Error::Cancelled),
+            _ = assignment.target.gone.cancelled() => return Err(Error::PoolUnreachable {
+                node: p.node_id.clone(),
+                message: "node left the cluster (dead or revoked)".into(),
+            }),
         };
         match ev {
             Some(Ok(PoolEvent::Started { pool_us })) => {
@@ -300,6 +364,11 @@ async fn execute(
                 // A token that arrives late is not delivered: no success after the deadline.
                 if deadline.is_expired() {
                     return Err(late());
+                }
+                // After a failover the new pool starts over; generation is deterministic for a
+                // prompt (greedy / seeded), so tokens the client already has are skipped.
+                if index < p.tokens {
+                    continue;
                 }
                 p.tokens += 1;
                 if events.send(Event::Token { index, text }).await.is_err() {

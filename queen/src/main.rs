@@ -124,6 +124,7 @@ async fn load_tokens(store: &StoreHandle, admin: TokenDigest) -> anyhow::Result<
             created_unix_ms: skep_queen::model::unix_ms(),
             expires_unix_ms: 0,
             revoked: false,
+            node_id: String::new(),
         };
         store.insert_token(entry.clone()).await?;
         tokens.push(entry);

@@ -51,6 +51,8 @@ struct Entry {
 
 pub struct Registry {
     nodes: HashMap<String, Entry>,
+    /// Nodes cut off by an operator; they may not register again under the same id.
+    revoked: std::collections::HashSet<String>,
     heartbeat: Duration,
     scheduler: SchedulerHandle,
 }
@@ -69,6 +71,7 @@ impl Registry {
     pub fn start(heartbeat: Duration, scheduler: SchedulerHandle) -> RegistryHandle {
         let addr = Registry {
             nodes: HashMap::new(),
+            revoked: Default::default(),
             heartbeat,
             scheduler,
         }
@@ -92,6 +95,10 @@ impl Registry {
             } else {
                 before
             };
+            if e.info.health == NodeHealth::Dead && before != NodeHealth::Dead {
+                // Jobs still streaming from a dead node will not finish there: fail them over.
+                e.target.gone.cancel();
+            }
             if before == NodeHealth::Healthy && e.info.health != NodeHealth::Healthy {
                 warn!(node = %id, silent_ms = silent.as_millis() as u64, "node stopped heartbeating");
                 gone.push(id.clone());
@@ -119,6 +126,8 @@ struct Register {
     slots: u32,
     models: Vec<String>,
     dispatch_key: Secret,
+    /// The enrolled id, or `None` for a fresh one.
+    node_id: Option<String>,
 }
 
 impl Handler<Register> for Registry {
@@ -141,14 +150,22 @@ impl Handler<Register> for Registry {
             .filter(|(_, e)| e.info.pool_url == msg.pool_url)
             .map(|(id, _)| id.clone())
             .collect();
-        for id in &stale {
-            self.nodes.remove(id);
+        let node_id = msg.node_id.unwrap_or_else(|| {
+            format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+        });
+        for id in stale.iter().chain(std::iter::once(&node_id)) {
+            if let Some(old) = self.nodes.remove(id) {
+                old.target.gone.cancel();
+            }
         }
-        let node_id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        if self.revoked.contains(&node_id) {
+            return Box::pin(async { Err(Error::PermissionDenied("a node that is not revoked")) });
+        }
         let target = Target {
             node_id: node_id.clone(),
             client: PoolClient::new(endpoint.connect_lazy()),
             dispatch_key: Arc::new(msg.dispatch_key),
+            gone: tokio_util::sync::CancellationToken::new(),
         };
         info!(node = %node_id, name = %msg.name, url = %msg.pool_url, slots = msg.slots, "node registered");
         self.nodes.insert(
@@ -220,6 +237,32 @@ impl Handler<Heartbeat> for Registry {
 }
 
 #[derive(Message)]
+#[rtype(result = "Result<bool, Error>")]
+struct Revoke {
+    node_id: String,
+}
+
+impl Handler<Revoke> for Registry {
+    type Result = ResponseFuture<Result<bool, Error>>;
+    fn handle(&mut self, msg: Revoke, _: &mut Self::Context) -> Self::Result {
+        self.revoked.insert(msg.node_id.clone());
+        let known = match self.nodes.remove(&msg.node_id) {
+            Some(e) => {
+                e.target.gone.cancel();
+                true
+            }
+            None => false,
+        };
+        warn!(node = %msg.node_id, "node revoked");
+        let sched = self.scheduler.clone();
+        Box::pin(async move {
+            sched.node_down(&msg.node_id).await?;
+            Ok(known)
+        })
+    }
+}
+
+#[derive(Message)]
 #[rtype(result = "Vec<NodeInfo>")]
 struct List;
 
@@ -261,6 +304,7 @@ impl RegistryHandle {
         slots: u32,
         models: Vec<String>,
         dispatch_key: Secret,
+        node_id: Option<String>,
     ) -> Result<Registered, Error> {
         self.addr
             .send(Register {
@@ -269,6 +313,7 @@ impl RegistryHandle {
                 slots,
                 models,
                 dispatch_key,
+                node_id,
             })
             .await?
     }
@@ -285,6 +330,16 @@ impl RegistryHandle {
                 node_id,
                 free_slots,
                 models,
+            })
+            .await?
+    }
+
+    /// Cuts a node off: no more work, running jobs fail over, no re-registration under its id.
+    /// False if it was not registered at the time (it is refused from now on all the same).
+    pub async fn revoke(&self, node_id: &str) -> Result<bool, Error> {
+        self.addr
+            .send(Revoke {
+                node_id: node_id.to_owned(),
             })
             .await?
     }

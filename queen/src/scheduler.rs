@@ -30,6 +30,9 @@ pub struct Target {
     pub client: PoolClient<Channel>,
     /// Presented as bearer on every dispatch to this node.
     pub dispatch_key: Arc<Secret>,
+    /// Cancelled when this registration ends (node dead, revoked or replaced): jobs running
+    /// there stop waiting for it and fail over.
+    pub gone: tokio_util::sync::CancellationToken,
 }
 
 /// A slot granted to a job; give it back with `SchedulerHandle::release`.
@@ -56,6 +59,8 @@ struct Waiting {
     deadline: Instant,
     seq: u64,
     tx: oneshot::Sender<Assignment>,
+    /// Nodes this job already failed on.
+    avoid: Vec<String>,
 }
 
 impl PartialEq for Waiting {
@@ -102,10 +107,11 @@ impl Scheduler {
         SchedulerHandle { addr }
     }
 
-    /// The least-loaded node with a free slot for `model`.
-    fn pick(&self, model: &str) -> Option<String> {
+    /// The least-loaded node with a free slot for `model`, other than those in `avoid`.
+    fn pick(&self, model: &str, avoid: &[String]) -> Option<String> {
         self.nodes
             .iter()
+            .filter(|(id, _)| !avoid.contains(id))
             .filter(|(_, n)| n.running < n.slots && n.models.iter().any(|m| m == model))
             .min_by(|(ia, a), (ib, b)| {
                 let la = a.running as f64 / a.slots as f64;
@@ -138,15 +144,28 @@ impl Scheduler {
         let models: Vec<String> = self.queues.keys().cloned().collect();
         let now = Instant::now();
         for model in models {
-            while let Some(node) = self.pick(&model) {
+            loop {
+                let Some(q) = self.queues.get_mut(&model) else {
+                    break;
+                };
+                // A waiter past its deadline or gone has already failed itself; drop it.
+                while q
+                    .peek()
+                    .is_some_and(|Reverse(w)| w.deadline <= now || w.tx.is_closed())
+                {
+                    q.pop();
+                    self.queued -= 1;
+                }
+                let Some(Reverse(head)) = q.peek() else { break };
+                let avoid = head.avoid.clone();
+                let Some(node) = self.pick(&model, &avoid) else {
+                    break;
+                };
                 let Some(Reverse(w)) = self.queues.get_mut(&model).and_then(|q| q.pop()) else {
                     break;
                 };
                 self.queued -= 1;
-                // A waiter past its deadline has already failed itself; never dispatch it.
-                if w.deadline > now {
-                    self.grant(&node, w.tx);
-                }
+                self.grant(&node, w.tx);
             }
         }
         self.queues.retain(|_, q| !q.is_empty());
@@ -158,18 +177,22 @@ impl Scheduler {
 struct Enqueue {
     model: String,
     deadline: Instant,
+    avoid: Vec<String>,
 }
 
 impl Handler<Enqueue> for Scheduler {
     type Result = Result<Enqueued, Error>;
     fn handle(&mut self, msg: Enqueue, _: &mut Self::Context) -> Self::Result {
-        if !self.nodes.values().any(|n| n.models.contains(&msg.model)) {
+        let serves = |(id, n): (&String, &NodeSlots)| {
+            !msg.avoid.contains(id) && n.models.contains(&msg.model)
+        };
+        if !self.nodes.iter().any(serves) {
             return Err(Error::NoPool(msg.model));
         }
         let (tx, rx) = oneshot::channel();
         let queue_empty = self.queues.get(&msg.model).is_none_or(|q| q.is_empty());
         if queue_empty {
-            if let Some(node) = self.pick(&msg.model) {
+            if let Some(node) = self.pick(&msg.model, &msg.avoid) {
                 self.grant(&node, tx);
                 return Ok(Enqueued {
                     position: 0,
@@ -193,6 +216,7 @@ impl Handler<Enqueue> for Scheduler {
             deadline: msg.deadline,
             seq: self.seq,
             tx,
+            avoid: msg.avoid,
         }));
         self.queued += 1;
         Ok(Enqueued {
@@ -323,10 +347,21 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     pub async fn enqueue(&self, model: &str, deadline: Instant) -> Result<Enqueued, Error> {
+        self.enqueue_avoiding(model, deadline, Vec::new()).await
+    }
+
+    /// Like `enqueue`, never placing the job on a node in `avoid` (where it already failed).
+    pub async fn enqueue_avoiding(
+        &self,
+        model: &str,
+        deadline: Instant,
+        avoid: Vec<String>,
+    ) -> Result<Enqueued, Error> {
         self.addr
             .send(Enqueue {
                 model: model.to_owned(),
                 deadline,
+                avoid,
             })
             .await?
     }

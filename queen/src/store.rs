@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     label TEXT NOT NULL,
     created_unix_ms INTEGER NOT NULL,
     expires_unix_ms INTEGER NOT NULL DEFAULT 0,
-    revoked INTEGER NOT NULL DEFAULT 0
+    revoked INTEGER NOT NULL DEFAULT 0,
+    node_id TEXT NOT NULL DEFAULT ''
 );
 ";
 
@@ -187,15 +188,17 @@ impl Handler<InsertToken> for Store {
     type Result = Result<(), StoreError>;
     fn handle(&mut self, InsertToken(t): InsertToken, _: &mut Self::Context) -> Self::Result {
         self.conn.execute(
-            "INSERT OR REPLACE INTO tokens (digest, role, label, created_unix_ms, expires_unix_ms, revoked)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR REPLACE INTO tokens
+                (digest, role, label, created_unix_ms, expires_unix_ms, revoked, node_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 t.digest.to_hex(),
                 t.role.as_str(),
                 t.label,
                 t.created_unix_ms,
                 t.expires_unix_ms,
-                t.revoked
+                t.revoked,
+                t.node_id
             ],
         )?;
         Ok(())
@@ -215,7 +218,7 @@ impl Handler<LoadTokens> for Store {
     type Result = Result<Vec<TokenEntry>, StoreError>;
     fn handle(&mut self, _: LoadTokens, _: &mut Self::Context) -> Self::Result {
         let mut stmt = self.conn.prepare(
-            "SELECT digest, role, label, created_unix_ms, expires_unix_ms, revoked FROM tokens",
+            "SELECT digest, role, label, created_unix_ms, expires_unix_ms, revoked, node_id FROM tokens",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -225,10 +228,11 @@ impl Handler<LoadTokens> for Store {
                 r.get::<_, u64>(3)?,
                 r.get::<_, u64>(4)?,
                 r.get::<_, bool>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         rows.map(|r| {
-            let (digest, role, label, created, expires, revoked) = r?;
+            let (digest, role, label, created, expires, revoked, node_id) = r?;
             Ok(TokenEntry {
                 digest: skep_common::auth::TokenDigest::from_hex(&digest)
                     .ok_or_else(|| StoreError::Corrupt("token digest".into()))?,
@@ -238,6 +242,7 @@ impl Handler<LoadTokens> for Store {
                 created_unix_ms: created,
                 expires_unix_ms: expires,
                 revoked,
+                node_id,
             })
         })
         .collect()

@@ -1,18 +1,23 @@
 //! `skep.v1.Nodes`: pool managers register and heartbeat; operators list nodes.
 
+use skep_audit::Fields;
+use skep_common::auth::TokenDigest;
 use skep_common::secret::Secret;
 use skep_common::{auth, validate};
 use skep_proto::v1::nodes_server::Nodes;
 use skep_proto::v1::{
-    HeartbeatRequest, HeartbeatResponse, ListNodesRequest, ListNodesResponse, RegisterRequest,
-    RegisterResponse,
+    EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, ListNodesRequest,
+    ListNodesResponse, RegisterRequest, RegisterResponse, RevokeNodeRequest, RevokeNodeResponse,
 };
 use tonic::{Request, Response, Status};
+use tracing::info;
 
-use super::{convert, require};
+use super::{convert, require, require_any};
 use crate::Error;
-use crate::auth::Role;
+use crate::audit::events;
+use crate::auth::{Role, TokenEntry};
 use crate::job::Services;
+use crate::model::unix_ms;
 
 /// Bounds on what a pool may announce.
 const MAX_SLOTS: u32 = 1024;
@@ -43,13 +48,92 @@ fn check_models(models: &[String]) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Nodes for NodesService {
+    async fn enroll(
+        &self,
+        req: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let who = require(&req, Role::Enroll)?;
+        let name = req.into_inner().name;
+        validate::identifier("name", &name).map_err(Error::from)?;
+        // Single use: only the call that revokes the enrollment token may go on.
+        if who.role == Role::Enroll {
+            if !self.svc.tokens.consume(&who.digest) {
+                let why = Fields::new().reason("enrollment token already used");
+                self.svc
+                    .audit
+                    .record(events::AUTH_FAILURE, &who.fingerprint, why);
+                return Err(Status::unauthenticated("invalid token"));
+            }
+            self.svc.store.revoke_token(&who.digest).await?;
+        }
+        let node_id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let key = Secret::generate();
+        let entry = TokenEntry {
+            digest: TokenDigest::of(key.expose()),
+            role: Role::Node,
+            label: name.clone(),
+            created_unix_ms: unix_ms(),
+            expires_unix_ms: 0,
+            revoked: false,
+            node_id: node_id.clone(),
+        };
+        self.svc.store.insert_token(entry.clone()).await?;
+        self.svc.tokens.add(entry);
+        info!(node = %node_id, %name, by = %who.fingerprint, "node enrolled");
+        let fields = Fields::new().node(&node_id).str("name", &name);
+        self.svc
+            .audit
+            .record(events::NODE_ENROLLED, &who.fingerprint, fields);
+        Ok(Response::new(EnrollResponse {
+            node_id,
+            runtime_key: key.expose().to_owned(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeNodeRequest>,
+    ) -> Result<Response<RevokeNodeResponse>, Status> {
+        let who = require(&req, Role::Admin)?;
+        let node_id = req.into_inner().node_id;
+        validate::identifier("node_id", &node_id).map_err(Error::from)?;
+        let keys = self.svc.tokens.revoke_node(&node_id);
+        for digest in &keys {
+            self.svc.store.revoke_token(digest).await?;
+        }
+        let known = self.svc.registry.revoke(&node_id).await?;
+        if !known && keys.is_empty() {
+            return Err(Error::NodeNotFound(node_id).into());
+        }
+        self.svc.audit.record(
+            events::NODE_REVOKED,
+            &who.fingerprint,
+            Fields::new().node(&node_id),
+        );
+        Ok(Response::new(RevokeNodeResponse {}))
+    }
+
     async fn register(
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        require(&req, Role::Admin)?;
+        let who = require_any(&req, &[Role::Node])?;
         let r = req.into_inner();
         validate::identifier("name", &r.name).map_err(Error::from)?;
+        // A node registers as itself: the id comes from its key, not from the request.
+        let node_id = match who.role {
+            Role::Node if !r.node_id.is_empty() && r.node_id != who.node_id => {
+                return Err(Status::permission_denied(
+                    "a node may only register as itself",
+                ));
+            }
+            Role::Node => Some(who.node_id.clone()),
+            _ if r.node_id.is_empty() => None,
+            _ => {
+                validate::identifier("node_id", &r.node_id).map_err(Error::from)?;
+                Some(r.node_id.clone())
+            }
+        };
         let url_ok = r.pool_url.len() <= MAX_URL_LEN
             && (r.pool_url.starts_with("http://") || r.pool_url.starts_with("https://"))
             && r.pool_url.bytes().all(|b| b.is_ascii_graphic());
@@ -70,7 +154,7 @@ impl Nodes for NodesService {
         let reg = self
             .svc
             .registry
-            .register(r.name, r.pool_url, r.slots, r.models, key)
+            .register(r.name, r.pool_url, r.slots, r.models, key, node_id)
             .await?;
         Ok(Response::new(RegisterResponse {
             node_id: reg.node_id,
@@ -85,9 +169,14 @@ impl Nodes for NodesService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        require(&req, Role::Admin)?;
+        let who = require_any(&req, &[Role::Node])?;
         let r = req.into_inner();
         validate::identifier("node_id", &r.node_id).map_err(Error::from)?;
+        if who.role == Role::Node && who.node_id != r.node_id {
+            return Err(Status::permission_denied(
+                "a node may only heartbeat as itself",
+            ));
+        }
         check_models(&r.models)?;
         let known = self
             .svc

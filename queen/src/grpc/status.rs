@@ -31,7 +31,7 @@ impl From<Error> for Status {
                 s
             }
             Error::NoPool(_) | Error::PoolUnreachable { .. } => Status::unavailable(msg),
-            Error::JobNotFound(_) => Status::not_found(msg),
+            Error::JobNotFound(_) | Error::NodeNotFound(_) => Status::not_found(msg),
             Error::Cancelled => Status::cancelled(msg),
             // A pool's own verdict passes through with its code.
             Error::Pool { code, .. } => Status::new(Code::from(code), msg),

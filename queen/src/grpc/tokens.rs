@@ -54,7 +54,10 @@ impl Tokens for TokensService {
         let who = require(&req, Role::Admin)?;
         let r = req.into_inner();
         let role = Role::parse(&r.role)
-            .ok_or_else(|| Status::invalid_argument("role must be \"admin\" or \"submit\""))?;
+            .filter(|r| *r != Role::Node)
+            .ok_or_else(|| {
+                Status::invalid_argument("role must be \"admin\", \"submit\" or \"enroll\"")
+            })?;
         let label = if r.label.is_empty() {
             "unnamed".to_owned()
         } else {
@@ -78,6 +81,7 @@ impl Tokens for TokensService {
                 now.saturating_add(r.ttl_ms)
             },
             revoked: false,
+            node_id: String::new(),
         };
         self.svc.store.insert_token(entry.clone()).await?;
         self.svc.tokens.add(entry.clone());
