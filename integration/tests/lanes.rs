@@ -23,15 +23,14 @@ fn start_slow_job(cluster: &Cluster) -> (Child, Lines<BufReader<ChildStdout>>) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("stream ended before any token")
-            .unwrap();
-        if line.contains("\"token\"") {
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"token\"") {
             return (child, lines);
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("stream ended before any token");
 }
 
 #[track_caller]

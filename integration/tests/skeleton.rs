@@ -121,7 +121,9 @@ fn wrong_or_missing_token_is_unauthenticated_with_exit_5() {
             deadline_ms: 5000,
         });
         req.set_timeout(std::time::Duration::from_secs(5));
-        let err = jobs.submit(req).await.err().expect("must be refused");
+        let Err(err) = jobs.submit(req).await else {
+            panic!("a call without a token must be refused")
+        };
         assert_eq!(err.code(), Code::Unauthenticated);
         let err = jobs
             .get(GetJobRequest { job_id: "x".into() })

@@ -240,7 +240,11 @@ async fn drive(
         }
         let node_id = assignment.target.node_id.clone();
         p.node_id = node_id.clone();
-        let result = execute(svc, job, deadline, cancel, events, &assignment, attempt, p).await;
+        let on = Attempt {
+            assignment: &assignment,
+            number: attempt,
+        };
+        let result = execute(svc, job, deadline, cancel, events, on, p).await;
         svc.scheduler.release(&node_id).await?;
         let error = match result {
             Err(e) if retryable(&e) && attempt < MAX_ATTEMPTS && !deadline.is_expired() => e,
@@ -262,6 +266,12 @@ async fn drive(
             Err(e) => return Err(e),
         };
     }
+}
+
+/// Where one attempt at a job runs, and which attempt it is (1-based).
+struct Attempt<'a> {
+    assignment: &'a Assignment,
+    number: u32,
 }
 
 /// Attempts per job, the first included.
@@ -303,10 +313,13 @@ async fn execute(
     deadline: Deadline,
     cancel: &CancellationToken,
     events: &mpsc::Sender<Event>,
-    assignment: &Assignment,
-    attempt: u32,
+    on: Attempt<'_>,
     p: &mut Progress,
 ) -> Result<(), Error> {
+    let Attempt {
+        assignment,
+        number: attempt,
+    } = on;
     let late = || Error::DeadlineExceeded {
         budget: job.budget,
         elapsed: job.arrived.elapsed(),

@@ -144,10 +144,7 @@ impl Scheduler {
         let models: Vec<String> = self.queues.keys().cloned().collect();
         let now = Instant::now();
         for model in models {
-            loop {
-                let Some(q) = self.queues.get_mut(&model) else {
-                    break;
-                };
+            while let Some(q) = self.queues.get_mut(&model) {
                 // A waiter past its deadline or gone has already failed itself; drop it.
                 while q
                     .peek()
@@ -191,14 +188,12 @@ impl Handler<Enqueue> for Scheduler {
         }
         let (tx, rx) = oneshot::channel();
         let queue_empty = self.queues.get(&msg.model).is_none_or(|q| q.is_empty());
-        if queue_empty {
-            if let Some(node) = self.pick(&msg.model, &msg.avoid) {
-                self.grant(&node, tx);
-                return Ok(Enqueued {
-                    position: 0,
-                    assignment: rx,
-                });
-            }
+        if queue_empty && let Some(node) = self.pick(&msg.model, &msg.avoid) {
+            self.grant(&node, tx);
+            return Ok(Enqueued {
+                position: 0,
+                assignment: rx,
+            });
         }
         if self.queued >= self.max_queued {
             return Err(Error::QueueFull {
