@@ -90,6 +90,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &args.data_dir.join("queen.db"),
     )
     .context("starting the audit log")?;
+    // Streams to clients died with the previous process; close their jobs honestly.
+    for id in store.fail_interrupted().await? {
+        tracing::warn!(job = %id, "job interrupted by a queen restart; marked failed");
+        let fields = skep_audit::Fields::new()
+            .job(&id)
+            .reason(store::INTERRUPTED);
+        audit.record(skep_queen::audit::events::JOB_FAILED, "system", fields);
+    }
     let limits = Arc::new(RateLimits::new(args.rate_limit, args.bad_auth_limit));
     let services = Services {
         admission,

@@ -172,6 +172,34 @@ impl Handler<List> for Store {
     }
 }
 
+/// Why recovered jobs failed; also what `skep jobs get` shows for them.
+pub const INTERRUPTED: &str =
+    "interrupted: the queen stopped while this job was queued or running; submit it again";
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, StoreError>")]
+struct FailInterrupted;
+
+impl Handler<FailInterrupted> for Store {
+    type Result = Result<Vec<String>, StoreError>;
+    fn handle(&mut self, _: FailInterrupted, _: &mut Self::Context) -> Self::Result {
+        let tx = self.conn.transaction()?;
+        let ids = {
+            let mut stmt =
+                tx.prepare("SELECT id FROM jobs WHERE state IN ('queued', 'running')")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute(
+            "UPDATE jobs SET state = 'failed', error = ?1, finished_unix_ms = ?2
+             WHERE state IN ('queued', 'running')",
+            params![INTERRUPTED, crate::model::unix_ms()],
+        )?;
+        tx.commit()?;
+        Ok(ids)
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "Result<(), StoreError>")]
 struct InsertToken(TokenEntry);
@@ -323,6 +351,12 @@ impl StoreHandle {
 
     pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, Error> {
         Ok(self.addr.send(Get(id.to_owned())).await??)
+    }
+
+    /// At start: every job the previous run left queued or running ends `failed` with
+    /// `INTERRUPTED`, so no accepted job is left without a terminal state. Returns their ids.
+    pub async fn fail_interrupted(&self) -> Result<Vec<String>, Error> {
+        Ok(self.addr.send(FailInterrupted).await??)
     }
 
     pub async fn insert_token(&self, token: TokenEntry) -> Result<(), Error> {
