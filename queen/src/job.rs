@@ -120,7 +120,9 @@ pub async fn run(
         &mut p,
     )
     .await;
-    p.timings.total_us = micros(job.arrived.elapsed());
+    if result.is_err() {
+        p.timings.total_us = micros(job.arrived.elapsed());
+    }
 
     let (state, error) = match &result {
         Ok(()) => (JobState::Done, String::new()),
@@ -393,6 +395,13 @@ async fn execute(
                 generation,
                 tokens,
             })) => {
+                // Success is decided once, on one clock reading: a result that lands after
+                // the deadline is a deadline miss, not a late success.
+                let now = Instant::now();
+                if deadline.exceeded_by(now).is_some() {
+                    return Err(late());
+                }
+                p.timings.total_us = micros(now.duration_since(job.arrived));
                 p.timings.worker_first_token_us = micros(first_token);
                 p.timings.generation_us = micros(generation);
                 p.observed = Some(Observed {

@@ -347,6 +347,8 @@ enum Outcome {
 struct SoakResult {
     outcome: Outcome,
     admission_us: Option<u64>,
+    /// For failures outside the expected kinds: the status, to report them.
+    detail: Option<String>,
 }
 
 async fn soak_job(
@@ -376,6 +378,7 @@ async fn soak_job(
                     return SoakResult {
                         outcome,
                         admission_us: Some(t.admission_us),
+                        detail: None,
                     };
                 }
                 _ => {}
@@ -384,6 +387,7 @@ async fn soak_job(
                 return SoakResult {
                     outcome: Outcome::Other,
                     admission_us: None,
+                    detail: Some("stream ended without a result".into()),
                 };
             }
             Err(s) => return soak_err(&s, accepted),
@@ -398,9 +402,11 @@ fn soak_err(s: &Status, accepted: bool) -> SoakResult {
         (Code::DeadlineExceeded, true) => Outcome::ExceededInFlight,
         _ => Outcome::Other,
     };
+    let detail = (outcome == Outcome::Other).then(|| format!("{:?}: {}", s.code(), s.message()));
     SoakResult {
         outcome,
         admission_us: None,
+        detail,
     }
 }
 
@@ -517,10 +523,25 @@ async fn deadline_soak(n: usize) -> anyhow::Result<Section> {
             ),
             format!("| other failures | {other} | {:.1}% |", share(other)),
             String::new(),
+            other_details(&results),
+            String::new(),
             "Worker time spent after a deadline is bounded by construction (the worker checks the \
              deadline before every token and the queen forwards nothing after it) but is not yet \
              measured separately here."
                 .into(),
         ],
     })
+}
+
+/// The distinct "other" failures of a soak, with counts, so none hides behind a percentage.
+fn other_details(results: &[SoakResult]) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for d in results.iter().filter_map(|r| r.detail.as_deref()) {
+        *counts.entry(d.to_owned()).or_insert(0usize) += 1;
+    }
+    if counts.is_empty() {
+        return "No other failures.".into();
+    }
+    let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} × `{d}`")).collect();
+    format!("Other failures: {}.", list.join("; "))
 }
