@@ -64,6 +64,8 @@ pub struct PoolOpts {
     pub model: String,
     pub ttft: String,
     pub tps: f64,
+    /// A GGUF model file: runs the real engine instead of the synthetic one.
+    pub gguf: Option<PathBuf>,
 }
 
 impl Default for PoolOpts {
@@ -73,6 +75,7 @@ impl Default for PoolOpts {
             model: "synthetic".into(),
             ttft: "5ms".into(),
             tps: 500.0,
+            gguf: None,
         }
     }
 }
@@ -172,6 +175,7 @@ impl Cluster {
     pub fn add_pool(&mut self, opts: PoolOpts) -> usize {
         let i = self.pools.len();
         let pdir = self.dir.join(format!("pool{i}"));
+        let tps = opts.tps.to_string();
         let child = Command::new(bin("skep-pool"))
             .args(["--data-dir", path_str(&pdir), "--queen", &self.queen_url])
             .args([
@@ -183,16 +187,21 @@ impl Cluster {
             .args([
                 "--workers",
                 &opts.workers.to_string(),
-                "--engine",
-                "synthetic",
-            ])
-            .args(["--model", &opts.model, "--synthetic-ttft", &opts.ttft])
-            .args([
-                "--synthetic-tps",
-                &opts.tps.to_string(),
                 "--name",
                 &format!("pool{i}"),
             ])
+            .args(["--model", &opts.model])
+            .args(match &opts.gguf {
+                Some(path) => vec!["--engine", "gguf", "--model-path", path_str(path)],
+                None => vec![
+                    "--engine",
+                    "synthetic",
+                    "--synthetic-ttft",
+                    &opts.ttft,
+                    "--synthetic-tps",
+                    &tps,
+                ],
+            })
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir, &format!("pool{i}.log")))
             .spawn()

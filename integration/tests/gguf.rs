@@ -1,0 +1,78 @@
+//! Real inference end to end: SmolLM2 on the GGUF engine through queen → pool → worker, checked
+//! token for token against the same engine called in-process.
+//!
+//! Needs the model: `scripts/fetch-model.sh smollm2` (scripts/test.sh runs it and exports
+//! SKEP_MODEL_PATH). Without it the test fails and says so; it is never skipped.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use skep_integration::{Cluster, PoolOpts, events};
+use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
+use skep_worker::engine::{Engine, GenerateRequest};
+
+fn model_path() -> PathBuf {
+    let path = match std::env::var_os("SKEP_MODEL_PATH") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let dir = std::env::var_os("SKEP_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                        .join(".cache/skep/models")
+                });
+            dir.join("smollm2-135m-instruct-q4_1.gguf")
+        }
+    };
+    assert!(
+        path.is_file(),
+        "model {} is missing: run `scripts/fetch-model.sh smollm2` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn smollm2_streams_exactly_the_engines_greedy_output() {
+    let path = model_path();
+    let prompt = "What is 2+2?";
+    let max_tokens = 12;
+
+    let mut engine = GgufEngine::load(&path, "smollm2", GgufOptions::default()).unwrap();
+    let mut expected = String::new();
+    engine
+        .generate(
+            &GenerateRequest {
+                prompt: prompt.into(),
+                max_tokens,
+            },
+            &mut |t| {
+                expected.push_str(t);
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    drop(engine);
+    assert!(!expected.trim().is_empty());
+
+    let cluster = Cluster::start(PoolOpts {
+        model: "smollm2".into(),
+        gguf: Some(path),
+        ..PoolOpts::default()
+    });
+    let out = cluster.submit("smollm2", "300s", max_tokens, prompt);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let evs = events(&out);
+    let streamed: String = evs
+        .iter()
+        .filter(|e| e["event"] == "token")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, expected);
+    assert_eq!(evs.last().unwrap()["event"], "done");
+}
