@@ -66,6 +66,8 @@ pub struct PoolOpts {
     pub tps: f64,
     /// A GGUF model file: runs the real engine instead of the synthetic one.
     pub gguf: Option<PathBuf>,
+    /// `RUST_LOG` for the daemons (default: inherited).
+    pub rust_log: Option<String>,
 }
 
 impl Default for PoolOpts {
@@ -76,6 +78,7 @@ impl Default for PoolOpts {
             ttft: "5ms".into(),
             tps: 500.0,
             gguf: None,
+            rust_log: None,
         }
     }
 }
@@ -97,7 +100,7 @@ impl Cluster {
     /// Starts a queen and one pool, and waits until the pool is registered.
     #[track_caller]
     pub fn start(opts: PoolOpts) -> Cluster {
-        let mut c = Cluster::queen_only("cluster");
+        let mut c = Cluster::queen_env("cluster", &[], opts.rust_log.as_deref());
         c.add_pool(opts);
         c.wait_for_nodes(1);
         c
@@ -119,9 +122,18 @@ impl Cluster {
 
     #[track_caller]
     pub fn queen_with(tag: &str, args: &[&str]) -> Cluster {
+        Cluster::queen_env(tag, args, None)
+    }
+
+    #[track_caller]
+    fn queen_env(tag: &str, args: &[&str], rust_log: Option<&str>) -> Cluster {
         let dir = unique_dir(tag);
         let qdir = dir.join("queen");
-        let queen = Command::new(bin("skep-queen"))
+        let mut queen = Command::new(bin("skep-queen"));
+        if let Some(level) = rust_log {
+            queen.env("RUST_LOG", level);
+        }
+        let queen = queen
             .args(["--data-dir", path_str(&qdir), "--listen", "127.0.0.1:0"])
             .args(["--heartbeat-interval", "200ms"])
             // Tests make bursts of calls with one token; rate-limit tests set their own quota.
@@ -176,7 +188,11 @@ impl Cluster {
         let i = self.pools.len();
         let pdir = self.dir.join(format!("pool{i}"));
         let tps = opts.tps.to_string();
-        let child = Command::new(bin("skep-pool"))
+        let mut pool = Command::new(bin("skep-pool"));
+        if let Some(level) = &opts.rust_log {
+            pool.env("RUST_LOG", level);
+        }
+        let child = pool
             .args(["--data-dir", path_str(&pdir), "--queen", &self.queen_url])
             .args([
                 "--token-file",

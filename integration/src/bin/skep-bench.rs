@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     let sections = vec![
         round_trip,
         lanes(20_000)?,
+        constant_time(200_000),
         audit_append(20_000, job_p50_us)?,
         rt.block_on(deadline_soak(args.soak_jobs))?,
     ];
@@ -177,13 +178,50 @@ async fn round_trip(n: usize) -> anyhow::Result<(Section, f64)> {
     Ok((section, job_p50_us))
 }
 
-/// Ping-pong between two threads: over a pair of SHM lanes, and over a Unix socket pair.
+/// Ping-pong between two threads over a pair of SHM lanes, a Unix socket pair and loopback TCP,
+/// for 64 B and 4 KiB entries.
 fn lanes(n: usize) -> anyhow::Result<Section> {
+    let mut figures = Vec::new();
+    for size in [64usize, 4096] {
+        let lane = lane_ping_pong(n, size)?;
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        let unix = stream_ping_pong(n, size, a, b)?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let a = std::net::TcpStream::connect(listener.local_addr()?)?;
+        let (b, _) = listener.accept()?;
+        a.set_nodelay(true)?;
+        b.set_nodelay(true)?;
+        let tcp = stream_ping_pong(n, size, a, b)?;
+        let label = if size == 64 { "64B" } else { "4KiB" };
+        for (p, tag) in [(50.0, "p50"), (99.0, "p99")] {
+            for (base, name) in [(&unix, "unix_socket"), (&tcp, "loopback_tcp")] {
+                figures.push(Figure {
+                    name: format!("lane_round_trip_{label}_{tag}"),
+                    value: lane.pct_us(p),
+                    unit: "µs".into(),
+                    baseline: format!("{name}_round_trip_{label}_{tag}"),
+                    baseline_value: base.pct_us(p),
+                });
+            }
+        }
+    }
+    Ok(Section {
+        title: "SHM lane round trip".into(),
+        method: format!(
+            "{n} round trips of one entry between two threads, after 1000 warm-up trips: pushed \
+             into a request lane, popped and pushed back through a response lane (bounded spin, \
+             then futex wait). Baselines, same machine and run: the same ping-pong over a Unix \
+             socket pair and over loopback TCP (`TCP_NODELAY`). With only 2 cores shared with the \
+             rest of the machine, a waiting side that has to sleep dominates the tail."
+        ),
+        figures,
+        notes: vec![],
+    })
+}
+
+fn lane_ping_pong(n: usize, size: usize) -> anyhow::Result<Samples> {
     use skep_lane::{Lane, LaneConfig};
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
-    const ENTRY: usize = 64;
-    let dir = std::env::temp_dir().join(format!("skep-bench-lanes-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("skep-bench-lanes-{}-{size}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cfg = LaneConfig::default();
     let req = Lane::create(&dir.join("req"), cfg, 1)?;
@@ -201,73 +239,50 @@ fn lanes(n: usize) -> anyhow::Result<Section> {
         }
         Ok(())
     });
-    let payload = [7u8; ENTRY];
+    let payload = vec![7u8; size];
     let mut buf = Vec::new();
-    let mut lane_samples = Vec::with_capacity(n);
+    let mut samples = Vec::with_capacity(n);
     for i in 0..total {
         let t = Instant::now();
         req.push_timeout(&payload, Duration::from_secs(1))?;
         while !resp.pop_timeout(&mut buf, Duration::from_millis(100))? {}
         if i >= 1000 {
-            lane_samples.push(t.elapsed());
+            samples.push(t.elapsed());
         }
     }
     echo.join()
         .map_err(|_| anyhow::anyhow!("lane echo thread panicked"))??;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(Samples::new(samples))
+}
 
-    let (mut a, mut b) = UnixStream::pair()?;
+fn stream_ping_pong<S>(n: usize, size: usize, mut a: S, mut b: S) -> anyhow::Result<Samples>
+where
+    S: std::io::Read + std::io::Write + Send + 'static,
+{
+    let total = n + 1000;
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut m = [0u8; ENTRY];
+        let mut m = vec![0u8; size];
         for _ in 0..total {
             b.read_exact(&mut m)?;
             b.write_all(&m)?;
         }
         Ok(())
     });
-    let mut m = [0u8; ENTRY];
-    let mut sock_samples = Vec::with_capacity(n);
+    let payload = vec![7u8; size];
+    let mut m = vec![0u8; size];
+    let mut samples = Vec::with_capacity(n);
     for i in 0..total {
         let t = Instant::now();
         a.write_all(&payload)?;
         a.read_exact(&mut m)?;
         if i >= 1000 {
-            sock_samples.push(t.elapsed());
+            samples.push(t.elapsed());
         }
     }
     echo.join()
         .map_err(|_| anyhow::anyhow!("socket echo thread panicked"))??;
-    let (lane, sock) = (Samples::new(lane_samples), Samples::new(sock_samples));
-    let fig = |name: &str, p: f64, base: &str| Figure {
-        name: name.into(),
-        value: lane.pct_us(p),
-        unit: "µs".into(),
-        baseline: base.into(),
-        baseline_value: sock.pct_us(p),
-    };
-    Ok(Section {
-        title: "SHM lane round trip".into(),
-        method: format!(
-            "{n} round trips of a {ENTRY}-byte entry between two threads: pushed into a request \
-             lane, popped and pushed back through a response lane (bounded spin, then futex \
-             wait), after 1000 warm-up trips. Baseline: the same ping-pong over a Unix socket pair \
-             in the same run. With only 2 cores shared with the rest of the machine, the waiting \
-             side often sleeps, which dominates both figures."
-        ),
-        figures: vec![
-            fig(
-                "lane_round_trip_64B_p50",
-                50.0,
-                "unix_socket_round_trip_64B_p50",
-            ),
-            fig(
-                "lane_round_trip_64B_p99",
-                99.0,
-                "unix_socket_round_trip_64B_p99",
-            ),
-        ],
-        notes: vec![],
-    })
+    Ok(Samples::new(samples))
 }
 
 /// Audit append throughput against a plain line append, and what it adds to a job.
@@ -544,4 +559,101 @@ fn other_details(results: &[SoakResult]) -> String {
     }
     let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} × `{d}`")).collect();
     format!("Other failures: {}.", list.join("; "))
+}
+
+/// Welch's t statistic between two samples (dudect's leakage test).
+fn welch_t(a: &[f64], b: &[f64]) -> f64 {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let var =
+        |v: &[f64], m: f64| v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0);
+    let (ma, mb) = (mean(a), mean(b));
+    let (va, vb) = (var(a, ma), var(b, mb));
+    (ma - mb) / (va / a.len() as f64 + vb / b.len() as f64).sqrt()
+}
+
+/// dudect-style check that comparing token digests does not leak where they differ: time many
+/// comparisons against an early mismatch and a late mismatch, interleaved at random, and compute
+/// |t| between the two classes; a naive `==` on the raw token strings is the control.
+fn constant_time(n: usize) -> Section {
+    use skep_common::auth::TokenDigest;
+    use std::hint::black_box;
+    const BATCH: usize = 32;
+    let secret = format!("skep_{}", "a".repeat(64));
+    let mut early = secret.clone().into_bytes();
+    early[5] = b'b';
+    let mut late = secret.clone().into_bytes();
+    let last = late.len() - 1;
+    late[last] = b'b';
+    let (early, late) = (
+        String::from_utf8(early).unwrap_or_default(),
+        String::from_utf8(late).unwrap_or_default(),
+    );
+    let known = TokenDigest::of(&secret);
+    // Digests that differ from the known one in their first and in their last byte.
+    let mut d_early = known.to_hex().into_bytes();
+    d_early[0] = if d_early[0] == b'0' { b'1' } else { b'0' };
+    let mut d_late = known.to_hex().into_bytes();
+    let l = d_late.len() - 1;
+    d_late[l] = if d_late[l] == b'0' { b'1' } else { b'0' };
+    let parse = |v: Vec<u8>| {
+        String::from_utf8(v)
+            .ok()
+            .and_then(|h| TokenDigest::from_hex(&h))
+    };
+    let (Some(d_early), Some(d_late)) = (parse(d_early), parse(d_late)) else {
+        return Section {
+            title: "Constant-time token comparison".into(),
+            method: "could not build inputs".into(),
+            ..Section::default()
+        };
+    };
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut coin = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x & 1 == 1
+    };
+    let mut measure = |f: &dyn Fn(bool) -> bool| {
+        let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..2 * n {
+            let class = coin();
+            let t = Instant::now();
+            for _ in 0..BATCH {
+                black_box(f(black_box(class)));
+            }
+            let ns = t.elapsed().as_nanos() as f64;
+            if class { a.push(ns) } else { b.push(ns) }
+        }
+        // dudect crops the slowest measurements (interrupts, migrations) before testing.
+        let crop = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.truncate(v.len() * 95 / 100);
+        };
+        crop(&mut a);
+        crop(&mut b);
+        welch_t(&a, &b).abs()
+    };
+    let ct = measure(&|class| known.ct_eq(if class { &d_early } else { &d_late }));
+    let naive = measure(&|class| secret == if class { early.as_str() } else { late.as_str() });
+    Section {
+        title: "Constant-time token comparison".into(),
+        method: format!(
+            "dudect-style leakage test: {n} measurements per class (each {BATCH} comparisons, \
+             `black_box`ed, release build), classes interleaved at random, slowest 5% cropped, \
+             Welch's |t| between an early mismatch (first byte differs) and a late mismatch (last \
+             byte differs). skep compares SHA-256 digests with `subtle::ConstantTimeEq` \
+             (`TokenDigest::ct_eq`); the control is a naive `==` on the raw token strings, in the \
+             same run. |t| above ~4.5 is dudect's threshold for a timing leak. A short run on a \
+             shared machine is indicative, not proof."
+        ),
+        figures: vec![Figure {
+            name: "token_compare_ct_abs_t".into(),
+            value: ct,
+            unit: "|t|".into(),
+            baseline: "naive_string_eq_abs_t".into(),
+            baseline_value: naive,
+        }],
+        notes: vec![],
+    }
 }
