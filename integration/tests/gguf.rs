@@ -45,6 +45,7 @@ fn smollm2_streams_exactly_the_engines_greedy_output() {
             &GenerateRequest {
                 prompt: prompt.into(),
                 max_tokens,
+                deadline: None,
             },
             &mut |t| {
                 expected.push_str(t);

@@ -24,6 +24,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{Error, Job, Speed};
 
+/// gRPC status code DEADLINE_EXCEEDED, as carried in lane errors.
+const CODE_DEADLINE_EXCEEDED: i32 = 4;
 /// How often an idle slot checks that its worker still lives.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
 /// A worker whose heartbeat is older than this is considered hung.
@@ -348,6 +350,15 @@ fn run_job(w: &mut Worker, job: Job, speed: &Speed) -> Option<Death> {
                 return None;
             }
             Some(lane_response::Kind::Error(e)) => {
+                if e.code == CODE_DEADLINE_EXCEEDED {
+                    // Kept in the log so the soak benchmark can report worker time past deadlines.
+                    info!(
+                        slot = w.slot,
+                        seq,
+                        overrun_us = e.overrun_us,
+                        "worker stopped at the deadline"
+                    );
+                }
                 fail(Error::Worker {
                     code: e.code,
                     message: e.message,

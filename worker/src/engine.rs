@@ -15,6 +15,10 @@ pub use synthetic::{SyntheticConfig, SyntheticEngine};
 pub struct GenerateRequest {
     pub prompt: String,
     pub max_tokens: u32,
+    /// When the job's time is up. The caller enforces it between tokens; an engine may also use
+    /// it to stop waiting early (the synthetic engine does). Work inside one real token step
+    /// cannot be interrupted.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// Why generation stopped early, as decided by the caller's `emit` callback.

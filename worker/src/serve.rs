@@ -165,6 +165,7 @@ fn run_job(
         &GenerateRequest {
             prompt: req.prompt.clone(),
             max_tokens: req.max_tokens,
+            deadline: Some(started + Duration::from_nanos(deadline.saturating_sub(monotonic_ns()))),
         },
         &mut |text| {
             // Checked before the token leaves: no token is delivered after the deadline.
@@ -206,12 +207,18 @@ fn run_job(
             reason: Stop::DeadlineExceeded,
             tokens,
         }) => {
-            debug!(seq, tokens, "stopped at deadline");
-            error(
+            // How long this worker kept going past the deadline (at most one token step).
+            let overrun_us = monotonic_ns().saturating_sub(deadline) / 1000;
+            debug!(seq, tokens, overrun_us, "stopped at deadline");
+            let mut e = error(
                 seq,
                 CODE_DEADLINE_EXCEEDED,
                 "deadline exceeded during generation",
-            )
+            );
+            if let Some(lane_response::Kind::Error(le)) = &mut e.kind {
+                le.overrun_us = overrun_us;
+            }
+            e
         }
         Ok(Finish::Stopped {
             reason: Stop::Cancelled,
@@ -236,6 +243,7 @@ fn error(seq: u64, code: i32, message: &str) -> LaneResponse {
         kind: Some(lane_response::Kind::Error(LaneErr {
             code,
             message: message.to_owned(),
+            overrun_us: 0,
         })),
     }
 }

@@ -54,6 +54,7 @@ fn generate(e: &mut GgufEngine, prompt: &str, max_tokens: u32) -> (String, Finis
             &GenerateRequest {
                 prompt: prompt.into(),
                 max_tokens,
+                deadline: None,
             },
             &mut |t| {
                 calls += 1;
@@ -273,6 +274,7 @@ fn break_from_emit_stops_at_once() {
             &GenerateRequest {
                 prompt: QUESTION.into(),
                 max_tokens: 50,
+                deadline: None,
             },
             &mut |_| {
                 calls += 1;

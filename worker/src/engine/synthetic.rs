@@ -80,10 +80,10 @@ impl Engine for SyntheticEngine {
         req: &GenerateRequest,
         emit: &mut dyn FnMut(&str) -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError> {
-        std::thread::sleep(self.config.time_to_first_token);
+        pace(self.config.time_to_first_token, req.deadline);
         for i in 0..req.max_tokens {
             if i > 0 {
-                std::thread::sleep(self.pause());
+                pace(self.pause(), req.deadline);
             }
             if let ControlFlow::Break(reason) = emit(&Self::token(&req.prompt, i)) {
                 return Ok(Finish::Stopped { tokens: i, reason });
@@ -93,6 +93,16 @@ impl Engine for SyntheticEngine {
             tokens: req.max_tokens,
         })
     }
+}
+
+/// Sleeps for `d`, but not past the deadline: a synthetic token that could only arrive late is
+/// not waited for (the caller's check then stops generation at once).
+fn pace(d: Duration, deadline: Option<std::time::Instant>) {
+    let d = match deadline {
+        Some(at) => d.min(at.saturating_duration_since(std::time::Instant::now())),
+        None => d,
+    };
+    std::thread::sleep(d);
 }
 
 #[cfg(test)]
@@ -111,6 +121,7 @@ mod tests {
                 &GenerateRequest {
                     prompt: prompt.into(),
                     max_tokens: n,
+                    deadline: None,
                 },
                 &mut |t| {
                     if out.len() as u32 == stop_after {
