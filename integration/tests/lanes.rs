@@ -101,4 +101,29 @@ fn overwritten_lane_header_fails_job_and_pool_restarts_worker() {
     f.sync_all().unwrap();
     assert_failed_unavailable(child, lines);
     assert_serves_on_new_worker(&cluster, old);
+    // The pool manager's own audit log records the corruption, and verifies.
+    let audit_dir = cluster.pools[0].dir.join("audit");
+    wait_until("a lane.corrupt audit entry", || {
+        std::fs::read_dir(&audit_dir)
+            .map(|d| {
+                d.flatten().any(|f| {
+                    std::fs::read_to_string(f.path())
+                        .unwrap_or_default()
+                        .contains("lane.corrupt")
+                })
+            })
+            .unwrap_or(false)
+    });
+    let out = std::process::Command::new(skep_integration::bin("skep"))
+        .args(["audit", "verify", "--key-file"])
+        .arg(cluster.pools[0].dir.join("audit.key"))
+        .arg(&audit_dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

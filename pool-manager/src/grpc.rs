@@ -17,7 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::audit::{Audit, events};
 use crate::{Error, Job, Speed};
+use skep_audit::Fields;
 
 /// Events buffered per job between the worker lane and the gRPC stream.
 const EVENT_BUFFER: usize = 64;
@@ -60,13 +62,24 @@ impl PoolService {
     pub fn into_server(
         self,
         key: DispatchKey,
+        audit: Audit,
     ) -> tonic::service::interceptor::InterceptedService<
         PoolServer<PoolService>,
         impl tonic::service::Interceptor + Clone,
     > {
         let server = PoolServer::new(self).max_decoding_message_size(MAX_MESSAGE);
         tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| {
-            authorize(&key, &req).map_err(Status::from)?;
+            authorize(&key, &req).map_err(|e| {
+                // Anyone but the queen knocking on the pool is worth an audit line.
+                let actor = auth::bearer_digest(req.metadata())
+                    .map_or_else(|_| "anonymous".to_owned(), |d| d.fingerprint());
+                let mut fields = Fields::new().reason(&e.to_string());
+                if let Some(peer) = req.remote_addr() {
+                    fields = fields.str("peer", &peer.ip().to_string());
+                }
+                audit.record(events::AUTH_FAILURE, &actor, fields);
+                Status::from(e)
+            })?;
             Ok(req)
         })
     }

@@ -4,6 +4,7 @@
 //! Workers are supervised here: a worker that dies or corrupts its lanes is killed and started
 //! again on a new generation, and the job it held fails cleanly instead of hanging.
 
+pub mod audit;
 pub mod grpc;
 pub mod membership;
 pub mod supervisor;

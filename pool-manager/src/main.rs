@@ -12,6 +12,7 @@ use skep_common::telemetry::{self, LogFormat};
 use skep_common::{auth, daemon, validate};
 use skep_lane::LaneConfig;
 use skep_pool_manager::Speed;
+use skep_pool_manager::audit::Audit;
 use skep_pool_manager::grpc::PoolService;
 use skep_pool_manager::membership::Membership;
 use skep_pool_manager::supervisor::{WorkerSpec, spawn_slots};
@@ -123,8 +124,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lane_dir,
         lane: LaneConfig::default(),
     });
+    let audit = Audit::start(&args.data_dir).context("starting the audit log")?;
     let speed = Arc::new(Speed::default());
-    let _slots = spawn_slots(spec, slots, jobs_rx, Arc::clone(&speed));
+    let _slots = spawn_slots(spec, slots, jobs_rx, Arc::clone(&speed), audit.clone());
 
     let (key_tx, key_rx) = watch::channel(None);
     let name = args
@@ -152,7 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         // A dead queen connection must not pin a stream forever.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(service.into_server(key_rx))
+        .add_service(service.into_server(key_rx, audit))
         .serve_with_incoming_shutdown(daemon::incoming(listener), daemon::shutdown_signal());
     // Serve until shut down, or until the queen refuses this node for good.
     tokio::select! {

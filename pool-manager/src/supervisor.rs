@@ -22,7 +22,9 @@ use skep_proto::v1::{
 };
 use tracing::{debug, error, info, warn};
 
+use crate::audit::{Audit, events};
 use crate::{Error, Job, Speed};
+use skep_audit::Fields;
 
 /// gRPC status code DEADLINE_EXCEEDED, as carried in lane errors.
 const CODE_DEADLINE_EXCEEDED: i32 = 4;
@@ -56,10 +58,17 @@ pub fn spawn_slots(
     count: usize,
     jobs: async_channel::Receiver<Job>,
     speed: Arc<Speed>,
+    audit: Audit,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count as u32)
         .map(|slot| {
-            let task = slot_task(slot, Arc::clone(&spec), jobs.clone(), Arc::clone(&speed));
+            let task = slot_task(
+                slot,
+                Arc::clone(&spec),
+                jobs.clone(),
+                Arc::clone(&speed),
+                audit.clone(),
+            );
             tokio::spawn(task)
         })
         .collect()
@@ -101,6 +110,7 @@ async fn slot_task(
     spec: Arc<WorkerSpec>,
     jobs: async_channel::Receiver<Job>,
     speed: Arc<Speed>,
+    audit: Audit,
 ) {
     let mut generation = 0u64;
     let mut worker: Option<Worker> = None;
@@ -131,6 +141,13 @@ async fn slot_task(
                 match joined {
                     Ok((w, None)) => worker = Some(w),
                     Ok((w, Some(death))) => {
+                        if let Death::Lane(why) = &death {
+                            let fields = Fields::new()
+                                .num("slot", u64::from(slot))
+                                .num("generation", w.generation)
+                                .reason(why);
+                            audit.record(events::LANE_CORRUPT, events::ACTOR_SYSTEM, fields);
+                        }
                         warn!(slot, generation = w.generation, reason = %death, "restarting worker");
                         drop(w);
                     }

@@ -1,0 +1,106 @@
+//! The pool manager's audit trail: refused callers and lane corruption, appended to its own
+//! hash-chained log (`skep-audit`) by a dedicated thread.
+//!
+//! Events go through a bounded channel with `try_send`: recording never blocks a request, and an
+//! event that does not fit is counted and logged, never dropped silently. Checkpoints are written
+//! apart from the log, to `audit.checkpoint` in the data dir, so deleting the newest entries is
+//! detected by `skep audit verify --checkpoint`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+
+use skep_audit::{AuditKey, AuditLog, AuditOptions, Fields, FsyncPolicy};
+use tracing::{error, warn};
+
+pub use skep_audit::events;
+
+/// Events waiting to be written.
+const BACKLOG: usize = 1024;
+/// Entries between checkpoints (and fsyncs).
+const CHECKPOINT_EVERY: u32 = 32;
+
+struct Record {
+    event: &'static str,
+    actor: String,
+    fields: Fields,
+}
+
+/// Cheap to clone; records events without waiting.
+#[derive(Clone)]
+pub struct Audit {
+    tx: SyncSender<Record>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Audit {
+    /// Opens the log in `<data_dir>/audit` with the key `<data_dir>/audit.key` (created 0600)
+    /// and starts the writer thread.
+    pub fn start(data_dir: &Path) -> Result<Audit, skep_audit::AuditError> {
+        let key = AuditKey::load_or_create(&data_dir.join("audit.key"))?;
+        let opts = AuditOptions {
+            fsync: FsyncPolicy::Batch(CHECKPOINT_EVERY),
+            ..AuditOptions::default()
+        };
+        let log = AuditLog::open(&data_dir.join("audit"), key, opts)?;
+        let (tx, rx) = sync_channel::<Record>(BACKLOG);
+        let checkpoint_file = data_dir.join("audit.checkpoint");
+        std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || writer(log, rx, checkpoint_file))
+            .map_err(|source| skep_audit::AuditError::Io {
+                path: data_dir.to_owned(),
+                source,
+            })?;
+        Ok(Audit {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn record(&self, event: &'static str, actor: &str, fields: Fields) {
+        let r = Record {
+            event,
+            actor: actor.to_owned(),
+            fields,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(r) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            warn!(
+                event,
+                dropped_total = n,
+                "audit event dropped: writer backlog full"
+            );
+        }
+    }
+}
+
+fn writer(mut log: AuditLog, rx: std::sync::mpsc::Receiver<Record>, checkpoint_file: PathBuf) {
+    let mut since = 0;
+    // Ends when every `Audit` handle is gone.
+    for r in rx {
+        if let Err(e) = log.append(r.event, &r.actor, r.fields) {
+            error!(event = r.event, error = %e, "audit append failed");
+            continue;
+        }
+        since += 1;
+        if since >= CHECKPOINT_EVERY {
+            checkpoint(&mut log, &checkpoint_file);
+            since = 0;
+        }
+    }
+    checkpoint(&mut log, &checkpoint_file);
+}
+
+fn checkpoint(log: &mut AuditLog, file: &Path) {
+    if let Err(e) = log.sync() {
+        error!(error = %e, "audit fsync failed");
+    }
+    let tmp = file.with_extension("tmp");
+    let written =
+        std::fs::write(&tmp, log.checkpoint().to_json()).and_then(|_| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        error!(error = %e, "cannot write audit checkpoint");
+    }
+}
