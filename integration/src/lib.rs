@@ -416,6 +416,18 @@ impl Submission {
     }
 }
 
+/// Everything in the audit log files under `dir`, in file order.
+pub fn audit_text(dir: &Path) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+        .collect()
+}
+
 /// Parses `skep --json` output: one JSON object per line.
 #[track_caller]
 pub fn events(out: &Output) -> Vec<serde_json::Value> {

@@ -3,21 +3,9 @@
 use skep_integration::{Cluster, PoolOpts, events, wait_until};
 
 fn audit_lines(cluster: &Cluster) -> Vec<serde_json::Value> {
-    let dir = cluster.dir.join("queen").join("audit");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|l| serde_json::from_str(&l).ok())
+    skep_integration::audit_text(&cluster.dir.join("queen").join("audit"))
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
 

@@ -53,13 +53,8 @@ fn pool_manager_refuses_execute_from_anyone_but_its_queen() {
     // And the refused callers are in the pool manager's audit log, by fingerprint only.
     let audit_dir = cluster.pools[0].dir.join("audit");
     skep_integration::wait_until("auth.failure entries in the pool's audit log", || {
-        std::fs::read_dir(&audit_dir)
-            .map(|d| {
-                d.flatten()
-                    .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
-                    .any(|t| t.matches("auth.failure").count() >= 3 && !t.contains(&admin))
-            })
-            .unwrap_or(false)
+        let text = skep_integration::audit_text(&audit_dir);
+        text.matches("auth.failure").count() >= 3 && !text.contains(&admin)
     });
 }
 

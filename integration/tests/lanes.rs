@@ -104,15 +104,7 @@ fn overwritten_lane_header_fails_job_and_pool_restarts_worker() {
     // The pool manager's own audit log records the corruption, and verifies.
     let audit_dir = cluster.pools[0].dir.join("audit");
     wait_until("a lane.corrupt audit entry", || {
-        std::fs::read_dir(&audit_dir)
-            .map(|d| {
-                d.flatten().any(|f| {
-                    std::fs::read_to_string(f.path())
-                        .unwrap_or_default()
-                        .contains("lane.corrupt")
-                })
-            })
-            .unwrap_or(false)
+        skep_integration::audit_text(&audit_dir).contains("lane.corrupt")
     });
     let out = std::process::Command::new(skep_integration::bin("skep"))
         .args(["audit", "verify", "--key-file"])
