@@ -46,6 +46,9 @@ struct Args {
     /// Failed authentications a peer address may make before it is throttled, e.g. 10/1m.
     #[arg(long, default_value_t = DEFAULT_BAD_AUTH_QUOTA)]
     bad_auth_limit: Quota,
+    /// Finished jobs are deleted from the database after this long (humantime, e.g. 7d).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    job_ttl: Duration,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -108,6 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         audit: audit.clone(),
     };
 
+    tokio::spawn(prune_jobs(services.store.clone(), args.job_ttl));
+
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -138,4 +143,19 @@ async fn load_tokens(store: &StoreHandle, admin: TokenDigest) -> anyhow::Result<
         tokens.push(entry);
     }
     Ok(TokenBook::new(tokens))
+}
+
+/// Deletes finished jobs older than `ttl`, once at start and then hourly.
+async fn prune_jobs(store: StoreHandle, ttl: Duration) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let cutoff = skep_queen::model::unix_ms()
+            .saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        match store.prune(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => info!(jobs = n, "pruned finished jobs past their TTL"),
+            Err(e) => tracing::warn!(error = %e, "could not prune old jobs"),
+        }
+    }
 }

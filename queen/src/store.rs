@@ -172,6 +172,22 @@ impl Handler<List> for Store {
     }
 }
 
+#[derive(Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+struct Prune {
+    finished_before_unix_ms: u64,
+}
+
+impl Handler<Prune> for Store {
+    type Result = Result<usize, StoreError>;
+    fn handle(&mut self, msg: Prune, _: &mut Self::Context) -> Self::Result {
+        Ok(self.conn.execute(
+            "DELETE FROM jobs WHERE finished_unix_ms > 0 AND finished_unix_ms < ?1",
+            [msg.finished_before_unix_ms],
+        )?)
+    }
+}
+
 /// Why recovered jobs failed; also what `skep jobs get` shows for them.
 pub const INTERRUPTED: &str =
     "interrupted: the queen stopped while this job was queued or running; submit it again";
@@ -359,6 +375,16 @@ impl StoreHandle {
         Ok(self.addr.send(FailInterrupted).await??)
     }
 
+    /// Deletes jobs that finished before the given time; returns how many.
+    pub async fn prune(&self, finished_before_unix_ms: u64) -> Result<usize, Error> {
+        Ok(self
+            .addr
+            .send(Prune {
+                finished_before_unix_ms,
+            })
+            .await??)
+    }
+
     pub async fn insert_token(&self, token: TokenEntry) -> Result<(), Error> {
         Ok(self.addr.send(InsertToken(token)).await??)
     }
@@ -373,5 +399,58 @@ impl StoreHandle {
 
     pub async fn list(&self, limit: u32) -> Result<Vec<JobRecord>, Error> {
         Ok(self.addr.send(List(limit)).await??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, state: JobState, finished: u64) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            model: "m".into(),
+            state,
+            created_unix_ms: 1,
+            finished_unix_ms: finished,
+            deadline_ms: 1000,
+            max_tokens: 1,
+            tokens: 0,
+            node_id: String::new(),
+            error: String::new(),
+            timings: Timings::default(),
+        }
+    }
+
+    #[test]
+    fn prune_and_recovery_touch_only_the_right_jobs() {
+        let dir = std::env::temp_dir().join(format!("skep-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sys = actix::System::new();
+        sys.block_on(async {
+            let store = start(&dir.join("q.db")).unwrap();
+            store.insert(job("old", JobState::Done, 10)).await.unwrap();
+            store
+                .insert(job("new", JobState::Done, 5_000))
+                .await
+                .unwrap();
+            store
+                .insert(job("live", JobState::Running, 0))
+                .await
+                .unwrap();
+            assert_eq!(store.prune(1_000).await.unwrap(), 1);
+            assert!(store.get("old").await.unwrap().is_none());
+            assert!(store.get("new").await.unwrap().is_some());
+            assert_eq!(
+                store.fail_interrupted().await.unwrap(),
+                vec!["live".to_owned()]
+            );
+            let live = store.get("live").await.unwrap().unwrap();
+            assert_eq!(live.state, JobState::Failed);
+            assert_eq!(live.error, INTERRUPTED);
+            assert!(store.fail_interrupted().await.unwrap().is_empty());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
