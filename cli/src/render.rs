@@ -110,6 +110,13 @@ pub fn nodes(nodes: &[Node], json: bool) {
                 "models": n.models,
                 "state": node_state(n.state),
                 "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
+                "inventory": n.inventory.as_ref().map(|i| json!({
+                    "cpus": i.cpus,
+                    "memory_bytes": i.memory_bytes,
+                    "load1": i.load1,
+                    "gpus": i.gpus.iter().map(|g| json!({"name": g.name, "memory_bytes": g.memory_bytes})).collect::<Vec<_>>(),
+                    "models_loaded": i.models_loaded,
+                })),
             });
             println!("{v}");
         } else {

@@ -169,3 +169,23 @@ fn invalid_arguments_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn nodes_report_their_inventory_in_heartbeats() {
+    let cluster = Cluster::start(PoolOpts::default());
+    skep_integration::wait_until("an inventory in nodes list", || {
+        let out = cluster
+            .cli()
+            .args(["nodes", "list", "--json"])
+            .output()
+            .unwrap();
+        let node: serde_json::Value =
+            serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap_or_default())
+                .unwrap_or_default();
+        node["inventory"]["cpus"].as_u64().is_some_and(|c| c >= 1)
+            && node["inventory"]["memory_bytes"]
+                .as_u64()
+                .is_some_and(|m| m > 0)
+            && node["inventory"]["models_loaded"][0] == "synthetic"
+    });
+}

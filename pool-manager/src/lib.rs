@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod grpc;
+pub mod inventory;
 pub mod membership;
 pub mod supervisor;
 

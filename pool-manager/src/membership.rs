@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
+use crate::inventory;
+
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const NODE_ID_FILE: &str = "node.id";
@@ -182,6 +184,7 @@ impl Membership {
             .into_inner();
         info!(node = %reg.node_id, "registered with queen");
         let every = Duration::from_millis(reg.heartbeat_interval_ms.clamp(100, 10_000) as u64);
+        let gpus = inventory::gpus();
         loop {
             tokio::time::sleep(every).await;
             let ack = client
@@ -189,6 +192,8 @@ impl Membership {
                     node_id: reg.node_id.clone(),
                     free_slots: self.free.available_permits() as u32,
                     models: self.models.clone(),
+                    // Each worker loads its model once at start and keeps it warm.
+                    inventory: Some(inventory::read(&gpus, &self.models)),
                 })
                 .await?
                 .into_inner();

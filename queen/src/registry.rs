@@ -41,6 +41,8 @@ pub struct NodeInfo {
     pub models: Vec<String>,
     pub health: NodeHealth,
     pub last_heartbeat: Duration,
+    /// The latest machine inventory the node reported (wire type: it is only passed through).
+    pub inventory: Option<skep_proto::v1::Inventory>,
 }
 
 struct Entry {
@@ -180,6 +182,7 @@ impl Handler<Register> for Registry {
                     models: msg.models.clone(),
                     health: NodeHealth::Healthy,
                     last_heartbeat: Duration::ZERO,
+                    inventory: None,
                 },
                 target: target.clone(),
                 last_seen: Instant::now(),
@@ -203,6 +206,7 @@ struct Heartbeat {
     node_id: String,
     free_slots: u32,
     models: Vec<String>,
+    inventory: Option<skep_proto::v1::Inventory>,
 }
 
 impl Handler<Heartbeat> for Registry {
@@ -216,6 +220,7 @@ impl Handler<Heartbeat> for Registry {
         }
         e.last_seen = Instant::now();
         e.info.free_slots = msg.free_slots;
+        e.info.inventory = msg.inventory;
         let revived = e.info.health == NodeHealth::Suspect || e.info.models != msg.models;
         e.info.models = msg.models;
         e.info.health = NodeHealth::Healthy;
@@ -324,12 +329,14 @@ impl RegistryHandle {
         node_id: String,
         free_slots: u32,
         models: Vec<String>,
+        inventory: Option<skep_proto::v1::Inventory>,
     ) -> Result<bool, Error> {
         self.addr
             .send(Heartbeat {
                 node_id,
                 free_slots,
                 models,
+                inventory,
             })
             .await?
     }

@@ -60,6 +60,7 @@ pub fn node(n: NodeInfo, running: u32) -> pb::Node {
         } as i32,
         last_heartbeat_ms_ago: micros(n.last_heartbeat) / 1000,
         running,
+        inventory: n.inventory,
     }
 }
 

@@ -6,8 +6,9 @@ use skep_common::secret::Secret;
 use skep_common::{auth, validate};
 use skep_proto::v1::nodes_server::Nodes;
 use skep_proto::v1::{
-    EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, ListNodesRequest,
-    ListNodesResponse, RegisterRequest, RegisterResponse, RevokeNodeRequest, RevokeNodeResponse,
+    EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, Inventory,
+    ListNodesRequest, ListNodesResponse, RegisterRequest, RegisterResponse, RevokeNodeRequest,
+    RevokeNodeResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -23,6 +24,7 @@ use crate::model::unix_ms;
 const MAX_SLOTS: u32 = 1024;
 const MAX_MODELS: usize = 64;
 const MAX_URL_LEN: usize = 256;
+const MAX_GPUS: usize = 64;
 
 pub struct NodesService {
     svc: Services,
@@ -44,6 +46,24 @@ fn check_models(models: &[String]) -> Result<(), Status> {
         validate::model_name(m).map_err(Error::from)?;
     }
     Ok(())
+}
+
+/// Inventory is the node's own word about itself: bounded and printable before it is kept.
+fn checked_inventory(inv: Option<Inventory>) -> Result<Option<Inventory>, Status> {
+    let Some(inv) = inv else { return Ok(None) };
+    if inv.gpus.len() > MAX_GPUS {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_GPUS} GPUs per node"
+        )));
+    }
+    let printable = |s: &str| s.len() <= 64 && s.chars().all(|c| !c.is_control());
+    if !inv.gpus.iter().all(|g| printable(&g.name)) {
+        return Err(Status::invalid_argument(
+            "GPU names must be printable, at most 64 bytes",
+        ));
+    }
+    check_models(&inv.models_loaded)?;
+    Ok(Some(inv))
 }
 
 #[tonic::async_trait]
@@ -181,7 +201,12 @@ impl Nodes for NodesService {
         let known = self
             .svc
             .registry
-            .heartbeat(r.node_id, r.free_slots, r.models)
+            .heartbeat(
+                r.node_id,
+                r.free_slots,
+                r.models,
+                checked_inventory(r.inventory)?,
+            )
             .await?;
         Ok(Response::new(HeartbeatResponse { known }))
     }
