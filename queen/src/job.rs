@@ -354,7 +354,13 @@ async fn execute(
     let dispatched = Instant::now();
     let call = dispatch::execute(&assignment.target, job, deadline.remaining());
     let mut stream = tokio::select! {
-        s = call => s?,
+        s = call => match s {
+            Ok(s) => s,
+            // tonic enforces the grpc-timeout it sends and reports it as CANCELLED: when the
+            // budget is what ran out, that is a deadline miss.
+            Err(_) if deadline.is_expired() => return Err(late()),
+            Err(e) => return Err(e),
+        },
         _ = sleep_until(deadline.instant().into()) => return Err(late()),
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     };
