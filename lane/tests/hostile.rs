@@ -184,6 +184,8 @@ fn concurrent_scribbler_never_panics_or_hangs() {
         let peer = Peer::open(&s.path());
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
+        let scribbles = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let scribbles2 = Arc::clone(&scribbles);
         let seed = 0x9E37_79B9_7F4A_7C15 ^ round as u64;
         let scribbler = std::thread::spawn(move || {
             let mut rng = Rng(seed | 1);
@@ -191,6 +193,7 @@ fn concurrent_scribbler_never_panics_or_hangs() {
             while !stop2.load(Ordering::Relaxed) {
                 peer.scribble(&mut rng);
                 n += 1;
+                scribbles2.store(n, Ordering::Relaxed);
                 // Bursty: mostly let the lane make progress between corruptions.
                 if n % 4 == 0 {
                     std::thread::sleep(Duration::from_micros(rng.below(200)));
@@ -199,7 +202,16 @@ fn concurrent_scribbler_never_panics_or_hangs() {
         });
         let mut rng = Rng(seed.rotate_left(17) | 1);
         let mut out = Vec::new();
+        // Under valgrind threads run one at a time: make sure the scribbler has really started
+        // before the round, and keep yielding to it, or it may never get to attack.
+        let wait = Instant::now();
+        while scribbles.load(Ordering::Relaxed) == 0 && wait.elapsed() < Duration::from_secs(2) {
+            std::thread::yield_now();
+        }
         for i in 0..ops {
+            if i % 8 == 0 {
+                std::thread::yield_now();
+            }
             let len = rng.below(u64::from(CFG.max_entry) + 1) as usize;
             let _ = tx.push(&vec![i as u8; len]);
             let t = Instant::now();
