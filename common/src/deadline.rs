@@ -93,6 +93,11 @@ pub fn budget(header: Option<Duration>, field_ms: u64) -> Result<Duration, Deadl
     Ok(b.min(MAX_BUDGET))
 }
 
+/// A duration in whole microseconds, saturating: the unit of every timing skep reports.
+pub fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// An absolute deadline on this host's monotonic clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Deadline {

@@ -285,12 +285,27 @@ impl Cluster {
 
     /// A `skep` CLI command pointed at this cluster with the admin token.
     pub fn cli(&self) -> Command {
+        self.cli_as(&self.token_file())
+    }
+
+    /// A `skep` CLI command pointed at this cluster with the token in `token_file`.
+    pub fn cli_as(&self, token_file: &Path) -> Command {
         let mut c = Command::new(bin("skep"));
         c.arg("--queen")
             .arg(&self.queen_url)
             .arg("--token-file")
-            .arg(self.token_file());
+            .arg(token_file);
         c
+    }
+
+    /// Writes `token` to a new 0600 file `name` in the cluster's directory.
+    #[track_caller]
+    pub fn write_token_file(&self, name: &str, token: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join(name);
+        std::fs::write(&path, format!("{token}\n")).expect("write token file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
     }
 
     /// Runs `skep submit --json` and returns its output.

@@ -17,19 +17,11 @@ fn a_job_and_a_failed_auth_leave_verifiable_events_without_secrets() {
     assert_eq!(out.status.code(), Some(0));
     let job_id = events(&out)[0]["job_id"].as_str().unwrap().to_owned();
 
-    let bad = cluster.dir.join("bad.token");
     let bad_token = "skep_1111111111111111111111111111111111111111111111111111111111111111";
-    std::fs::write(&bad, format!("{bad_token}\n")).unwrap();
-    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let denied = std::process::Command::new(skep_integration::bin("skep"))
-        .args([
-            "--queen",
-            &cluster.queen_url,
-            "--token-file",
-            bad.to_str().unwrap(),
-            "jobs",
-            "list",
-        ])
+    let bad = cluster.write_token_file("bad.token", bad_token);
+    let denied = cluster
+        .cli_as(&bad)
+        .args(["jobs", "list"])
         .output()
         .unwrap();
     assert_eq!(denied.status.code(), Some(5));

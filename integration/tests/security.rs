@@ -25,17 +25,9 @@ fn create_token(cluster: &Cluster, role: &str, extra: &[&str]) -> std::path::Pat
     path
 }
 
-fn cli_with(cluster: &Cluster, token: &std::path::Path) -> std::process::Command {
-    let mut c = std::process::Command::new(skep_integration::bin("skep"));
-    c.arg("--queen")
-        .arg(&cluster.queen_url)
-        .arg("--token-file")
-        .arg(token);
-    c
-}
-
 fn submit_with(cluster: &Cluster, token: &std::path::Path) -> Option<i32> {
-    cli_with(cluster, token)
+    cluster
+        .cli_as(token)
         .args([
             "submit",
             "--model",
@@ -61,12 +53,14 @@ fn tokens_have_roles_and_can_be_revoked() {
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(submit_with(&cluster, &submit), Some(0));
     // A submit token cannot manage the cluster.
-    let out = cli_with(&cluster, &submit)
+    let out = cluster
+        .cli_as(&submit)
         .args(["nodes", "list"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(5));
-    let out = cli_with(&cluster, &submit)
+    let out = cluster
+        .cli_as(&submit)
         .args(["token", "list"])
         .output()
         .unwrap();
@@ -169,17 +163,17 @@ fn callers_over_their_rate_get_exit_4_with_a_retry_hint() {
 #[test]
 fn a_peer_repeating_bad_tokens_is_throttled() {
     let cluster = Cluster::queen_with("badauth", &["--bad-auth-limit", "3/1m"]);
-    let bad = cluster.dir.join("bad.token");
-    std::fs::write(&bad, "skep_not_a_real_token\n").unwrap();
-    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let bad = cluster.write_token_file("bad.token", "skep_not_a_real_token");
     for _ in 0..3 {
-        let out = cli_with(&cluster, &bad)
+        let out = cluster
+            .cli_as(&bad)
             .args(["jobs", "list"])
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(5));
     }
-    let out = cli_with(&cluster, &bad)
+    let out = cluster
+        .cli_as(&bad)
         .args(["jobs", "list"])
         .output()
         .unwrap();
@@ -200,7 +194,8 @@ fn token_files_readable_by_others_are_refused() {
     let loose = cluster.dir.join("loose.token");
     std::fs::copy(cluster.token_file(), &loose).unwrap();
     std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let out = cli_with(&cluster, &loose)
+    let out = cluster
+        .cli_as(&loose)
         .args(["jobs", "list"])
         .output()
         .unwrap();

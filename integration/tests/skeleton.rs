@@ -85,19 +85,12 @@ fn job_longer_than_its_deadline_ends_deadline_exceeded_with_exit_3() {
 #[test]
 fn wrong_or_missing_token_is_unauthenticated_with_exit_5() {
     let cluster = Cluster::start(PoolOpts::default());
-    let bad = cluster.dir.join("bad.token");
-    std::fs::write(
-        &bad,
-        "skep_0000000000000000000000000000000000000000000000000000000000000000\n",
-    )
-    .unwrap();
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&bad).unwrap().permissions(),
-        0o600,
+    let bad = cluster.write_token_file(
+        "bad.token",
+        "skep_0000000000000000000000000000000000000000000000000000000000000000",
     );
-    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let out = skep_integration_cli(&cluster)
-        .args(["--token-file", bad.to_str().unwrap()])
+    let out = cluster
+        .cli_as(&bad)
         .args(["submit", "--model", "synthetic", "--deadline", "5s", "hi"])
         .output()
         .unwrap();
@@ -135,12 +128,6 @@ fn wrong_or_missing_token_is_unauthenticated_with_exit_5() {
         let err = nodes.list(ListNodesRequest {}).await.err().unwrap();
         assert_eq!(err.code(), Code::Unauthenticated);
     });
-}
-
-fn skep_integration_cli(cluster: &Cluster) -> std::process::Command {
-    let mut c = std::process::Command::new(skep_integration::bin("skep"));
-    c.arg("--queen").arg(&cluster.queen_url);
-    c
 }
 
 #[test]

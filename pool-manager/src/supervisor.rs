@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use std::io::Write;
 
 use prost::Message;
+use skep_common::deadline::micros;
 use skep_common::secret::Secret;
 use skep_common::session;
 use skep_lane::{Lane, LaneConfig, LaneError, monotonic_ns};
@@ -388,8 +389,4 @@ fn run_job(w: &mut Worker, job: Job, speed: &Speed) -> Option<Death> {
             }
         }
     }
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

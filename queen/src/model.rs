@@ -1,7 +1,5 @@
 //! Domain types of a job, independent of the wire format (see `grpc/convert.rs`).
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,9 +70,7 @@ pub struct JobRecord {
     pub timings: Timings,
 }
 
-pub fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
+pub use skep_common::deadline::micros;
 
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use skep_common::deadline::micros;
 use skep_common::secret::Secret;
 use skep_common::{session, validate};
 use skep_lane::{Lane, LaneError, monotonic_ns};
@@ -246,8 +247,4 @@ fn error(seq: u64, code: i32, message: &str) -> LaneResponse {
             overrun_us: 0,
         })),
     }
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
