@@ -5,6 +5,8 @@
 pub const AUTH_FAILURE: &str = "auth.failure";
 /// A job was admitted and persisted.
 pub const JOB_SUBMITTED: &str = "job.submitted";
+/// A job the queen accepted before a restart is being run again by the new process.
+pub const JOB_RESUMED: &str = "job.resumed";
 /// A job finished successfully.
 pub const JOB_COMPLETED: &str = "job.completed";
 /// A job ended with an error.

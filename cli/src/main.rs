@@ -390,6 +390,17 @@ async fn submit(
     };
     let mut out = std::io::stdout().lock();
     let mut reported = false;
+    let mut job_id = String::new();
+    // An accepted job outlives a lost connection (the queen persists it and runs it again after a
+    // restart): tell the user where its outcome will be.
+    let follow_up = |id: &str| {
+        if !id.is_empty() {
+            eprintln!(
+                "the stream from the queen broke; job {id} was accepted and still runs if it can \
+                 finish in time: skep jobs get {id}"
+            );
+        }
+    };
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
@@ -398,6 +409,7 @@ async fn submit(
         let ev = match msg {
             Ok(Some(ev)) => ev,
             Ok(None) => {
+                follow_up(&job_id);
                 return Err(Failure::other(
                     "the queen closed the stream without a result",
                 ));
@@ -405,6 +417,9 @@ async fn submit(
             Err(status) => {
                 if json && !reported {
                     render::status_json(&status);
+                }
+                if !reported {
+                    follow_up(&job_id);
                 }
                 return Err(if reported {
                     Failure::quiet(&status)
@@ -415,6 +430,9 @@ async fn submit(
         };
         if json {
             render::event_json(&ev);
+        }
+        if job_id.is_empty() {
+            job_id.clone_from(&ev.job_id);
         }
         match ev.kind {
             Some(job_event::Kind::Accepted(a)) if !json => {

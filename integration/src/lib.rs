@@ -159,8 +159,19 @@ impl Cluster {
     /// Kills the queen (SIGKILL) and starts it again on the same data dir and port.
     #[track_caller]
     pub fn restart_queen(&mut self) {
+        self.kill_queen();
+        self.start_queen_again();
+    }
+
+    /// SIGKILLs the queen; `start_queen_again` brings it back.
+    pub fn kill_queen(&mut self) {
         let _ = self.queen.kill();
         let _ = self.queen.wait();
+    }
+
+    /// Starts the queen on the same data dir and port after `kill_queen`.
+    #[track_caller]
+    pub fn start_queen_again(&mut self) {
         let qdir = self.dir.join("queen");
         let addr = self.queen_url.trim_start_matches("http://").to_owned();
         let _ = std::fs::remove_file(qdir.join("listen.addr"));
@@ -419,15 +430,25 @@ impl Submission {
     }
 
     /// Reads the rest of the stream and waits for the exit code.
-    pub fn finish(mut self) -> (Option<i32>, Vec<serde_json::Value>) {
+    pub fn finish(self) -> (Option<i32>, Vec<serde_json::Value>) {
+        let (code, seen, _) = self.finish_with_stderr();
+        (code, seen)
+    }
+
+    /// As `finish`, with what the client wrote to stderr.
+    pub fn finish_with_stderr(mut self) -> (Option<i32>, Vec<serde_json::Value>, String) {
         for line in self.lines.by_ref() {
             match line.ok().and_then(|l| serde_json::from_str(&l).ok()) {
                 Some(v) => self.seen.push(v),
                 None => break,
             }
         }
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
         let code = self.child.wait().ok().and_then(|s| s.code());
-        (code, self.seen)
+        (code, self.seen, stderr)
     }
 }
 

@@ -79,6 +79,15 @@ pub enum Event {
     },
 }
 
+/// How an admitted job gets its place in the scheduler's queue.
+pub enum Start {
+    /// Enqueued by the submit handler before it answered the client.
+    Enqueued(Enqueued),
+    /// Recovered after a queen restart: it waits (within its deadline) for a pool serving its
+    /// model to come back, then takes a place in the queue.
+    Recovered,
+}
+
 struct Progress {
     timings: Timings,
     tokens: u32,
@@ -91,7 +100,7 @@ pub async fn run(
     svc: Services,
     job: NewJob,
     admitted: Admitted,
-    enqueued: Enqueued,
+    start: Start,
     events: mpsc::Sender<Event>,
 ) {
     let deadline = Deadline::from_start(job.arrived, job.budget);
@@ -115,7 +124,7 @@ pub async fn run(
         &job,
         deadline,
         &admitted.cancel,
-        enqueued,
+        start,
         &events,
         &mut p,
     )
@@ -189,7 +198,7 @@ async fn drive(
     job: &NewJob,
     deadline: Deadline,
     cancel: &CancellationToken,
-    enqueued: Enqueued,
+    start: Start,
     events: &mpsc::Sender<Event>,
     p: &mut Progress,
 ) -> Result<(), Error> {
@@ -197,8 +206,7 @@ async fn drive(
         budget: job.budget,
         elapsed: job.arrived.elapsed(),
     };
-    svc.store
-        .insert(JobRecord {
+    let record = JobRecord {
             id: job.id.clone(),
             model: job.model.clone(),
             state: JobState::Queued,
@@ -210,8 +218,12 @@ async fn drive(
             node_id: String::new(),
             error: String::new(),
             timings: p.timings,
-        })
-        .await?;
+    };
+    svc.store.insert(record, &job.prompt, &job.caller).await?;
+    let enqueued = match start {
+        Start::Enqueued(e) => e,
+        Start::Recovered => wait_for_pool(svc, job, deadline, cancel).await?,
+    };
 
     let queued_at = job.arrived;
     if enqueued.position > 0 {
@@ -268,6 +280,105 @@ async fn drive(
             Err(e) => return Err(e),
         };
     }
+}
+
+/// How often a recovered job looks for a pool serving its model.
+const POOL_POLL: Duration = Duration::from_millis(100);
+
+/// A place in the queue for a recovered job, once a pool serving its model has (re)joined.
+async fn wait_for_pool(
+    svc: &Services,
+    job: &NewJob,
+    deadline: Deadline,
+    cancel: &CancellationToken,
+) -> Result<Enqueued, Error> {
+    loop {
+        let no_pool = match svc.scheduler.enqueue(&job.model, deadline.instant()).await {
+            Ok(e) => return Ok(e),
+            Err(Error::NoPool(m)) => Error::NoPool(m),
+            Err(e) => return Err(e),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(POOL_POLL) => {}
+            _ = sleep_until(deadline.instant().into()) => {
+                // Say why: no pool came back in time is not the same as a slow pool.
+                warn!(job = %job.id, error = %no_pool, "recovered job found no pool before its deadline");
+                return Err(Error::DeadlineExceeded {
+                    budget: job.budget,
+                    elapsed: job.arrived.elapsed(),
+                });
+            }
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+        }
+    }
+}
+
+/// Runs a job the previous queen process accepted but did not finish. Its client stream died
+/// with that process, so events are drained here; the outcome is in the store (`jobs get`) and
+/// the audit log. The deadline is the original one: the time the queen was down counts.
+pub async fn resume(svc: Services, rec: crate::store::Interrupted) {
+    let remaining = rec.deadline_unix_ms.saturating_sub(unix_ms());
+    let job = NewJob {
+        id: rec.id,
+        model: rec.model,
+        prompt: rec.prompt,
+        max_tokens: rec.max_tokens,
+        budget: Duration::from_millis(remaining),
+        arrived: Instant::now(),
+        caller: rec.caller,
+    };
+    info!(job = %job.id, remaining_ms = remaining, "resuming a job interrupted by a queen restart");
+    svc.audit.record(
+        events::JOB_RESUMED,
+        "system",
+        Fields::new()
+            .job(&job.id)
+            .model(&job.model)
+            .num("remaining_ms", remaining),
+    );
+    let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    // Nobody is waiting on the queue position of a recovered job, so it is admitted against an
+    // empty queue; admission still refuses it when the model is too slow for what is left.
+    let admitted = match svc
+        .admission
+        .admit(&job.id, &job.model, job.max_tokens, job.budget, Default::default())
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => return finish_unadmitted(&svc, &job, e).await,
+    };
+    run(svc, job, admitted, Start::Recovered, tx).await;
+}
+
+/// Ends a recovered job that admission refused (too little time left, or the queen is full).
+async fn finish_unadmitted(svc: &Services, job: &NewJob, error: Error) {
+    let state = match error {
+        Error::DeadlineExceeded { .. } | Error::Infeasible { .. } => JobState::DeadlineExceeded,
+        _ => JobState::Failed,
+    };
+    warn!(job = %job.id, error = %error, "recovered job could not be admitted again");
+    let update = JobUpdate {
+        id: job.id.clone(),
+        state,
+        tokens: 0,
+        node_id: String::new(),
+        error: error.to_string(),
+        timings: Timings::default(),
+        finished_unix_ms: unix_ms(),
+    };
+    if let Err(e) = svc.store.update(update).await {
+        warn!(job = %job.id, error = %e, "could not persist final state");
+    }
+    let event = match state {
+        JobState::DeadlineExceeded => events::JOB_DEADLINE_EXCEEDED,
+        _ => events::JOB_FAILED,
+    };
+    let fields = Fields::new()
+        .job(&job.id)
+        .model(&job.model)
+        .reason(&error.to_string());
+    svc.audit.record(event, &job.caller, fields);
 }
 
 /// Where one attempt at a job runs, and which attempt it is (1-based).

@@ -14,7 +14,7 @@ use skep_common::secret::{Secret, credential_path};
 use skep_common::telemetry::{self, LogFormat};
 use skep_queen::admission::{Admission, DEFAULT_MAX_LIVE};
 use skep_queen::auth::{Role, TokenBook, TokenEntry};
-use skep_queen::job::Services;
+use skep_queen::job::{self, Services};
 use skep_queen::registry::Registry;
 use skep_queen::scheduler::{DEFAULT_MAX_QUEUED, Scheduler};
 use skep_queen::store::StoreHandle;
@@ -93,14 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &args.data_dir.join("queen.db"),
     )
     .context("starting the audit log")?;
-    // Streams to clients died with the previous process; close their jobs honestly.
-    for id in store.fail_interrupted().await? {
-        tracing::warn!(job = %id, "job interrupted by a queen restart; marked failed");
-        let fields = skep_audit::Fields::new()
-            .job(&id)
-            .reason(store::INTERRUPTED);
-        audit.record(skep_queen::audit::events::JOB_FAILED, "system", fields);
-    }
+    let interrupted = store.take_interrupted().await?;
     let limits = Arc::new(RateLimits::new(args.rate_limit, args.bad_auth_limit));
     let services = Services {
         admission,
@@ -112,6 +105,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     tokio::spawn(prune_jobs(services.store.clone(), args.job_ttl));
+    // Jobs the previous process accepted and did not finish run again, within their original
+    // deadlines, as soon as pools serving their models reconnect.
+    for rec in interrupted {
+        tokio::spawn(job::resume(services.clone(), rec));
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

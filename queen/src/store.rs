@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     tokens INTEGER NOT NULL DEFAULT 0,
     node_id TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT '',
-    timings TEXT NOT NULL DEFAULT '{}'
+    timings TEXT NOT NULL DEFAULT '{}',
+    prompt TEXT NOT NULL DEFAULT '',
+    caller TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_unix_ms);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -61,6 +63,7 @@ pub fn start(path: &Path) -> Result<StoreHandle, StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     // SyncArbiter wants a factory; with one thread it is called once, so hand the connection over.
     let slot = Mutex::new(Some(conn));
     let addr = SyncArbiter::start(1, move || {
@@ -72,6 +75,35 @@ pub fn start(path: &Path) -> Result<StoreHandle, StoreError> {
         Store { conn }
     });
     Ok(StoreHandle { addr })
+}
+
+/// Columns added after the first release; databases created before them gain them here.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('jobs')")?;
+    let have = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (column, ddl) in [
+        ("prompt", "ALTER TABLE jobs ADD COLUMN prompt TEXT NOT NULL DEFAULT ''"),
+        ("caller", "ALTER TABLE jobs ADD COLUMN caller TEXT NOT NULL DEFAULT ''"),
+    ] {
+        if !have.iter().any(|c| c == column) {
+            conn.execute_batch(ddl)?;
+        }
+    }
+    Ok(())
+}
+
+/// A job the previous run of the queen left unfinished: enough to run it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interrupted {
+    pub id: String,
+    pub model: String,
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub caller: String,
+    /// Wall-clock time the job's deadline falls at (created + budget).
+    pub deadline_unix_ms: u64,
 }
 
 /// Fields that change as a job progresses.
@@ -88,7 +120,11 @@ pub struct JobUpdate {
 
 #[derive(Message)]
 #[rtype(result = "Result<(), StoreError>")]
-struct Insert(JobRecord);
+struct Insert {
+    job: JobRecord,
+    prompt: String,
+    caller: String,
+}
 
 #[derive(Message)]
 #[rtype(result = "Result<(), StoreError>")]
@@ -104,11 +140,15 @@ struct List(u32);
 
 impl Handler<Insert> for Store {
     type Result = Result<(), StoreError>;
-    fn handle(&mut self, Insert(j): Insert, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Insert, _: &mut Self::Context) -> Self::Result {
+        let j = msg.job;
+        // A recovered job is inserted again: it keeps its creation time and original budget.
         self.conn.execute(
             "INSERT INTO jobs (id, model, state, created_unix_ms, finished_unix_ms, deadline_ms,
-                               max_tokens, tokens, node_id, error, timings)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                               max_tokens, tokens, node_id, error, timings, prompt, caller)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, tokens = 0,
+                 node_id = '', error = '', finished_unix_ms = 0",
             params![
                 j.id,
                 j.model,
@@ -121,6 +161,8 @@ impl Handler<Insert> for Store {
                 j.node_id,
                 j.error,
                 timings_json(&j.timings),
+                msg.prompt,
+                msg.caller,
             ],
         )?;
         Ok(())
@@ -130,9 +172,12 @@ impl Handler<Insert> for Store {
 impl Handler<Update> for Store {
     type Result = Result<(), StoreError>;
     fn handle(&mut self, Update(u): Update, _: &mut Self::Context) -> Self::Result {
+        // The prompt is kept only while the job may still need to run again after a restart.
         self.conn.execute(
             "UPDATE jobs SET state = ?2, tokens = ?3, node_id = ?4, error = ?5, timings = ?6,
-                             finished_unix_ms = ?7 WHERE id = ?1",
+                             finished_unix_ms = ?7,
+                             prompt = CASE WHEN ?8 THEN '' ELSE prompt END
+             WHERE id = ?1",
             params![
                 u.id,
                 u.state.as_str(),
@@ -140,7 +185,8 @@ impl Handler<Update> for Store {
                 u.node_id,
                 u.error,
                 timings_json(&u.timings),
-                u.finished_unix_ms
+                u.finished_unix_ms,
+                u.state.is_terminal(),
             ],
         )?;
         Ok(())
@@ -188,31 +234,39 @@ impl Handler<Prune> for Store {
     }
 }
 
-/// Why recovered jobs failed; also what `skep jobs get` shows for them.
-pub const INTERRUPTED: &str =
-    "interrupted: the queen stopped while this job was queued or running; submit it again";
-
 #[derive(Message)]
-#[rtype(result = "Result<Vec<String>, StoreError>")]
-struct FailInterrupted;
+#[rtype(result = "Result<Vec<Interrupted>, StoreError>")]
+struct TakeInterrupted;
 
-impl Handler<FailInterrupted> for Store {
-    type Result = Result<Vec<String>, StoreError>;
-    fn handle(&mut self, _: FailInterrupted, _: &mut Self::Context) -> Self::Result {
+impl Handler<TakeInterrupted> for Store {
+    type Result = Result<Vec<Interrupted>, StoreError>;
+    fn handle(&mut self, _: TakeInterrupted, _: &mut Self::Context) -> Self::Result {
         let tx = self.conn.transaction()?;
-        let ids = {
-            let mut stmt =
-                tx.prepare("SELECT id FROM jobs WHERE state IN ('queued', 'running')")?;
-            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let jobs = {
+            let mut stmt = tx.prepare(
+                "SELECT id, model, prompt, max_tokens, caller, created_unix_ms + deadline_ms
+                 FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_unix_ms",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(Interrupted {
+                    id: r.get(0)?,
+                    model: r.get(1)?,
+                    prompt: r.get(2)?,
+                    max_tokens: r.get(3)?,
+                    caller: r.get(4)?,
+                    deadline_unix_ms: r.get(5)?,
+                })
+            })?;
             rows.collect::<Result<Vec<_>, _>>()?
         };
+        // Whatever they were doing stopped with the previous process: they wait again.
         tx.execute(
-            "UPDATE jobs SET state = 'failed', error = ?1, finished_unix_ms = ?2
+            "UPDATE jobs SET state = 'queued', node_id = '', tokens = 0
              WHERE state IN ('queued', 'running')",
-            params![INTERRUPTED, crate::model::unix_ms()],
+            [],
         )?;
         tx.commit()?;
-        Ok(ids)
+        Ok(jobs)
     }
 }
 
@@ -357,8 +411,14 @@ pub struct StoreHandle {
 // === impl StoreHandle ===
 
 impl StoreHandle {
-    pub async fn insert(&self, job: JobRecord) -> Result<(), Error> {
-        Ok(self.addr.send(Insert(job)).await??)
+    /// Records a job (or re-records a recovered one) with what is needed to run it again.
+    pub async fn insert(&self, job: JobRecord, prompt: &str, caller: &str) -> Result<(), Error> {
+        let msg = Insert {
+            job,
+            prompt: prompt.to_owned(),
+            caller: caller.to_owned(),
+        };
+        Ok(self.addr.send(msg).await??)
     }
 
     pub async fn update(&self, update: JobUpdate) -> Result<(), Error> {
@@ -369,10 +429,10 @@ impl StoreHandle {
         Ok(self.addr.send(Get(id.to_owned())).await??)
     }
 
-    /// At start: every job the previous run left queued or running ends `failed` with
-    /// `INTERRUPTED`, so no accepted job is left without a terminal state. Returns their ids.
-    pub async fn fail_interrupted(&self) -> Result<Vec<String>, Error> {
-        Ok(self.addr.send(FailInterrupted).await??)
+    /// At start: the jobs the previous run left queued or running, now marked queued again,
+    /// oldest first, for the queen to run them again.
+    pub async fn take_interrupted(&self) -> Result<Vec<Interrupted>, Error> {
+        Ok(self.addr.send(TakeInterrupted).await??)
     }
 
     /// Deletes jobs that finished before the given time; returns how many.
@@ -430,26 +490,47 @@ mod tests {
         let sys = actix::System::new();
         sys.block_on(async {
             let store = start(&dir.join("q.db")).unwrap();
-            store.insert(job("old", JobState::Done, 10)).await.unwrap();
-            store
-                .insert(job("new", JobState::Done, 5_000))
-                .await
-                .unwrap();
-            store
-                .insert(job("live", JobState::Running, 0))
-                .await
-                .unwrap();
+            let insert = |j| store.insert(j, "a prompt", "abc123");
+            insert(job("old", JobState::Done, 10)).await.unwrap();
+            insert(job("new", JobState::Done, 5_000)).await.unwrap();
+            insert(job("live", JobState::Running, 0)).await.unwrap();
             assert_eq!(store.prune(1_000).await.unwrap(), 1);
             assert!(store.get("old").await.unwrap().is_none());
             assert!(store.get("new").await.unwrap().is_some());
+            let interrupted = store.take_interrupted().await.unwrap();
             assert_eq!(
-                store.fail_interrupted().await.unwrap(),
-                vec!["live".to_owned()]
+                interrupted,
+                vec![Interrupted {
+                    id: "live".into(),
+                    model: "m".into(),
+                    prompt: "a prompt".into(),
+                    max_tokens: 1,
+                    caller: "abc123".into(),
+                    deadline_unix_ms: 1 + 1000,
+                }]
             );
+            assert_eq!(store.get("live").await.unwrap().unwrap().state, JobState::Queued);
+
+            // Re-inserting a recovered job keeps its creation time and budget.
+            let mut again = job("live", JobState::Queued, 0);
+            again.created_unix_ms = 99;
+            again.deadline_ms = 5;
+            insert(again).await.unwrap();
             let live = store.get("live").await.unwrap().unwrap();
-            assert_eq!(live.state, JobState::Failed);
-            assert_eq!(live.error, INTERRUPTED);
-            assert!(store.fail_interrupted().await.unwrap().is_empty());
+            assert_eq!((live.created_unix_ms, live.deadline_ms), (1, 1000));
+
+            // A terminal update forgets the prompt: nothing left to recover.
+            let done = JobUpdate {
+                id: "live".into(),
+                state: JobState::Done,
+                tokens: 1,
+                node_id: String::new(),
+                error: String::new(),
+                timings: Timings::default(),
+                finished_unix_ms: 2,
+            };
+            store.update(done).await.unwrap();
+            assert!(store.take_interrupted().await.unwrap().is_empty());
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

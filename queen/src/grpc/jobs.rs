@@ -99,7 +99,8 @@ impl JobsService {
             arrived,
             caller: who.fingerprint.clone(),
         };
-        tokio::spawn(job::run(self.svc.clone(), new, admitted, enqueued, tx));
+        let start = job::Start::Enqueued(enqueued);
+        tokio::spawn(job::run(self.svc.clone(), new, admitted, start, tx));
         Ok((id, ReceiverStream::new(rx)))
     }
 }
