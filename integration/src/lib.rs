@@ -5,6 +5,7 @@
 //! Nothing is mocked: processes, sockets, lanes and the database are the production ones. Every
 //! wait is bounded, and dropping a `Cluster` kills its processes and removes its directory.
 
+pub mod load;
 pub mod report;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +87,8 @@ impl Default for PoolOpts {
 pub struct Pool {
     pub child: Child,
     pub dir: PathBuf,
+    /// What it was started with, to start it again the same way.
+    pub opts: PoolOpts,
 }
 
 /// A queen and its pools, on loopback, in a temp dir.
@@ -198,13 +201,39 @@ impl Cluster {
     pub fn add_pool(&mut self, opts: PoolOpts) -> usize {
         let i = self.pools.len();
         let pdir = self.dir.join(format!("pool{i}"));
+        let child = self.spawn_pool(i, &pdir, &opts, "");
+        self.pools.push(Pool {
+            child,
+            dir: pdir,
+            opts,
+        });
+        i
+    }
+
+    /// SIGKILLs pool `i` (its workers exit on their own when they see their parent gone).
+    pub fn kill_pool(&mut self, i: usize) {
+        let _ = self.pools[i].child.kill();
+        let _ = self.pools[i].child.wait();
+    }
+
+    /// Starts pool `i` again after `kill_pool`, on its data dir: it keeps its node id and key.
+    #[track_caller]
+    pub fn restart_pool(&mut self, i: usize) {
+        let pdir = self.pools[i].dir.clone();
+        let opts = self.pools[i].opts.clone();
+        let _ = std::fs::remove_file(pdir.join("listen.addr"));
+        self.pools[i].child = self.spawn_pool(i, &pdir, &opts, "-restarted");
+    }
+
+    #[track_caller]
+    fn spawn_pool(&self, i: usize, pdir: &Path, opts: &PoolOpts, log_tag: &str) -> Child {
         let tps = opts.tps.to_string();
         let mut pool = Command::new(bin("skep-pool"));
         if let Some(level) = &opts.rust_log {
             pool.env("RUST_LOG", level);
         }
         let child = pool
-            .args(["--data-dir", path_str(&pdir), "--queen", &self.queen_url])
+            .args(["--data-dir", path_str(pdir), "--queen", &self.queen_url])
             .args([
                 "--token-file",
                 path_str(&self.token_file()),
@@ -230,36 +259,19 @@ impl Cluster {
                 ],
             })
             .stdout(Stdio::null())
-            .stderr(log_file(&self.dir, &format!("pool{i}.log")))
+            .stderr(log_file(&self.dir, &format!("pool{i}{log_tag}.log")))
             .spawn()
             .expect("start skep-pool");
         wait_for_file(&pdir.join("listen.addr"));
-        self.pools.push(Pool { child, dir: pdir });
-        i
+        child
     }
 
     /// Waits until `n` healthy nodes are registered.
     #[track_caller]
     pub fn wait_for_nodes(&self, n: usize) {
-        let rt = runtime();
         let deadline = Instant::now() + WAIT;
         loop {
-            let healthy = rt.block_on(async {
-                let mut c = NodesClient::new(self.channel().await?);
-                let req = self.authed(ListNodesRequest {});
-                let nodes = c
-                    .list(req)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner()
-                    .nodes;
-                Ok::<_, String>(
-                    nodes
-                        .iter()
-                        .filter(|n| n.state == NodeState::Healthy as i32)
-                        .count(),
-                )
-            });
+            let healthy = self.healthy_nodes();
             if healthy.as_ref().is_ok_and(|h| *h >= n) {
                 return;
             }
@@ -269,6 +281,24 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// How many registered nodes the queen counts healthy now.
+    pub fn healthy_nodes(&self) -> Result<usize, String> {
+        runtime().block_on(async {
+            let mut c = NodesClient::new(self.channel().await?);
+            let req = self.authed(ListNodesRequest {});
+            let nodes = c
+                .list(req)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .nodes;
+            Ok(nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Healthy as i32)
+                .count())
+        })
     }
 
     pub async fn channel(&self) -> Result<Channel, String> {

@@ -207,17 +207,17 @@ async fn drive(
         elapsed: job.arrived.elapsed(),
     };
     let record = JobRecord {
-            id: job.id.clone(),
-            model: job.model.clone(),
-            state: JobState::Queued,
-            created_unix_ms: unix_ms(),
-            finished_unix_ms: 0,
-            deadline_ms: u64::try_from(job.budget.as_millis()).unwrap_or(u64::MAX),
-            max_tokens: job.max_tokens,
-            tokens: 0,
-            node_id: String::new(),
-            error: String::new(),
-            timings: p.timings,
+        id: job.id.clone(),
+        model: job.model.clone(),
+        state: JobState::Queued,
+        created_unix_ms: unix_ms(),
+        finished_unix_ms: 0,
+        deadline_ms: u64::try_from(job.budget.as_millis()).unwrap_or(u64::MAX),
+        max_tokens: job.max_tokens,
+        tokens: 0,
+        node_id: String::new(),
+        error: String::new(),
+        timings: p.timings,
     };
     svc.store.insert(record, &job.prompt, &job.caller).await?;
     let enqueued = match start {
@@ -342,7 +342,13 @@ pub async fn resume(svc: Services, rec: crate::store::Interrupted) {
     // empty queue; admission still refuses it when the model is too slow for what is left.
     let admitted = match svc
         .admission
-        .admit(&job.id, &job.model, job.max_tokens, job.budget, Default::default())
+        .admit(
+            &job.id,
+            &job.model,
+            job.max_tokens,
+            job.budget,
+            Default::default(),
+        )
         .await
     {
         Ok(a) => a,

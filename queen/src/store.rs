@@ -84,8 +84,14 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         .query_map([], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     for (column, ddl) in [
-        ("prompt", "ALTER TABLE jobs ADD COLUMN prompt TEXT NOT NULL DEFAULT ''"),
-        ("caller", "ALTER TABLE jobs ADD COLUMN caller TEXT NOT NULL DEFAULT ''"),
+        (
+            "prompt",
+            "ALTER TABLE jobs ADD COLUMN prompt TEXT NOT NULL DEFAULT ''",
+        ),
+        (
+            "caller",
+            "ALTER TABLE jobs ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
+        ),
     ] {
         if !have.iter().any(|c| c == column) {
             conn.execute_batch(ddl)?;
@@ -509,7 +515,10 @@ mod tests {
                     deadline_unix_ms: 1 + 1000,
                 }]
             );
-            assert_eq!(store.get("live").await.unwrap().unwrap().state, JobState::Queued);
+            assert_eq!(
+                store.get("live").await.unwrap().unwrap().state,
+                JobState::Queued
+            );
 
             // Re-inserting a recovered job keeps its creation time and budget.
             let mut again = job("live", JobState::Queued, 0);
