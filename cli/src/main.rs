@@ -51,6 +51,9 @@ struct Cli {
     /// File (mode 0600) holding your API token.
     #[arg(long, global = true, env = "SKEP_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The queen's CA certificate (its <data-dir>/tls/ca.pem), for an https:// queen URL.
+    #[arg(long, global = true, env = "SKEP_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -202,8 +205,22 @@ impl Queen {
         let header = auth::bearer_header(&token).map_err(|_| {
             Failure::usage(format!("{} does not hold a valid token", path.display()))
         })?;
-        let channel = Channel::from_shared(cli.queen.clone())
-            .map_err(|e| Failure::usage(format!("bad --queen URL: {e}")))?
+        let mut endpoint = Channel::from_shared(cli.queen.clone())
+            .map_err(|e| Failure::usage(format!("bad --queen URL: {e}")))?;
+        if cli.queen.starts_with("https://") {
+            let path = cli.ca_file.as_ref().ok_or_else(|| {
+                Failure::usage(
+                    "an https:// queen needs its CA: pass --ca-file (the queen's \
+                     <data-dir>/tls/ca.pem) or set SKEP_CA_FILE",
+                )
+            })?;
+            let ca = std::fs::read_to_string(path)
+                .map_err(|e| Failure::usage(format!("--ca-file {}: {e}", path.display())))?;
+            endpoint = endpoint
+                .tls_config(skep_tls::client_config(&ca, skep_tls::QUEEN_NAME))
+                .map_err(|e| Failure::usage(format!("TLS: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
@@ -306,6 +323,7 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
             out,
         } => {
             let role = if enroll { "enroll".to_owned() } else { role };
+            let is_enroll = role == "enroll";
             let ttl_ms = ttl.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let created = client
                 .create(queen.request(CreateTokenRequest {
@@ -315,7 +333,19 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
                 }))
                 .await?
                 .into_inner();
-            let secret = Secret::from_string(created.token);
+            // An enrollment token carries the queen's CA fingerprint, so the pool that uses it
+            // can pin the CA on its first connection.
+            let text = if is_enroll && !created.ca_fingerprint.is_empty() {
+                format!(
+                    "{}{}{}",
+                    created.token,
+                    skep_tls::PIN_SEPARATOR,
+                    created.ca_fingerprint
+                )
+            } else {
+                created.token
+            };
+            let secret = Secret::from_string(text);
             match out {
                 Some(path) => {
                     secret

@@ -69,6 +69,10 @@ pub struct PoolOpts {
     pub gguf: Option<PathBuf>,
     /// `RUST_LOG` for the daemons (default: inherited).
     pub rust_log: Option<String>,
+    /// The token file the pool starts with (default: the queen's admin token).
+    pub token_file: Option<PathBuf>,
+    /// Extra `skep-pool` flags.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for PoolOpts {
@@ -80,6 +84,8 @@ impl Default for PoolOpts {
             tps: 500.0,
             gguf: None,
             rust_log: None,
+            token_file: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -97,6 +103,8 @@ pub struct Cluster {
     pub queen: Child,
     pub queen_url: String,
     pub pools: Vec<Pool>,
+    /// Extra flags the queen was started with, used again on restart.
+    queen_args: Vec<String>,
 }
 
 impl Cluster {
@@ -151,11 +159,13 @@ impl Cluster {
             .spawn()
             .expect("start skep-queen");
         let addr = wait_for_file(&qdir.join("listen.addr"));
+        let scheme = if args.contains(&"--tls") { "https" } else { "http" };
         Cluster {
             dir,
             queen,
-            queen_url: format!("http://{addr}"),
+            queen_url: format!("{scheme}://{addr}"),
             pools: Vec::new(),
+            queen_args: args.iter().map(|a| (*a).to_owned()).collect(),
         }
     }
 
@@ -176,16 +186,21 @@ impl Cluster {
     #[track_caller]
     pub fn start_queen_again(&mut self) {
         let qdir = self.dir.join("queen");
-        let addr = self.queen_url.trim_start_matches("http://").to_owned();
+        let addr = self
+            .queen_url
+            .split_once("://")
+            .map_or(self.queen_url.as_str(), |(_, a)| a)
+            .to_owned();
         let _ = std::fs::remove_file(qdir.join("listen.addr"));
         self.queen = Command::new(bin("skep-queen"))
             .args(["--data-dir", path_str(&qdir), "--listen", &addr])
-            .args([
-                "--heartbeat-interval",
-                "200ms",
-                "--rate-limit",
-                "1000000/1s",
-            ])
+            .args(&self.queen_args)
+            .args(["--heartbeat-interval", "200ms"])
+            .args(if self.queen_args.iter().any(|a| a == "--rate-limit") {
+                &[][..]
+            } else {
+                &["--rate-limit", "1000000/1s"][..]
+            })
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir, "queen-restarted.log"))
             .spawn()
@@ -195,6 +210,11 @@ impl Cluster {
 
     pub fn token_file(&self) -> PathBuf {
         self.dir.join("queen").join("admin.token")
+    }
+
+    /// The queen's CA certificate (when it serves TLS).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("queen").join("tls").join("ca.pem")
     }
 
     #[track_caller]
@@ -236,10 +256,11 @@ impl Cluster {
             .args(["--data-dir", path_str(pdir), "--queen", &self.queen_url])
             .args([
                 "--token-file",
-                path_str(&self.token_file()),
+                path_str(opts.token_file.as_deref().unwrap_or(&self.token_file())),
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(&opts.extra_args)
             .args([
                 "--workers",
                 &opts.workers.to_string(),
@@ -302,8 +323,14 @@ impl Cluster {
     }
 
     pub async fn channel(&self) -> Result<Channel, String> {
-        Channel::from_shared(self.queen_url.clone())
-            .map_err(|e| e.to_string())?
+        let mut endpoint = Channel::from_shared(self.queen_url.clone()).map_err(|e| e.to_string())?;
+        if self.queen_url.starts_with("https://") {
+            let ca = std::fs::read_to_string(self.ca_file()).map_err(|e| e.to_string())?;
+            endpoint = endpoint
+                .tls_config(skep_tls::client_config(&ca, skep_tls::QUEEN_NAME))
+                .map_err(|e| e.to_string())?;
+        }
+        endpoint
             .connect()
             .await
             .map_err(|e| e.to_string())
@@ -336,6 +363,9 @@ impl Cluster {
             .arg(&self.queen_url)
             .arg("--token-file")
             .arg(token_file);
+        if self.queen_url.starts_with("https://") {
+            c.arg("--ca-file").arg(self.ca_file());
+        }
         c
     }
 

@@ -14,7 +14,7 @@ use skep_lane::LaneConfig;
 use skep_pool_manager::Speed;
 use skep_pool_manager::audit::Audit;
 use skep_pool_manager::grpc::PoolService;
-use skep_pool_manager::membership::Membership;
+use skep_pool_manager::membership::{self, Membership};
 use skep_pool_manager::supervisor::{WorkerSpec, spawn_slots};
 use tokio::sync::{Semaphore, watch};
 use tracing::info;
@@ -32,13 +32,18 @@ struct Args {
     /// State directory (lanes, keys). Created 0700 if missing.
     #[arg(long)]
     data_dir: PathBuf,
-    /// The queen's gRPC URL, e.g. http://127.0.0.1:7700.
+    /// The queen's gRPC URL, e.g. http://127.0.0.1:7700, or https://HOST:7700 for a queen that
+    /// serves TLS (then this pool serves TLS to it too).
     #[arg(long)]
     queen: String,
+    /// The queen's CA certificate (its <data-dir>/tls/ca.pem). Not needed when the token file
+    /// is an enrollment token carrying the CA fingerprint, or once the CA is pinned.
+    #[arg(long)]
+    queen_ca: Option<PathBuf>,
     /// Address to serve Pool/Execute on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// URL the queen should dial (default: http://<bound listen address>).
+    /// URL the queen should dial (default: http(s)://<bound listen address>).
     #[arg(long)]
     advertise: Option<String>,
     /// Token file (0600) this pool presents to the queen.
@@ -110,10 +115,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr()?;
     daemon::write_addr_file(&args.data_dir, local)?;
+    let queen_ca = membership::queen_ca(
+        &args.queen,
+        &args.data_dir,
+        args.queen_ca.as_deref(),
+        &token_path,
+    )
+    .await?;
+    let scheme = if queen_ca.is_some() { "https" } else { "http" };
     let pool_url = args
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
 
     let slots = args.workers as usize;
     let free = Arc::new(Semaphore::new(slots));
@@ -134,24 +147,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("pool-{}", local.port()));
     validate::identifier("name", &name).context("--name")?;
-    let membership = tokio::spawn(
-        Membership {
-            queen_url: args.queen.clone(),
-            bootstrap: token_path,
-            data_dir: args.data_dir.clone(),
-            name,
-            pool_url: pool_url.clone(),
-            slots,
-            free: Arc::clone(&free),
-            models: vec![model.clone()],
-            key: key_tx,
+    let member = Membership {
+        queen_url: args.queen.clone(),
+        bootstrap: token_path,
+        data_dir: args.data_dir.clone(),
+        name,
+        pool_url: pool_url.clone(),
+        slots,
+        free: Arc::clone(&free),
+        models: vec![model.clone()],
+        key: key_tx,
+        queen_ca: queen_ca.clone(),
+    };
+    let creds = member.join().await?;
+    // The queen dials this pool over TLS when it serves TLS itself; the certificate it issues
+    // names this node, so nobody else can answer in its place.
+    let tls = match &queen_ca {
+        Some(_) => {
+            let key = skep_tls::PoolKey::generate()?;
+            let (cert, ca) = member.certificate(&creds, &key).await?;
+            info!(node = %creds.node_id, "serving TLS with a certificate from the queen's CA");
+            Some(key.server_config(&cert, &ca))
         }
-        .run(),
-    );
+        None => None,
+    };
+    let membership = tokio::spawn(member.run(creds));
 
     let service = PoolService::new(free, slots, jobs_tx, vec![model.clone()], speed);
     info!(%local, %pool_url, %model, workers = slots, "pool manager listening");
-    let server = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let server = server
         // A dead queen connection must not pin a stream forever.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(service.into_server(key_rx, audit))

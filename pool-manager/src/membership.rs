@@ -6,6 +6,11 @@
 //! registration also carries a fresh dispatch key, whose digest is set here before the queen can
 //! use it. If the queen forgets us (restart) or cannot be reached, we register again with capped
 //! exponential backoff; if it refuses our key (revoked), we stop for good.
+//!
+//! With an `https` queen URL every call is TLS, trusting only the queen's CA: from `--queen-ca`,
+//! from `queen-ca.pem` in the data dir (pinned on an earlier start), or fetched once and pinned
+//! by the fingerprint the enrollment token carries (`skep_…@<sha256>`). The pool then asks the
+//! queen for a server certificate for its node id, so the queen's calls to it are TLS too.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +19,7 @@ use std::time::Duration;
 use skep_common::auth::{self, TokenDigest};
 use skep_common::secret::{Secret, SecretError};
 use skep_proto::v1::nodes_client::NodesClient;
-use skep_proto::v1::{EnrollRequest, HeartbeatRequest, RegisterRequest};
+use skep_proto::v1::{EnrollRequest, HeartbeatRequest, IssueCertificateRequest, RegisterRequest};
 use tokio::sync::{Semaphore, watch};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -26,6 +31,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const NODE_ID_FILE: &str = "node.id";
 const RUNTIME_KEY_FILE: &str = "runtime.key";
+/// The queen's CA certificate, once pinned.
+const QUEEN_CA_FILE: &str = "queen-ca.pem";
 
 pub struct Membership {
     pub queen_url: String,
@@ -38,6 +45,8 @@ pub struct Membership {
     pub free: Arc<Semaphore>,
     pub models: Vec<String>,
     pub key: watch::Sender<Option<TokenDigest>>,
+    /// The queen's CA certificate (PEM) when the queen URL is https.
+    pub queen_ca: Option<String>,
 }
 
 /// Failures that retrying cannot fix.
@@ -55,6 +64,65 @@ pub enum MembershipError {
     Credentials(#[from] SecretError),
     #[error("node credentials: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] skep_tls::TlsError),
+    #[error(
+        "the queen URL is https but this pool does not know the queen's CA: enroll with a token \
+         from `skep token create --enroll` (it carries the CA fingerprint) or pass --queen-ca FILE"
+    )]
+    NoQueenCa,
+    #[error("the queen refused to issue this node a TLS certificate: {0}")]
+    CertificateRefused(String),
+}
+
+/// The queen's CA certificate for an https queen URL (see the module comment for where it comes
+/// from); `None` for http. Retries while the queen is unreachable; a pin mismatch is final.
+pub async fn queen_ca(
+    queen_url: &str,
+    data_dir: &std::path::Path,
+    given: Option<&std::path::Path>,
+    bootstrap: &std::path::Path,
+) -> Result<Option<String>, MembershipError> {
+    if !queen_url.starts_with("https://") {
+        return Ok(None);
+    }
+    if let Some(path) = given {
+        return Ok(Some(std::fs::read_to_string(path)?));
+    }
+    let pinned = data_dir.join(QUEEN_CA_FILE);
+    if pinned.exists() {
+        return Ok(Some(std::fs::read_to_string(&pinned)?));
+    }
+    let raw = Secret::from_file(bootstrap)?;
+    let Some(pin) = skep_tls::split_pin(raw.expose())?.1.map(str::to_owned) else {
+        return Err(MembershipError::NoQueenCa);
+    };
+    let uri: tonic::codegen::http::Uri = queen_url
+        .parse()
+        .map_err(|e| skep_tls::TlsError::Invalid(format!("queen URL {queen_url:?}: {e}")))?;
+    let addr = match (uri.host(), uri.port_u16()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => format!("{h}:443"),
+        _ => {
+            let why = format!("queen URL {queen_url:?} has no host");
+            return Err(skep_tls::TlsError::Invalid(why).into());
+        }
+    };
+    let mut backoff = FIRST_BACKOFF;
+    let ca = loop {
+        match skep_tls::fetch_pinned_ca(&addr, &pin).await {
+            Ok(ca) => break ca,
+            Err(e @ skep_tls::TlsError::PinMismatch { .. }) => return Err(e.into()),
+            Err(e) => {
+                warn!(queen = %queen_url, error = %e, "cannot fetch the queen's CA yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    std::fs::write(&pinned, &ca)?;
+    info!(ca_fingerprint = %pin, file = %pinned.display(), "pinned the queen's CA");
+    Ok(Some(ca))
 }
 
 /// Adds the bearer header to every call.
@@ -70,8 +138,9 @@ impl tonic::service::Interceptor for Bearer {
 
 type Client = NodesClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
-struct Credentials {
-    node_id: String,
+/// This node's identity at the queen.
+pub struct Credentials {
+    pub node_id: String,
     key: Secret,
 }
 
@@ -85,12 +154,13 @@ fn permanent(s: &Status) -> bool {
 // === impl Membership ===
 
 impl Membership {
-    /// Enrolls if needed, then registers and heartbeats until a permanent failure.
-    pub async fn run(self) -> Result<(), MembershipError> {
+    /// This node's credentials: stored ones, or new ones from enrolling (retried with backoff
+    /// while the queen is unreachable).
+    pub async fn join(&self) -> Result<Credentials, MembershipError> {
         let mut backoff = FIRST_BACKOFF;
-        let creds = loop {
+        loop {
             match self.credentials().await {
-                Ok(c) => break c,
+                Ok(c) => return Ok(c),
                 Err(Ok(fatal)) => return Err(fatal),
                 Err(Err(e)) => {
                     warn!(queen = %self.queen_url, error = %e, "cannot enroll yet");
@@ -98,8 +168,47 @@ impl Membership {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
-        };
-        backoff = FIRST_BACKOFF;
+        }
+    }
+
+    /// A TLS server certificate for this node from the queen's CA, for `key`; returns the
+    /// certificate and the CA certificate, PEM.
+    pub async fn certificate(
+        &self,
+        creds: &Credentials,
+        key: &skep_tls::PoolKey,
+    ) -> Result<(String, String), MembershipError> {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let issued = async {
+                let mut client = self.client(&creds.key).await?;
+                let req = IssueCertificateRequest {
+                    node_id: creds.node_id.clone(),
+                    public_key: key.public_key(),
+                };
+                client.issue_certificate(req).await
+            };
+            match issued.await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    return Ok((r.certificate_pem, r.ca_pem));
+                }
+                Err(s) if permanent(&s) || s.code() == Code::FailedPrecondition => {
+                    return Err(MembershipError::CertificateRefused(s.message().to_owned()));
+                }
+                Err(e) => {
+                    warn!(queen = %self.queen_url, error = %e, "cannot get a certificate yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Registers and heartbeats until a permanent failure, registering again whenever the
+    /// queen forgets this node or cannot be reached.
+    pub async fn run(self, creds: Credentials) -> Result<(), MembershipError> {
+        let mut backoff = FIRST_BACKOFF;
         loop {
             match self.session(&creds).await {
                 Ok(()) => backoff = FIRST_BACKOFF,
@@ -117,8 +226,14 @@ impl Membership {
     }
 
     async fn client(&self, token: &Secret) -> Result<Client, Status> {
-        let channel = Channel::from_shared(self.queen_url.clone())
-            .map_err(|e| Status::invalid_argument(format!("bad queen URL: {e}")))?
+        let mut endpoint = Channel::from_shared(self.queen_url.clone())
+            .map_err(|e| Status::invalid_argument(format!("bad queen URL: {e}")))?;
+        if let Some(ca) = &self.queen_ca {
+            endpoint = endpoint
+                .tls_config(skep_tls::client_config(ca, skep_tls::QUEEN_NAME))
+                .map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect()
@@ -141,7 +256,10 @@ impl Membership {
                 key,
             });
         }
-        let bootstrap = Secret::from_file(&self.bootstrap).map_err(|e| Ok(e.into()))?;
+        let raw = Secret::from_file(&self.bootstrap).map_err(|e| Ok(e.into()))?;
+        // An enrollment token may carry the CA fingerprint after '@': not part of the bearer.
+        let token = skep_tls::split_pin(raw.expose()).map_err(|e| Ok(e.into()))?.0;
+        let bootstrap = Secret::from_string(token.to_owned());
         let mut client = self.client(&bootstrap).await.map_err(Err)?;
         let enrolled = match client
             .enroll(EnrollRequest {

@@ -29,6 +29,10 @@ pub enum Error {
     QueueFull { retry_after: Duration },
     #[error("no pool serves model {0:?}; start a pool manager with that model")]
     NoPool(String),
+    #[error("pool URL refused: {0}")]
+    BadPoolUrl(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("node {0} not found")]
     NodeNotFound(String),
     #[error("job {0} not found")]

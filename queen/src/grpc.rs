@@ -41,6 +41,7 @@ pub async fn serve(
     limits: Arc<RateLimits>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let tls = services.tls.as_ref().map(|t| t.server_config());
     let authenticator = services.tokens.authenticator();
     let audit = services.audit.clone();
     // Every call, before any handler: peer throttle, token, identity budget.
@@ -55,7 +56,11 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE);
     let tokens = TokensServer::new(tokens::TokensService::new(services))
         .max_decoding_message_size(MAX_MESSAGE);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         // Tokens stream for as long as a job runs; keepalives find dead clients.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(InterceptedService::new(jobs, auth.clone()))

@@ -35,6 +35,8 @@ pub struct Services {
     pub store: StoreHandle,
     pub tokens: crate::auth::TokenBook,
     pub audit: crate::audit::AuditHandle,
+    /// The queen's TLS material when it serves TLS: its CA signs pools' certificates.
+    pub tls: Option<std::sync::Arc<skep_tls::QueenTls>>,
 }
 
 /// A validated job request.

@@ -49,8 +49,32 @@ struct Args {
     /// Finished jobs are deleted from the database after this long (humantime, e.g. 7d).
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     job_ttl: Duration,
+    /// TLS on the listener: `auto` serves TLS unless the listen address is loopback.
+    #[arg(long, value_enum, default_value = "auto")]
+    tls: TlsMode,
+    /// Extra names (DNS names or IPs) for the queen's certificate, besides `queen.skep`,
+    /// `localhost` and the listen address. skep's own clients always check `queen.skep`.
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum TlsMode {
+    Auto,
+    On,
+    Off,
+}
+
+impl TlsMode {
+    fn enabled(self, listen: SocketAddr) -> bool {
+        match self {
+            TlsMode::On => true,
+            TlsMode::Off => false,
+            TlsMode::Auto => !listen.ip().is_loopback(),
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -82,9 +106,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Every RPC is authenticated, so the bind policy is satisfied; keep the check wired anyway.
     auth::check_bind(args.listen, true)?;
 
+    let tls = if args.tls.enabled(args.listen) {
+        let mut names = args.tls_names.clone();
+        if !args.listen.ip().is_unspecified() {
+            names.push(args.listen.ip().to_string());
+        }
+        let tls = skep_tls::QueenTls::load_or_create(&args.data_dir.join("tls"), &names)
+            .context("setting up the queen's TLS certificate authority")?;
+        info!(ca = %args.data_dir.join("tls").join("ca.pem").display(), ca_fingerprint = %tls.ca.fingerprint, "serving TLS");
+        Some(Arc::new(tls))
+    } else {
+        if !args.listen.ip().is_loopback() {
+            tracing::warn!(listen = %args.listen, "TLS is off on a non-loopback address: tokens, keys and prompts cross the network in clear");
+        }
+        None
+    };
     let store = store::start(&args.data_dir.join("queen.db")).context("opening the state store")?;
     let scheduler = Scheduler::start(args.max_queued);
-    let registry = Registry::start(args.heartbeat_interval, scheduler.clone());
+    let ca_pem = tls.as_ref().map(|t| t.ca.cert_pem.clone());
+    let registry = Registry::start(args.heartbeat_interval, scheduler.clone(), ca_pem);
     let admission = Admission::start(args.max_live);
     let tokens = load_tokens(&store, admin_digest).await?;
     let audit = skep_queen::audit::start(
@@ -102,6 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store,
         tokens,
         audit: audit.clone(),
+        tls,
     };
 
     tokio::spawn(prune_jobs(services.store.clone(), args.job_ttl));

@@ -57,6 +57,9 @@ pub struct Registry {
     revoked: std::collections::HashSet<String>,
     heartbeat: Duration,
     scheduler: SchedulerHandle,
+    /// The queen's CA certificate when it serves TLS: pools are dialed over TLS and must
+    /// present a certificate it issued for their node id.
+    ca_pem: Option<String>,
 }
 
 impl Actor for Registry {
@@ -70,12 +73,17 @@ impl Actor for Registry {
 // === impl Registry ===
 
 impl Registry {
-    pub fn start(heartbeat: Duration, scheduler: SchedulerHandle) -> RegistryHandle {
+    pub fn start(
+        heartbeat: Duration,
+        scheduler: SchedulerHandle,
+        ca_pem: Option<String>,
+    ) -> RegistryHandle {
         let addr = Registry {
             nodes: HashMap::new(),
             revoked: Default::default(),
             heartbeat,
             scheduler,
+            ca_pem,
         }
         .start();
         RegistryHandle { addr, heartbeat }
@@ -116,6 +124,42 @@ impl Registry {
     }
 }
 
+/// How to dial a pool. With TLS on, only `https` (or loopback) pool URLs are accepted, and the
+/// pool must prove it is `node_id` with a certificate from the queen's CA.
+fn pool_endpoint(url: &str, node_id: &str, ca_pem: Option<&str>) -> Result<Endpoint, Error> {
+    let bad = |why: String| Error::BadPoolUrl(why);
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| bad(format!("{url:?} is not a URL: {e}")))?
+        .connect_timeout(Duration::from_secs(2));
+    let https = url.starts_with("https://");
+    match ca_pem {
+        Some(ca) if https => endpoint
+            .tls_config(skep_tls::client_config(ca, &skep_tls::pool_name(node_id)))
+            .map_err(|e| bad(format!("TLS for {url}: {e}"))),
+        Some(_) if !is_loopback_url(url) => Err(bad(format!(
+            "{url} is plaintext and not on loopback, but this queen serves TLS: \
+             point the pool at an https:// queen URL so it serves TLS too"
+        ))),
+        None if https => Err(bad(format!(
+            "{url} wants TLS but this queen runs without it (--tls off, or a loopback listen \
+             address with --tls auto)"
+        ))),
+        _ => Ok(endpoint),
+    }
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    url.parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_owned))
+        .is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
+}
+
 pub struct Registered {
     pub node_id: String,
 }
@@ -135,15 +179,12 @@ struct Register {
 impl Handler<Register> for Registry {
     type Result = ResponseFuture<Result<Registered, Error>>;
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
-        let endpoint = match Endpoint::from_shared(msg.pool_url.clone()) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(2)),
-            Err(_) => {
-                return Box::pin(async {
-                    Err(Error::Invalid(
-                        skep_common::validate::ValidationError::BadChars { field: "pool_url" },
-                    ))
-                });
-            }
+        let node_id = msg.node_id.clone().unwrap_or_else(|| {
+            format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+        });
+        let endpoint = match pool_endpoint(&msg.pool_url, &node_id, self.ca_pem.as_deref()) {
+            Ok(e) => e,
+            Err(e) => return Box::pin(async { Err(e) }),
         };
         // A pool that registers again (e.g. after restarting) replaces its old entry.
         let stale: Vec<String> = self
@@ -152,9 +193,6 @@ impl Handler<Register> for Registry {
             .filter(|(_, e)| e.info.pool_url == msg.pool_url)
             .map(|(id, _)| id.clone())
             .collect();
-        let node_id = msg.node_id.unwrap_or_else(|| {
-            format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-        });
         for id in stale.iter().chain(std::iter::once(&node_id)) {
             if let Some(old) = self.nodes.remove(id) {
                 old.target.gone.cancel();

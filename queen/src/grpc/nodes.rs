@@ -7,8 +7,8 @@ use skep_common::{auth, validate};
 use skep_proto::v1::nodes_server::Nodes;
 use skep_proto::v1::{
     EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, Inventory,
-    ListNodesRequest, ListNodesResponse, RegisterRequest, RegisterResponse, RevokeNodeRequest,
-    RevokeNodeResponse,
+    IssueCertificateRequest, IssueCertificateResponse, ListNodesRequest, ListNodesResponse,
+    RegisterRequest, RegisterResponse, RevokeNodeRequest, RevokeNodeResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -182,6 +182,41 @@ impl Nodes for NodesService {
                 self.svc.registry.heartbeat_interval().as_millis(),
             )
             .unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn issue_certificate(
+        &self,
+        req: Request<IssueCertificateRequest>,
+    ) -> Result<Response<IssueCertificateResponse>, Status> {
+        let who = require(&req, Role::Node)?;
+        let r = req.into_inner();
+        // A certificate names the node its key belongs to, whatever the request says.
+        if who.node_id.is_empty() || r.node_id != who.node_id {
+            return Err(Status::permission_denied(
+                "a node may only ask for its own certificate",
+            ));
+        }
+        let Some(tls) = &self.svc.tls else {
+            return Err(Error::Tls(
+                "this queen runs without TLS; dial it with http:// and serve the pool plaintext"
+                    .into(),
+            )
+            .into());
+        };
+        let certificate_pem = tls
+            .ca
+            .issue_pool(&who.node_id, &r.public_key)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(node = %who.node_id, "TLS certificate issued");
+        self.svc.audit.record(
+            "node.certificate_issued",
+            &who.fingerprint,
+            Fields::new().node(&who.node_id),
+        );
+        Ok(Response::new(IssueCertificateResponse {
+            certificate_pem,
+            ca_pem: tls.ca.cert_pem.clone(),
         }))
     }
 

@@ -16,7 +16,10 @@ impl From<Error> for Status {
             Error::Auth(AuthError::InsecureBind(_)) => Status::failed_precondition(msg),
             Error::Auth(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
-            Error::Invalid(_) | Error::BadDeadline(_) => Status::invalid_argument(msg),
+            Error::Invalid(_) | Error::BadDeadline(_) | Error::BadPoolUrl(_) => {
+                Status::invalid_argument(msg)
+            }
+            Error::Tls(_) => Status::failed_precondition(msg),
             Error::Infeasible { .. } | Error::DeadlineExceeded { .. } => {
                 Status::deadline_exceeded(msg)
             }

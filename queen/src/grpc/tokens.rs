@@ -96,6 +96,12 @@ impl Tokens for TokensService {
             token: token.expose().to_owned(),
             fingerprint: entry.fingerprint(),
             expires_unix_ms: entry.expires_unix_ms,
+            ca_fingerprint: self
+                .svc
+                .tls
+                .as_ref()
+                .map(|t| t.ca.fingerprint.clone())
+                .unwrap_or_default(),
         }))
     }
 
