@@ -30,7 +30,9 @@ IP_A=$SUBNET_PREFIX.2
 IP_B=$SUBNET_PREFIX.3
 QUEEN_PORT=7700
 POOL_PORT=7800
-QUEEN_URL=http://$IP_Q:$QUEEN_PORT
+# The queen listens on a non-loopback address, so it serves TLS (--tls auto): every hop below is
+# TLS, and the pools trust only the queen's CA.
+QUEEN_URL=https://$IP_Q:$QUEEN_PORT
 LOCK_FILE=/run/lock/skep-netns-cluster.lock
 WAIT_S=30 # the bound on every "until ..." wait
 
@@ -190,6 +192,7 @@ link_set() { ip -n "$NS_NET" link set "v-$1" "$2"; }
 BG_PIDS=()
 declare -A POOL_PID=() POOL_ID=() POOL_NS=() POOL_IP=() POOL_PORT_OF=() POOL_DIR=() POOL_TOKEN=()
 ADMIN_TOKEN=""
+QUEEN_CA=""
 
 # Starts a command in namespace $1, in its own process group (so its children can be killed with
 # it), logging to $TMP/logs/$2.log. Sets STARTED_PID.
@@ -226,6 +229,7 @@ start_queen() {
     sleep 0.2
   done
   ADMIN_TOKEN=$dir/admin.token
+  QUEEN_CA=$dir/tls/ca.pem
 }
 
 # start_pool KEY NS IP PORT TOKEN_FILE DATA_DIR: pool "pool-KEY"; does not wait for it.
@@ -236,8 +240,12 @@ start_pool() {
   POOL_PORT_OF[$key]=$4
   POOL_TOKEN[$key]=$5
   POOL_DIR[$key]=$6
+  # An enrollment token carries the CA fingerprint (token@sha256) and the pool pins it; a pool
+  # started with the admin token is given the CA file, as an operator would copy it.
+  local ca_args=()
+  grep -q @ "$5" || ca_args=(--queen-ca "$QUEEN_CA")
   start_in_ns "$2" "pool-$key" "$BIN/skep-pool" --data-dir "$6" --queen "$QUEEN_URL" \
-    --token-file "$5" --listen "$3:$4" --advertise "http://$3:$4" \
+    "${ca_args[@]}" --token-file "$5" --listen "$3:$4" --advertise "https://$3:$4" \
     --workers 2 --engine synthetic --model synthetic \
     --synthetic-ttft 5ms --synthetic-tps 20 --name "pool-$key"
   POOL_PID[$key]=$STARTED_PID
@@ -282,7 +290,7 @@ forget_pool() {
 # skep CLI as admin; every call bounded by `timeout`.
 cli() {
   ip netns exec "$NS_Q" timeout "${CLI_TIMEOUT:-20}" "$BIN/skep" --queen "$QUEEN_URL" \
-    --token-file "$ADMIN_TOKEN" "$@" 9>&-
+    --ca-file "$QUEEN_CA" --token-file "$ADMIN_TOKEN" "$@" 9>&-
 }
 
 nodes_json() { cli nodes list --json 2>/dev/null || true; }
@@ -396,7 +404,17 @@ scenario_basic() {
   "$ID_A" | "$ID_B") ;;
   *) REASON="job ran on '$node', which is neither pool-a ($ID_A) nor pool-b ($ID_B)"; return 1 ;;
   esac
-  REASON="pool-a and pool-b healthy; job done on $(name_of_id "$node")"
+  # Both hops are TLS: the pools advertise https URLs the queen accepted, and the CLI above
+  # reached the queen only through its CA.
+  local plain
+  plain=$(nodes_json | grep -c '"http://' || true)
+  [ "$plain" = 0 ] || { REASON="$plain node(s) registered with a plaintext URL"; return 1; }
+  if ip netns exec "$NS_Q" timeout 5 "$BIN/skep" --queen "http://$IP_Q:$QUEEN_PORT" \
+    --token-file "$ADMIN_TOKEN" jobs list >/dev/null 2>&1 9>&-; then
+    REASON="the queen answered a plaintext call on its TLS listener"
+    return 1
+  fi
+  REASON="pool-a and pool-b healthy over TLS; job done on $(name_of_id "$node")"
 }
 
 scenario_enrollment() {
@@ -443,7 +461,7 @@ scenario_enrollment() {
     rc=0
     ip netns exec "$NS_B" timeout 10 "$BIN/skep-pool" --data-dir "$TMP/pool-d" \
       --queen "$QUEEN_URL" --token-file "$enroll" --listen "$IP_B:$((POOL_PORT + 2))" \
-      --advertise "http://$IP_B:$((POOL_PORT + 2))" --workers 1 --engine synthetic \
+      --advertise "https://$IP_B:$((POOL_PORT + 2))" --workers 1 --engine synthetic \
       --name pool-d >>"$TMP/logs/pool-d.log" 2>&1 </dev/null 9>&- || rc=$?
     echo "$rc" >"$rcfile"
   ) &

@@ -159,7 +159,11 @@ impl Cluster {
             .spawn()
             .expect("start skep-queen");
         let addr = wait_for_file(&qdir.join("listen.addr"));
-        let scheme = if args.contains(&"--tls") { "https" } else { "http" };
+        let scheme = if args.contains(&"--tls") {
+            "https"
+        } else {
+            "http"
+        };
         Cluster {
             dir,
             queen,
@@ -323,17 +327,15 @@ impl Cluster {
     }
 
     pub async fn channel(&self) -> Result<Channel, String> {
-        let mut endpoint = Channel::from_shared(self.queen_url.clone()).map_err(|e| e.to_string())?;
+        let mut endpoint =
+            Channel::from_shared(self.queen_url.clone()).map_err(|e| e.to_string())?;
         if self.queen_url.starts_with("https://") {
             let ca = std::fs::read_to_string(self.ca_file()).map_err(|e| e.to_string())?;
             endpoint = endpoint
                 .tls_config(skep_tls::client_config(&ca, skep_tls::QUEEN_NAME))
                 .map_err(|e| e.to_string())?;
         }
-        endpoint
-            .connect()
-            .await
-            .map_err(|e| e.to_string())
+        endpoint.connect().await.map_err(|e| e.to_string())
     }
 
     pub async fn jobs_client(&self) -> JobsClient<Channel> {

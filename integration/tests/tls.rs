@@ -123,5 +123,10 @@ fn clients_without_the_ca_or_without_tls_are_refused() {
     assert_ne!(out.status.code(), Some(0));
     // The right CA works.
     let ok = cluster.cli().args(["jobs", "list"]).output().unwrap();
-    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }

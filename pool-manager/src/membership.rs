@@ -120,7 +120,7 @@ pub async fn queen_ca(
             }
         }
     };
-    std::fs::write(&pinned, &ca)?;
+    write_private(&pinned, &ca)?;
     info!(ca_fingerprint = %pin, file = %pinned.display(), "pinned the queen's CA");
     Ok(Some(ca))
 }
@@ -258,7 +258,9 @@ impl Membership {
         }
         let raw = Secret::from_file(&self.bootstrap).map_err(|e| Ok(e.into()))?;
         // An enrollment token may carry the CA fingerprint after '@': not part of the bearer.
-        let token = skep_tls::split_pin(raw.expose()).map_err(|e| Ok(e.into()))?.0;
+        let token = skep_tls::split_pin(raw.expose())
+            .map_err(|e| Ok(e.into()))?
+            .0;
         let bootstrap = Secret::from_string(token.to_owned());
         let mut client = self.client(&bootstrap).await.map_err(Err)?;
         let enrolled = match client

@@ -119,5 +119,8 @@ pub async fn fetch_pinned_ca(addr: &str, pin: &str) -> Result<String, TlsError> 
             pinned: pin.to_owned(),
         })?;
     let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
-    Ok(pem::encode_config(&pem::Pem::new("CERTIFICATE", der), config))
+    Ok(pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        config,
+    ))
 }

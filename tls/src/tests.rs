@@ -52,7 +52,11 @@ async fn handshake(
     let accept = tokio::spawn(async move { acceptor.accept(b).await.map(|_| ()) });
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let name = ServerName::try_from(name.to_owned()).unwrap();
-    let r = connector.connect(name, a).await.map(|_| ()).map_err(|e| e.to_string());
+    let r = connector
+        .connect(name, a)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     let _ = accept.await;
     r
 }
@@ -68,11 +72,17 @@ fn rt() -> tokio::runtime::Runtime {
 fn the_ca_is_created_once_and_kept_private() {
     let dir = temp_dir("ca");
     let first = QueenTls::load_or_create(&dir, &[]).unwrap();
-    let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let again = QueenTls::load_or_create(&dir, &["10.0.0.1".into()]).unwrap();
     assert_eq!(first.ca.fingerprint, again.ca.fingerprint);
-    assert_eq!(first.ca.fingerprint, pem_fingerprint(&again.ca.cert_pem).unwrap());
+    assert_eq!(
+        first.ca.fingerprint,
+        pem_fingerprint(&again.ca.cert_pem).unwrap()
+    );
     assert_eq!(first.ca.fingerprint.len(), 64);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -85,8 +95,12 @@ fn a_reloaded_ca_issues_certificates_that_chain_to_the_original() {
     let queen = QueenTls::load_or_create(&dir, &["192.168.1.7".into()]).unwrap();
     rt().block_on(async {
         let s = server(&queen.chain_pem, &queen.key_pem);
-        handshake(s.clone(), &original_ca_pem, QUEEN_NAME).await.unwrap();
-        handshake(s.clone(), &original_ca_pem, "192.168.1.7").await.unwrap();
+        handshake(s.clone(), &original_ca_pem, QUEEN_NAME)
+            .await
+            .unwrap();
+        handshake(s.clone(), &original_ca_pem, "192.168.1.7")
+            .await
+            .unwrap();
         // Another name is refused: certificates are bound to names.
         assert!(handshake(s, &original_ca_pem, "other.skep").await.is_err());
 
@@ -94,9 +108,15 @@ fn a_reloaded_ca_issues_certificates_that_chain_to_the_original() {
         let cert = queen.ca.issue_pool("node-1", &pool.public_key()).unwrap();
         let key_pem = pool.key.serialize_pem();
         let s = server(&format!("{cert}{}", queen.ca.cert_pem), &key_pem);
-        handshake(s.clone(), &original_ca_pem, &pool_name("node-1")).await.unwrap();
+        handshake(s.clone(), &original_ca_pem, &pool_name("node-1"))
+            .await
+            .unwrap();
         // A pool certificate does not pass for another node, nor for the queen.
-        assert!(handshake(s.clone(), &original_ca_pem, &pool_name("node-2")).await.is_err());
+        assert!(
+            handshake(s.clone(), &original_ca_pem, &pool_name("node-2"))
+                .await
+                .is_err()
+        );
         assert!(handshake(s, &original_ca_pem, QUEEN_NAME).await.is_err());
     });
     let _ = std::fs::remove_dir_all(&dir);
