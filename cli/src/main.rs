@@ -6,6 +6,7 @@
 
 mod audit;
 mod exit;
+mod models;
 mod render;
 
 use std::io::Write;
@@ -90,6 +91,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// The queen's model catalogue: add a model file, list them.
+    Model {
+        #[command(subcommand)]
+        command: models::ModelCommand,
     },
     /// Manage API tokens (admin).
     Token {
@@ -287,6 +293,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Token { command } => token(&queen, command).await,
+        Command::Model { command } => models::run(&queen, command).await,
         Command::Audit { .. } => Ok(()),
         Command::Nodes { command } => {
             let mut client = NodesClient::new(queen.channel.clone());

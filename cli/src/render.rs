@@ -116,6 +116,7 @@ pub fn nodes(nodes: &[Node], json: bool) {
                     "load1": i.load1,
                     "gpus": i.gpus.iter().map(|g| json!({"name": g.name, "memory_bytes": g.memory_bytes})).collect::<Vec<_>>(),
                     "models_loaded": i.models_loaded,
+                    "models_held": i.models_held,
                 })),
             });
             println!("{v}");

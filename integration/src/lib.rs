@@ -69,6 +69,8 @@ pub struct PoolOpts {
     pub gguf: Option<PathBuf>,
     /// `RUST_LOG` for the daemons (default: inherited).
     pub rust_log: Option<String>,
+    /// Run the GGUF engine on model `model` from the queen's catalogue (no local file).
+    pub from_catalogue: bool,
     /// The token file the pool starts with (default: the queen's admin token).
     pub token_file: Option<PathBuf>,
     /// Extra `skep-pool` flags.
@@ -84,6 +86,7 @@ impl Default for PoolOpts {
             tps: 500.0,
             gguf: None,
             rust_log: None,
+            from_catalogue: false,
             token_file: None,
             extra_args: Vec::new(),
         }
@@ -274,6 +277,7 @@ impl Cluster {
             .args(["--model", &opts.model])
             .args(match &opts.gguf {
                 Some(path) => vec!["--engine", "gguf", "--model-path", path_str(path)],
+                None if opts.from_catalogue => vec!["--engine", "gguf"],
                 None => vec![
                     "--engine",
                     "synthetic",
@@ -601,4 +605,29 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
+}
+
+/// The SmolLM2 GGUF file the real-model tests use: `SKEP_MODEL_PATH`, else the model cache.
+/// Needs `scripts/fetch-model.sh smollm2` (scripts/test.sh runs it); without the file the test
+/// fails and says so, it is never skipped.
+#[track_caller]
+pub fn smollm2_path() -> PathBuf {
+    let path = match std::env::var_os("SKEP_MODEL_PATH") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let dir = std::env::var_os("SKEP_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                        .join(".cache/skep/models")
+                });
+            dir.join("smollm2-135m-instruct-q4_1.gguf")
+        }
+    };
+    assert!(
+        path.is_file(),
+        "model {} is missing: run `scripts/fetch-model.sh smollm2` (scripts/test.sh does)",
+        path.display()
+    );
+    path
 }

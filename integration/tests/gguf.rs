@@ -5,36 +5,14 @@
 //! SKEP_MODEL_PATH). Without it the test fails and says so; it is never skipped.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 
 use skep_integration::{Cluster, PoolOpts, events};
 use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
 use skep_worker::engine::{Engine, GenerateRequest};
 
-fn model_path() -> PathBuf {
-    let path = match std::env::var_os("SKEP_MODEL_PATH") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let dir = std::env::var_os("SKEP_MODEL_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                        .join(".cache/skep/models")
-                });
-            dir.join("smollm2-135m-instruct-q4_1.gguf")
-        }
-    };
-    assert!(
-        path.is_file(),
-        "model {} is missing: run `scripts/fetch-model.sh smollm2` (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn smollm2_streams_exactly_the_engines_greedy_output() {
-    let path = model_path();
+    let path = skep_integration::smollm2_path();
     let prompt = "What is 2+2?";
     let max_tokens = 12;
 

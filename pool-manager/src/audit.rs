@@ -27,10 +27,16 @@ struct Record {
     fields: Fields,
 }
 
+enum Msg {
+    Event(Record),
+    /// Write a checkpoint (fsync included) and answer: what `flush` waits for.
+    Flush(SyncSender<()>),
+}
+
 /// Cheap to clone; records events without waiting.
 #[derive(Clone)]
 pub struct Audit {
-    tx: SyncSender<Record>,
+    tx: SyncSender<Msg>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -44,7 +50,7 @@ impl Audit {
             ..AuditOptions::default()
         };
         let log = AuditLog::open(&data_dir.join("audit"), key, opts)?;
-        let (tx, rx) = sync_channel::<Record>(BACKLOG);
+        let (tx, rx) = sync_channel::<Msg>(BACKLOG);
         let checkpoint_file = data_dir.join("audit.checkpoint");
         std::thread::Builder::new()
             .name("audit".into())
@@ -65,7 +71,9 @@ impl Audit {
             actor: actor.to_owned(),
             fields,
         };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(r) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.tx.try_send(Msg::Event(r))
+        {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             warn!(
                 event,
@@ -76,10 +84,30 @@ impl Audit {
     }
 }
 
-fn writer(mut log: AuditLog, rx: std::sync::mpsc::Receiver<Record>, checkpoint_file: PathBuf) {
+impl Audit {
+    /// Waits (at most `timeout`) until every event recorded so far is on disk: before the
+    /// process exits on an error it has just audited.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let (ack, done) = sync_channel(1);
+        if self.tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(timeout);
+        }
+    }
+}
+
+fn writer(mut log: AuditLog, rx: std::sync::mpsc::Receiver<Msg>, checkpoint_file: PathBuf) {
     let mut since = 0;
     // Ends when every `Audit` handle is gone.
-    for r in rx {
+    for msg in rx {
+        let r = match msg {
+            Msg::Event(r) => r,
+            Msg::Flush(ack) => {
+                checkpoint(&mut log, &checkpoint_file);
+                since = 0;
+                let _ = ack.send(());
+                continue;
+            }
+        };
         if let Err(e) = log.append(r.event, &r.actor, r.fields) {
             error!(event = r.event, error = %e, "audit append failed");
             continue;

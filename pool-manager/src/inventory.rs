@@ -36,7 +36,7 @@ fn parse_nvidia_smi(text: &str) -> Vec<Gpu> {
 }
 
 /// A fresh reading (cheap: two small /proc files).
-pub fn read(gpus: &[Gpu], models_loaded: &[String]) -> Inventory {
+pub fn read(gpus: &[Gpu], models_loaded: &[String], models_held: Vec<String>) -> Inventory {
     let memory_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -55,6 +55,7 @@ pub fn read(gpus: &[Gpu], models_loaded: &[String]) -> Inventory {
         load1,
         gpus: gpus.to_vec(),
         models_loaded: models_loaded.to_vec(),
+        models_held,
     }
 }
 
@@ -73,9 +74,10 @@ mod tests {
 
     #[test]
     fn reading_this_machine_finds_cpus_and_memory() {
-        let inv = read(&[], &["m".into()]);
+        let inv = read(&[], &["m".into()], vec!["ab".repeat(32)]);
         assert!(inv.cpus >= 1);
         assert!(inv.memory_bytes > 0);
         assert_eq!(inv.models_loaded, vec!["m".to_owned()]);
+        assert_eq!(inv.models_held, vec!["ab".repeat(32)]);
     }
 }

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod grpc;
 pub mod inventory;
 pub mod membership;
+pub mod provision;
 pub mod supervisor;
 
 use std::time::Instant;

@@ -57,7 +57,8 @@ struct Args {
     /// Model name served (default: "synthetic" for the synthetic engine, the file stem for gguf).
     #[arg(long)]
     model: Option<String>,
-    /// GGUF model file for `--engine gguf`.
+    /// GGUF model file for `--engine gguf`. Without it, the model named by `--model` is fetched
+    /// from the queen's catalogue by content hash (see `skep model add`).
     #[arg(long)]
     model_path: Option<PathBuf>,
     /// Synthetic engine: time to first token (humantime, e.g. 20ms).
@@ -131,15 +132,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let slots = args.workers as usize;
     let free = Arc::new(Semaphore::new(slots));
     let (jobs_tx, jobs_rx) = async_channel::bounded(slots);
-    let spec = Arc::new(WorkerSpec {
-        program,
-        args: engine_args,
-        lane_dir,
-        lane: LaneConfig::default(),
-    });
     let audit = Audit::start(&args.data_dir).context("starting the audit log")?;
     let speed = Arc::new(Speed::default());
-    let _slots = spawn_slots(spec, slots, jobs_rx, Arc::clone(&speed), audit.clone());
 
     let (key_tx, key_rx) = watch::channel(None);
     let name = args
@@ -160,6 +154,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queen_ca: queen_ca.clone(),
     };
     let creds = member.join().await?;
+    // A gguf model without a local file comes from the queen's catalogue, verified by hash,
+    // before any worker starts: no worker ever loads a file the catalogue does not vouch for.
+    let mut engine_args = engine_args;
+    if args.engine == EngineKind::Gguf && args.model_path.is_none() {
+        let models_dir = args.data_dir.join("models");
+        let path =
+            skep_pool_manager::provision::ensure(&member, &creds, &model, &models_dir, &audit)
+                .await
+                .inspect_err(|_| audit.flush(Duration::from_secs(2)))?;
+        engine_args.push("--model-path".into());
+        engine_args.push(path.to_string_lossy().into_owned());
+    }
+    let spec = Arc::new(WorkerSpec {
+        program,
+        args: engine_args,
+        lane_dir,
+        lane: LaneConfig::default(),
+    });
+    let _slots = spawn_slots(spec, slots, jobs_rx, Arc::clone(&speed), audit.clone());
     // The queen dials this pool over TLS when it serves TLS itself; the certificate it issues
     // names this node, so nobody else can answer in its place.
     let tls = match &queen_ca {
@@ -214,10 +227,20 @@ fn engine_args(args: &Args) -> anyhow::Result<(String, Vec<String>)> {
             Ok((model, engine))
         }
         EngineKind::Gguf => {
-            let path = args
-                .model_path
-                .as_ref()
-                .context("--engine gguf needs --model-path")?;
+            let Some(path) = args.model_path.as_ref() else {
+                let model = args
+                    .model
+                    .clone()
+                    .context("--engine gguf needs --model-path FILE, or --model NAME to fetch NAME from the queen's catalogue")?;
+                // `--model-path` is added once the file is provisioned.
+                let engine = vec![
+                    "--engine".into(),
+                    "gguf".into(),
+                    "--model".into(),
+                    model.clone(),
+                ];
+                return Ok((model, engine));
+            };
             let path = path
                 .canonicalize()
                 .with_context(|| format!("model file {}", path.display()))?;

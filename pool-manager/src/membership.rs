@@ -127,7 +127,7 @@ pub async fn queen_ca(
 
 /// Adds the bearer header to every call.
 #[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
@@ -137,6 +137,10 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 type Client = NodesClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+/// The queen's model catalogue, as this node.
+pub type ModelsClient = skep_proto::v1::models_client::ModelsClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
 
 /// This node's identity at the queen.
 pub struct Credentials {
@@ -225,7 +229,19 @@ impl Membership {
         }
     }
 
+    /// The catalogue client, authenticated as this node.
+    pub async fn models_client(&self, creds: &Credentials) -> Result<ModelsClient, Status> {
+        let (channel, bearer) = self.connect(&creds.key).await?;
+        let client = skep_proto::v1::models_client::ModelsClient::with_interceptor(channel, bearer);
+        Ok(client.max_decoding_message_size(2 << 20))
+    }
+
     async fn client(&self, token: &Secret) -> Result<Client, Status> {
+        let (channel, bearer) = self.connect(token).await?;
+        Ok(NodesClient::with_interceptor(channel, bearer))
+    }
+
+    async fn connect(&self, token: &Secret) -> Result<(Channel, Bearer), Status> {
         let mut endpoint = Channel::from_shared(self.queen_url.clone())
             .map_err(|e| Status::invalid_argument(format!("bad queen URL: {e}")))?;
         if let Some(ca) = &self.queen_ca {
@@ -241,7 +257,7 @@ impl Membership {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let header =
             auth::bearer_header(token).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(NodesClient::with_interceptor(channel, Bearer(header)))
+        Ok((channel, Bearer(header)))
     }
 
     /// Stored credentials, or new ones from enrolling. `Err(Ok(_))` is permanent.
@@ -313,7 +329,11 @@ impl Membership {
                     free_slots: self.free.available_permits() as u32,
                     models: self.models.clone(),
                     // Each worker loads its model once at start and keeps it warm.
-                    inventory: Some(inventory::read(&gpus, &self.models)),
+                    inventory: Some(inventory::read(
+                        &gpus,
+                        &self.models,
+                        crate::provision::held(&self.data_dir.join("models")),
+                    )),
                 })
                 .await?
                 .into_inner();

@@ -56,6 +56,12 @@ pub enum Error {
     Tokens(#[from] crate::auth::BookError),
     #[error("internal component stopped")]
     ActorStopped,
+    #[error("model: {0}")]
+    Model(String),
+    #[error("no model {0} in the catalogue; add it with `skep model add`")]
+    ModelNotFound(String),
+    #[error("I/O: {0}")]
+    Io(String),
 }
 
 impl From<actix::MailboxError> for Error {

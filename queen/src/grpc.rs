@@ -6,6 +6,7 @@
 mod convert;
 pub mod dispatch;
 mod jobs;
+mod models;
 mod nodes;
 mod status;
 mod tokens;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use skep_common::ratelimit::RateLimits;
 use skep_common::validate;
 use skep_proto::v1::jobs_server::JobsServer;
+use skep_proto::v1::models_server::ModelsServer;
 use skep_proto::v1::nodes_server::NodesServer;
 use skep_proto::v1::tokens_server::TokensServer;
 use tokio::net::TcpListener;
@@ -54,6 +56,9 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE);
     let nodes = NodesServer::new(nodes::NodesService::new(services.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
+    // Model uploads come in chunks of at most `CHUNK` bytes.
+    let models = ModelsServer::new(models::ModelsService::new(services.clone()))
+        .max_decoding_message_size(models::CHUNK + 4096);
     let tokens = TokensServer::new(tokens::TokensService::new(services))
         .max_decoding_message_size(MAX_MESSAGE);
     let mut server = tonic::transport::Server::builder();
@@ -65,6 +70,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(InterceptedService::new(jobs, auth.clone()))
         .add_service(InterceptedService::new(nodes, auth.clone()))
+        .add_service(InterceptedService::new(models, auth.clone()))
         .add_service(InterceptedService::new(tokens, auth))
         .serve_with_incoming_shutdown(skep_common::daemon::incoming(listener), shutdown)
         .await

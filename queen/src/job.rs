@@ -37,6 +37,7 @@ pub struct Services {
     pub audit: crate::audit::AuditHandle,
     /// The queen's TLS material when it serves TLS: its CA signs pools' certificates.
     pub tls: Option<std::sync::Arc<skep_tls::QueenTls>>,
+    pub catalogue: crate::catalogue::Catalogue,
 }
 
 /// A validated job request.

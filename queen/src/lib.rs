@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod audit;
 pub mod auth;
+pub mod catalogue;
 pub mod error;
 pub mod grpc;
 pub mod job;

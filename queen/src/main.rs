@@ -134,6 +134,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .context("starting the audit log")?;
     let interrupted = store.take_interrupted().await?;
+    let catalogue =
+        skep_queen::catalogue::Catalogue::open(&args.data_dir.join("models"), store.clone())
+            .context("opening the model catalogue")?;
     let limits = Arc::new(RateLimits::new(args.rate_limit, args.bad_auth_limit));
     let services = Services {
         admission,
@@ -143,6 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokens,
         audit: audit.clone(),
         tls,
+        catalogue,
     };
 
     tokio::spawn(prune_jobs(services.store.clone(), args.job_ttl));

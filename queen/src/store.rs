@@ -11,6 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Error;
 use crate::auth::{Role, TokenEntry};
+use crate::catalogue::ModelEntry;
 use crate::model::{JobRecord, JobState, Timings};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     caller TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_unix_ms);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    added_unix_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     digest TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -278,6 +286,45 @@ impl Handler<TakeInterrupted> for Store {
 
 #[derive(Message)]
 #[rtype(result = "Result<(), StoreError>")]
+struct UpsertModel(ModelEntry);
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<ModelEntry>, StoreError>")]
+struct ListModels;
+
+impl Handler<UpsertModel> for Store {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, UpsertModel(m): UpsertModel, _: &mut Self::Context) -> Self::Result {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO models (name, sha256, size, format, added_unix_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![m.name, m.sha256, m.size, m.format, m.added_unix_ms],
+        )?;
+        Ok(())
+    }
+}
+
+impl Handler<ListModels> for Store {
+    type Result = Result<Vec<ModelEntry>, StoreError>;
+    fn handle(&mut self, _: ListModels, _: &mut Self::Context) -> Self::Result {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, sha256, size, format, added_unix_ms FROM models ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ModelEntry {
+                name: r.get(0)?,
+                sha256: r.get(1)?,
+                size: r.get(2)?,
+                format: r.get(3)?,
+                added_unix_ms: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
 struct InsertToken(TokenEntry);
 
 #[derive(Message)]
@@ -461,6 +508,14 @@ impl StoreHandle {
 
     pub async fn load_tokens(&self) -> Result<Vec<TokenEntry>, Error> {
         Ok(self.addr.send(LoadTokens).await??)
+    }
+
+    pub async fn upsert_model(&self, model: ModelEntry) -> Result<(), Error> {
+        Ok(self.addr.send(UpsertModel(model)).await??)
+    }
+
+    pub async fn list_models(&self) -> Result<Vec<ModelEntry>, Error> {
+        Ok(self.addr.send(ListModels).await??)
     }
 
     pub async fn list(&self, limit: u32) -> Result<Vec<JobRecord>, Error> {

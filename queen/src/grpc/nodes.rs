@@ -63,6 +63,16 @@ fn checked_inventory(inv: Option<Inventory>) -> Result<Option<Inventory>, Status
         ));
     }
     check_models(&inv.models_loaded)?;
+    if inv.models_held.len() > 64
+        || inv
+            .models_held
+            .iter()
+            .any(|h| crate::catalogue::check_sha256(h).is_err())
+    {
+        return Err(Status::invalid_argument(
+            "models_held must be at most 64 lower-case hex SHA-256 digests",
+        ));
+    }
     Ok(Some(inv))
 }
 

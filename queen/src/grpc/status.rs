@@ -38,7 +38,9 @@ impl From<Error> for Status {
             Error::Cancelled => Status::cancelled(msg),
             // A pool's own verdict passes through with its code.
             Error::Pool { code, .. } => Status::new(Code::from(code), msg),
-            Error::Store(_) | Error::ActorStopped => {
+            Error::Model(_) => Status::invalid_argument(msg),
+            Error::ModelNotFound(_) => Status::not_found(msg),
+            Error::Store(_) | Error::ActorStopped | Error::Io(_) => {
                 warn!(error = %msg, "internal error");
                 Status::internal("internal error; see the queen's log")
             }
