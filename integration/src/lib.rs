@@ -631,3 +631,14 @@ pub fn smollm2_path() -> PathBuf {
     );
     path
 }
+
+/// Fails the test, showing the command's stderr, unless it exited 0.
+#[track_caller]
+pub fn assert_success(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -75,12 +75,7 @@ fn late_job_stops_within_one_token_and_frees_the_worker() {
     );
     // Had the worker gone on with the remaining ~4s of tokens, this 3s job could not finish.
     let next = cluster.submit("synthetic", "3s", 2, "next");
-    assert_eq!(
-        next.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&next.stderr)
-    );
+    skep_integration::assert_success(&next);
 }
 
 #[test]
@@ -156,12 +151,7 @@ fn cancel_stops_the_job_and_frees_the_worker() {
         .args(["jobs", "cancel", &id])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skep_integration::assert_success(&out);
     let (code, evs) = job.finish();
     assert_eq!(code, Some(1), "a cancelled job is not a success: {evs:?}");
     assert_eq!(evs.last().unwrap()["code"], "Cancelled");
@@ -170,12 +160,7 @@ fn cancel_stops_the_job_and_frees_the_worker() {
     assert!(rec["tokens"].as_u64().unwrap() < 200);
     // 200 tokens at 10/s would hold the only slot for 20s; the next job needs it now.
     let next = cluster.submit("synthetic", "3s", 2, "next");
-    assert_eq!(
-        next.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&next.stderr)
-    );
+    skep_integration::assert_success(&next);
 }
 
 #[test]
@@ -193,10 +178,5 @@ fn client_disconnect_cancels_the_job_and_frees_the_worker() {
         cluster.job(&id)["state"] == "cancelled"
     });
     let next = cluster.submit("synthetic", "3s", 2, "next");
-    assert_eq!(
-        next.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&next.stderr)
-    );
+    skep_integration::assert_success(&next);
 }

@@ -40,12 +40,7 @@ fn smollm2_streams_exactly_the_engines_greedy_output() {
         ..PoolOpts::default()
     });
     let out = cluster.submit("smollm2", "300s", max_tokens, prompt);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skep_integration::assert_success(&out);
     let evs = events(&out);
     let streamed: String = evs
         .iter()

@@ -19,12 +19,7 @@ fn queen_with_model(tag: &str) -> (Cluster, String) {
         .arg(&model)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skep_integration::assert_success(&out);
     let sha = sha256_of(&model);
     let list = cluster
         .cli()

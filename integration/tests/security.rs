@@ -16,12 +16,7 @@ fn create_token(cluster: &Cluster, role: &str, extra: &[&str]) -> std::path::Pat
         .args(extra)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skep_integration::assert_success(&out);
     path
 }
 
@@ -85,12 +80,7 @@ fn tokens_have_roles_and_can_be_revoked() {
         .args(["token", "revoke", &fp])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skep_integration::assert_success(&out);
     assert_eq!(
         submit_with(&cluster, &submit),
         Some(5),
@@ -144,12 +134,7 @@ fn callers_over_their_rate_get_exit_4_with_a_retry_hint() {
     let cluster = Cluster::queen_with("rate", &["--rate-limit", "3/1m"]);
     for _ in 0..3 {
         let out = cluster.cli().args(["jobs", "list"]).output().unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        skep_integration::assert_success(&out);
     }
     let out = cluster.cli().args(["jobs", "list"]).output().unwrap();
     assert_eq!(out.status.code(), Some(4));

@@ -17,12 +17,7 @@ fn tls_queen(tag: &str) -> (Cluster, PathBuf) {
         .arg(&token)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skep_integration::assert_success(&out);
     (cluster, token)
 }
 
@@ -56,12 +51,7 @@ fn jobs_run_over_tls_with_a_pool_that_pinned_the_queen_ca() {
     assert!(nodes.contains("https://127.0.0.1:"), "{nodes}");
 
     let out = cluster.submit("synthetic", "5s", 4, "over TLS");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skep_integration::assert_success(&out);
     let events = skep_integration::events(&out);
     assert_eq!(events.iter().filter(|e| e["event"] == "token").count(), 4);
 
@@ -123,10 +113,5 @@ fn clients_without_the_ca_or_without_tls_are_refused() {
     assert_ne!(out.status.code(), Some(0));
     // The right CA works.
     let ok = cluster.cli().args(["jobs", "list"]).output().unwrap();
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    skep_integration::assert_success(&ok);
 }

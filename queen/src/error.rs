@@ -47,7 +47,13 @@ pub enum Error {
         message: String,
     },
     #[error("pool {node} unreachable: {message}")]
-    PoolUnreachable { node: String, message: String },
+    PoolUnreachable {
+        node: String,
+        message: String,
+        /// The connection itself failed (refused, reset, closed without a result), as opposed
+        /// to the pool answering UNAVAILABLE: the node may be down.
+        transport: bool,
+    },
     #[error("state store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("rate limit exceeded; retry in {}ms", .retry_after.as_millis())]

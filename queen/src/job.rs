@@ -270,6 +270,15 @@ async fn drive(
         // Try another pool with what is left of the budget; the stream shows it as a new
         // `dispatched` event with the next attempt number.
         warn!(job = %job.id, node = %node_id, attempt, error = %error, "pool failed mid-job; retrying elsewhere");
+        if matches!(
+            error,
+            Error::PoolUnreachable {
+                transport: true,
+                ..
+            }
+        ) {
+            let _ = svc.registry.unreachable(&node_id).await;
+        }
         avoid.push(node_id);
         attempt += 1;
         waiting = match svc
@@ -494,6 +503,7 @@ async fn execute(
             _ = assignment.target.gone.cancelled() => return Err(Error::PoolUnreachable {
                 node: p.node_id.clone(),
                 message: "node left the cluster (dead or revoked)".into(),
+                transport: false,
             }),
         };
         match ev {
@@ -543,6 +553,7 @@ async fn execute(
                 return Err(Error::PoolUnreachable {
                     node: p.node_id.clone(),
                     message: "stream ended without a result".into(),
+                    transport: true,
                 });
             }
         }

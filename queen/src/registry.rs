@@ -280,6 +280,30 @@ impl Handler<Heartbeat> for Registry {
 }
 
 #[derive(Message)]
+#[rtype(result = "Result<(), Error>")]
+struct Unreachable {
+    node_id: String,
+}
+
+impl Handler<Unreachable> for Registry {
+    type Result = ResponseFuture<Result<(), Error>>;
+    fn handle(&mut self, msg: Unreachable, _: &mut Self::Context) -> Self::Result {
+        let Some(e) = self.nodes.get_mut(&msg.node_id) else {
+            return Box::pin(async { Ok(()) });
+        };
+        if e.info.health != NodeHealth::Healthy {
+            return Box::pin(async { Ok(()) });
+        }
+        // Until its next heartbeat says otherwise: without this, every job placed on a crashed
+        // pool before its heartbeats are missed would pay a failed attempt.
+        e.info.health = NodeHealth::Suspect;
+        warn!(node = %msg.node_id, "dispatch could not reach the node; suspect until it heartbeats");
+        let sched = self.scheduler.clone();
+        Box::pin(async move { sched.node_down(&msg.node_id).await })
+    }
+}
+
+#[derive(Message)]
 #[rtype(result = "Result<bool, Error>")]
 struct Revoke {
     node_id: String,
@@ -375,6 +399,15 @@ impl RegistryHandle {
                 free_slots,
                 models,
                 inventory,
+            })
+            .await?
+    }
+
+    /// A dispatch found the node unreachable: it takes no new work until it heartbeats again.
+    pub async fn unreachable(&self, node_id: &str) -> Result<(), Error> {
+        self.addr
+            .send(Unreachable {
+                node_id: node_id.to_owned(),
             })
             .await?
     }

@@ -92,6 +92,8 @@ fn pool_error(node: &str, s: Status) -> Error {
         Code::Unavailable => Error::PoolUnreachable {
             node: node.to_owned(),
             message: s.message().to_owned(),
+            // tonic attaches the transport error as the source; a pool's own answer has none.
+            transport: std::error::Error::source(&s).is_some(),
         },
         _ => Error::Pool {
             node: node.to_owned(),
