@@ -748,8 +748,9 @@ fn chaos_load(n: usize) -> Section {
              accepted it and its stream ended without a terminal event, or when the queen's \
              record (`Jobs/Get`) disagrees with what the stream said; every accepted job is \
              checked. *Retried*: jobs that ran on more than one pool (the stream showed \
-             attempt ≥ 2) — those running on the killed pool, and those dispatched to it before \
-             the queen noticed it was gone.",
+             attempt ≥ 2) — those running on the killed pool, and those dispatched to it in the \
+             moment before a failed connection marked it suspect (it takes work again after its \
+             next heartbeat).",
             p.deadline.as_secs(),
             p.concurrency,
             p.pools,
