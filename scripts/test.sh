@@ -25,6 +25,8 @@ cargo build --workspace --bins
 step "model for the real-engine tests"
 SKEP_MODEL_PATH="$(scripts/fetch-model.sh smollm2 | tail -n 1)"
 export SKEP_MODEL_PATH
+# Gemma 3 goes to the same cache; its tests find it there.
+scripts/fetch-model.sh gemma3 >/dev/null
 
 step "tests"
 cargo test --workspace

@@ -608,25 +608,32 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// The SmolLM2 GGUF file the real-model tests use: `SKEP_MODEL_PATH`, else the model cache.
-/// Needs `scripts/fetch-model.sh smollm2` (scripts/test.sh runs it); without the file the test
-/// fails and says so, it is never skipped.
 #[track_caller]
 pub fn smollm2_path() -> PathBuf {
-    let path = match std::env::var_os("SKEP_MODEL_PATH") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let dir = std::env::var_os("SKEP_MODEL_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                        .join(".cache/skep/models")
-                });
-            dir.join("smollm2-135m-instruct-q4_1.gguf")
+    match std::env::var_os("SKEP_MODEL_PATH") {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "SKEP_MODEL_PATH {} is not a file", p.display());
+            p
         }
-    };
+        None => model_path("smollm2-135m-instruct-q4_1.gguf", "smollm2"),
+    }
+}
+
+/// A model file in the cache (`SKEP_MODEL_DIR`, default `~/.cache/skep/models`), put there by
+/// `scripts/fetch-model.sh NAME` (scripts/test.sh runs it). A missing file fails the test and
+/// says how to get it; it is never skipped.
+#[track_caller]
+pub fn model_path(file: &str, fetch_name: &str) -> PathBuf {
+    let dir = std::env::var_os("SKEP_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/skep/models")
+        });
+    let path = dir.join(file);
     assert!(
         path.is_file(),
-        "model {} is missing: run `scripts/fetch-model.sh smollm2` (scripts/test.sh does)",
+        "model {} is missing: run `scripts/fetch-model.sh {fetch_name}` (scripts/test.sh does)",
         path.display()
     );
     path

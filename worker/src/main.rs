@@ -55,24 +55,23 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format);
     let session = read_session()?;
-    let mut engine: Box<dyn Engine> = match args.engine {
-        EngineKind::Synthetic => Box::new(SyntheticEngine::new(SyntheticConfig {
-            model: args.model.clone(),
-            time_to_first_token: args.synthetic_ttft,
-            tokens_per_sec: args.synthetic_tps,
-        })),
-        EngineKind::Gguf => load_gguf(&args)?,
+    let config = ServeConfig {
+        request_lane: args.request_lane.clone(),
+        response_lane: args.response_lane.clone(),
+        generation: args.generation,
     };
-    serve(
-        ServeConfig {
-            request_lane: args.request_lane,
-            response_lane: args.response_lane,
-            generation: args.generation,
-        },
-        &session,
-        engine.as_mut(),
-    )
-    .context("worker stopped")
+    let load = || -> anyhow::Result<Box<dyn Engine>> {
+        Ok(match args.engine {
+            EngineKind::Synthetic => Box::new(SyntheticEngine::new(SyntheticConfig {
+                model: args.model.clone(),
+                time_to_first_token: args.synthetic_ttft,
+                tokens_per_sec: args.synthetic_tps,
+            })),
+            EngineKind::Gguf => load_gguf(&args)?,
+        })
+    };
+    // `{:#}` keeps the whole cause chain (which file, what was wrong with it).
+    serve(config, &session, || load().map_err(|e| format!("{e:#}"))).context("worker stopped")
 }
 
 fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn Engine>> {

@@ -47,23 +47,22 @@ pub enum ServeError {
     Lane(#[from] LaneError),
     #[error("the pool manager went away")]
     Orphaned,
+    #[error("loading the engine: {0}")]
+    Load(String),
 }
 
-/// Serves jobs until the lanes die or the parent process exits.
-pub fn serve(
+/// Loads the engine with `load`, then serves jobs until the lanes die or the parent process
+/// exits. The lanes are opened and heartbeats start *before* the model loads: loading a large
+/// model takes seconds, and the pool manager must not take that for a hang.
+pub fn serve<E: std::fmt::Display>(
     config: ServeConfig,
     session: &Secret,
-    engine: &mut dyn Engine,
+    load: impl FnOnce() -> Result<Box<dyn Engine>, E>,
 ) -> Result<(), ServeError> {
     let requests = Lane::open(&config.request_lane, config.generation)?;
     let responses = Lane::open(&config.response_lane, config.generation)?;
     let parent = std::os::unix::process::parent_id();
     responses.beat();
-    info!(
-        generation = config.generation,
-        model = engine.model(),
-        "worker ready"
-    );
 
     // Beat from a thread of its own: a long prompt can keep the engine busy for seconds, and
     // the pool manager must not mistake that for a hang. A dead process stops beating at once.
@@ -75,7 +74,16 @@ pub fn serve(
                 std::thread::sleep(HEARTBEAT_EVERY);
             }
         });
-        let result = serve_loop(&requests, &responses, session, engine, parent);
+        let result = load()
+            .map_err(|e| ServeError::Load(e.to_string()))
+            .and_then(|mut engine| {
+                info!(
+                    generation = config.generation,
+                    model = engine.model(),
+                    "worker ready"
+                );
+                serve_loop(&requests, &responses, session, engine.as_mut(), parent)
+            });
         stop.store(true, Ordering::Relaxed);
         result
     })

@@ -1,9 +1,12 @@
-//! The GGUF engine: runs llama-architecture GGUF models (e.g. SmolLM2) on candle, CPU by default.
+//! The GGUF engine: runs llama-architecture (e.g. SmolLM2) and Gemma 3 GGUF models on candle,
+//! CPU by default.
 //!
 //! The model is read once at start and kept warm; each job clears the KV cache and starts from
 //! position 0, so jobs never see each other's context. With the `cuda` cargo feature the weights
 //! go to the first CUDA GPU when one is present.
 
+mod gemma3;
+mod spm;
 mod stream;
 mod template;
 mod tokenizer;
@@ -76,7 +79,7 @@ pub enum GgufError {
 /// A GGUF model loaded and ready to generate.
 pub struct GgufEngine {
     model_name: String,
-    weights: ModelWeights,
+    weights: Weights,
     tokenizer: GgufTokenizer,
     template: Option<ChatTemplate>,
     device: Device,
@@ -121,7 +124,13 @@ impl GgufEngine {
         // error, not a crashed worker, so the whole read runs under catch_unwind.
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let content = Content::read(&mut reader).map_err(GgufError::Format)?;
-            let context_len = check_llama_metadata(&content)?;
+            let arch = architecture(&content)?;
+            let context_len = match arch {
+                Arch::Llama => check_llama_metadata(&content)?,
+                Arch::Gemma3 => gemma3::context_len(&content)
+                    .map_err(GgufError::Weights)?
+                    .min(GEMMA3_MAX_CONTEXT),
+            };
             let tokenizer = GgufTokenizer::from_gguf(&content)?;
             let template = match content.metadata.get("tokenizer.chat_template") {
                 Some(v) => {
@@ -136,8 +145,16 @@ impl GgufEngine {
                 }
                 None => None,
             };
-            let weights = ModelWeights::from_gguf(content, &mut reader, &device)
-                .map_err(GgufError::Weights)?;
+            let weights = match arch {
+                Arch::Llama => Weights::Llama(Box::new(
+                    ModelWeights::from_gguf(content, &mut reader, &device)
+                        .map_err(GgufError::Weights)?,
+                )),
+                Arch::Gemma3 => Weights::Gemma3(Box::new(
+                    gemma3::Gemma3::from_gguf(content, &mut reader, &device)
+                        .map_err(GgufError::Weights)?,
+                )),
+            };
             Ok::<_, GgufError>((weights, tokenizer, template, context_len))
         }))
         .map_err(|panic| GgufError::Panicked(panic_message(&panic)))??;
@@ -334,20 +351,57 @@ fn pick_device() -> Result<Device, GgufError> {
     }
 }
 
-/// Checks what `quantized_llama` assumes about the hyper-parameters before it divides or
-/// indexes with them, and returns the usable context length.
-fn check_llama_metadata(ct: &Content) -> Result<usize, GgufError> {
+/// Context cap for Gemma 3: its KV cache grows with the sequence and nothing larger is needed
+/// for chat jobs on home machines.
+const GEMMA3_MAX_CONTEXT: usize = 8192;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Arch {
+    Llama,
+    Gemma3,
+}
+
+/// The model's forward pass, by architecture.
+enum Weights {
+    Llama(Box<ModelWeights>),
+    Gemma3(Box<gemma3::Gemma3>),
+}
+
+impl Weights {
+    fn clear_kv_cache(&mut self) {
+        match self {
+            Weights::Llama(w) => w.clear_kv_cache(),
+            Weights::Gemma3(w) => w.clear_kv_cache(),
+        }
+    }
+
+    fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(w) => w.forward(input, pos),
+            Weights::Gemma3(w) => w.forward(input, pos),
+        }
+    }
+}
+
+fn architecture(ct: &Content) -> Result<Arch, GgufError> {
     let arch = ct
         .metadata
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .map(String::as_str)
         .unwrap_or("");
-    if arch != "llama" {
-        return Err(GgufError::Unsupported(format!(
-            "general.architecture = {arch:?}; this engine runs \"llama\" models"
-        )));
+    match arch {
+        "llama" => Ok(Arch::Llama),
+        "gemma3" => Ok(Arch::Gemma3),
+        _ => Err(GgufError::Unsupported(format!(
+            "general.architecture = {arch:?}; this engine runs \"llama\" and \"gemma3\" models"
+        ))),
     }
+}
+
+/// Checks what `quantized_llama` assumes about the hyper-parameters before it divides or
+/// indexes with them, and returns the usable context length.
+fn check_llama_metadata(ct: &Content) -> Result<usize, GgufError> {
     let get = |key: &str| -> Result<usize, GgufError> {
         match ct.metadata.get(key) {
             Some(Value::U32(v)) => Ok(*v as usize),

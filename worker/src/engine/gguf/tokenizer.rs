@@ -1,8 +1,9 @@
 //! The tokenizer of a GGUF model, rebuilt from its `tokenizer.ggml.*` metadata to match llama.cpp.
 //!
-//! Only GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`) is supported, with the
-//! pre-tokenizers whose split rules we reproduce exactly; anything else is refused at load time
-//! rather than tokenized subtly differently from llama.cpp.
+//! Two kinds are supported: GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`, e.g.
+//! SmolLM2) with the pre-tokenizers whose split rules we reproduce exactly, and SentencePiece
+//! style with scores (`"llama"`, e.g. Gemma 3; see `spm.rs`). Anything else is refused at load
+//! time rather than tokenized subtly differently from llama.cpp.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,6 +20,7 @@ use tokenizers::{AddedToken, Tokenizer};
 const TOKEN_TYPE_NORMAL: i64 = 1;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+const TOKEN_TYPE_BYTE: i64 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -32,9 +34,17 @@ pub enum TokenizerError {
     Tokenizers(String),
 }
 
-/// A byte-level BPE tokenizer built from GGUF metadata.
+/// How text is split into ids.
+enum Splitter {
+    Bpe(Box<Tokenizer>),
+    Spm(Box<super::spm::Spm>),
+}
+
+/// A tokenizer built from GGUF metadata.
 pub struct GgufTokenizer {
-    inner: Tokenizer,
+    inner: Splitter,
+    /// The vocabulary as stored in the file.
+    tokens: Vec<String>,
     /// Raw bytes each token id stands for, for streaming decode. Control tokens map to nothing,
     /// as in llama.cpp's `token_to_piece(.., special = false)`.
     pieces: Vec<Vec<u8>>,
@@ -60,11 +70,12 @@ impl GgufTokenizer {
     pub fn from_gguf(ct: &Content) -> Result<Self, TokenizerError> {
         let md = &ct.metadata;
         let model = string(md, "tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(TokenizerError::Unsupported(format!(
-                "tokenizer.ggml.model = {model:?} (only \"gpt2\" byte-level BPE is implemented)"
+                "tokenizer.ggml.model = {model:?} (implemented: \"gpt2\" byte-level BPE, \"llama\" SentencePiece)"
             )));
         }
+        let spm = model == "llama";
         let pre = match md.get("tokenizer.ggml.pre") {
             Some(v) => v
                 .to_string()
@@ -72,8 +83,6 @@ impl GgufTokenizer {
                 .clone(),
             None => "gpt-2".to_string(),
         };
-        let pre_tokenizer = pre_tokenizer_for(&pre)?;
-
         let tokens = string_array(md, "tokenizer.ggml.tokens")?;
         let n_vocab = tokens.len();
         if n_vocab == 0 {
@@ -96,51 +105,13 @@ impl GgufTokenizer {
             }
             None => vec![TOKEN_TYPE_NORMAL; n_vocab],
         };
-        let merges = string_array(md, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(malformed("tokenizer.ggml.merges", format!("entry {m:?}"))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
-        // llama.cpp splits control and user-defined tokens out of the text before BPE (when
-        // parsing specials, which chat prompts do); registering them as added tokens does that.
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|&(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
-            .collect();
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-
-        let unicode_to_byte = unicode_to_byte();
-        let pieces = tokens
-            .iter()
-            .zip(&types)
-            .map(|(t, &ty)| match ty {
-                TOKEN_TYPE_CONTROL => Vec::new(),
-                TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
-                _ => byte_level_decode(t, &unicode_to_byte),
-            })
-            .collect();
-
         let bos = optional_id(md, "tokenizer.ggml.bos_token_id", n_vocab)?;
         let eos = optional_id(md, "tokenizer.ggml.eos_token_id", n_vocab)?;
+        let (inner, pieces) = if spm {
+            spm_parts(md, &tokens, &types)?
+        } else {
+            bpe_parts(md, &pre, &tokens, &types)?
+        };
         let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
             Some(v) => v
                 .to_bool()
@@ -168,6 +139,7 @@ impl GgufTokenizer {
 
         Ok(Self {
             inner,
+            tokens,
             pieces,
             eog,
             bos,
@@ -179,11 +151,15 @@ impl GgufTokenizer {
     /// Token ids for `text`, parsing special tokens written in it (as llama.cpp does for a
     /// rendered chat prompt) and without adding BOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.inner {
+            Splitter::Bpe(t) => {
+                let enc = t
+                    .encode(text, false)
+                    .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Splitter::Spm(spm) => Ok(spm.encode(text)),
+        }
     }
 
     /// Token ids for a whole prompt: `encode` plus BOS when the model asks for it and the text
@@ -216,7 +192,7 @@ impl GgufTokenizer {
 
     /// The vocabulary entry for `id`, exactly as stored in the GGUF (e.g. `"Ġthe"`).
     pub fn token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        self.tokens.get(id as usize).cloned()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -239,6 +215,109 @@ impl GgufTokenizer {
     pub fn special_text(&self, id: Option<u32>) -> String {
         id.and_then(|id| self.token(id)).unwrap_or_default()
     }
+}
+
+type Parts = (Splitter, Vec<Vec<u8>>);
+
+/// Byte-level BPE: the HF tokenizers pipeline, and each token's bytes.
+fn bpe_parts(
+    md: &HashMap<String, Value>,
+    pre: &str,
+    tokens: &[String],
+    types: &[i64],
+) -> Result<Parts, TokenizerError> {
+    let pre_tokenizer = pre_tokenizer_for(pre)?;
+    let merges = string_array(md, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => Err(malformed("tokenizer.ggml.merges", format!("entry {m:?}"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+    // llama.cpp splits control and user-defined tokens out of the text before BPE (when
+    // parsing specials, which chat prompts do); registering them as added tokens does that.
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|&(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
+        .map(|(t, _)| AddedToken::from(t.clone(), true))
+        .collect();
+    inner
+        .add_special_tokens(specials)
+        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+    let unicode_to_byte = unicode_to_byte();
+    let pieces = tokens
+        .iter()
+        .zip(types)
+        .map(|(t, &ty)| match ty {
+            TOKEN_TYPE_CONTROL => Vec::new(),
+            TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
+            _ => byte_level_decode(t, &unicode_to_byte),
+        })
+        .collect();
+    Ok((Splitter::Bpe(Box::new(inner)), pieces))
+}
+
+/// SentencePiece with scores: the merge tables, and each token's bytes (`▁` is a space, byte
+/// tokens are their byte, control tokens are nothing).
+fn spm_parts(
+    md: &HashMap<String, Value>,
+    tokens: &[String],
+    types: &[i64],
+) -> Result<Parts, TokenizerError> {
+    let scores = md
+        .get("tokenizer.ggml.scores")
+        .ok_or(TokenizerError::Missing("tokenizer.ggml.scores"))?
+        .to_vec()
+        .map_err(|e| malformed("tokenizer.ggml.scores", e))?
+        .iter()
+        .map(|v| {
+            v.to_f32()
+                .map_err(|e| malformed("tokenizer.ggml.scores", e))
+        })
+        .collect::<Result<Vec<f32>, _>>()?;
+    if scores.len() != tokens.len() {
+        return Err(malformed(
+            "tokenizer.ggml.scores",
+            format!("{} scores for {} tokens", scores.len(), tokens.len()),
+        ));
+    }
+    // llama.cpp's default for SentencePiece vocabularies is to prefix a space.
+    let add_space_prefix = match md.get("tokenizer.ggml.add_space_prefix") {
+        Some(v) => v
+            .to_bool()
+            .map_err(|e| malformed("tokenizer.ggml.add_space_prefix", e))?,
+        None => true,
+    };
+    let unknown = optional_id(md, "tokenizer.ggml.unknown_token_id", tokens.len())?;
+    let pieces = tokens
+        .iter()
+        .zip(types)
+        .map(|(t, &ty)| match ty {
+            TOKEN_TYPE_CONTROL => Vec::new(),
+            TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
+            TOKEN_TYPE_BYTE => t
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .map_or_else(Vec::new, |b| vec![b]),
+            _ => t.replace('\u{2581}', " ").into_bytes(),
+        })
+        .collect();
+    let spm = super::spm::Spm::new(tokens, scores, types, unknown, add_space_prefix);
+    Ok((Splitter::Spm(Box::new(spm)), pieces))
 }
 
 /// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` value, as HF tokenizers parts.

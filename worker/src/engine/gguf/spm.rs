@@ -1,0 +1,247 @@
+//! SentencePiece-style tokenization from GGUF metadata (`tokenizer.ggml.model = "llama"`, with
+//! per-token scores), done the way llama.cpp does it so the ids match:
+//!
+//! 1. Special tokens are split out of the text first, longest first: user-defined tokens always,
+//!    control tokens too (prompts are tokenized with special parsing on).
+//! 2. In each remaining piece of text, spaces become U+2581 (`▁`); no space is prefixed when
+//!    `tokenizer.ggml.add_space_prefix` is false (Gemma).
+//! 3. The piece starts as one symbol per character; repeatedly, the adjacent pair whose
+//!    concatenation is a vocabulary token with the highest score (leftmost on ties) is merged.
+//! 4. Each final symbol is its token; a character outside the vocabulary becomes its UTF-8
+//!    bytes as `<0xXX>` tokens (byte fallback).
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+
+/// The vocabulary, as needed for encoding.
+pub struct Spm {
+    ids: HashMap<String, u32>,
+    scores: Vec<f32>,
+    /// Split out before merging, longest first (ties: lower id first).
+    specials: Vec<(String, u32)>,
+    bytes: [Option<u32>; 256],
+    unknown: Option<u32>,
+    add_space_prefix: bool,
+}
+
+/// A candidate merge of two adjacent symbols.
+struct Bigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    /// Byte length of the merged text when the candidate was made: a stale candidate (one side
+    /// changed since) no longer matches and is skipped.
+    len: usize,
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Bigram {}
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Bigram {
+    /// Max-heap order: higher score first, then the leftmost pair.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+impl Spm {
+    /// `kinds[i]` is llama.cpp's token type: 3 control, 4 user-defined, 6 byte.
+    pub fn new(
+        tokens: &[String],
+        scores: Vec<f32>,
+        kinds: &[i64],
+        unknown: Option<u32>,
+        add_space_prefix: bool,
+    ) -> Spm {
+        let mut ids = HashMap::with_capacity(tokens.len());
+        let mut bytes = [None; 256];
+        let mut specials = Vec::new();
+        for (i, (t, &kind)) in tokens.iter().zip(kinds).enumerate() {
+            let id = i as u32;
+            ids.entry(t.clone()).or_insert(id);
+            match kind {
+                3 | 4 if !t.is_empty() => specials.push((t.clone(), id)),
+                6 => {
+                    let hex = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+                    if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        bytes[b as usize] = Some(id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Spm {
+            ids,
+            scores,
+            specials,
+            bytes,
+            unknown,
+            add_space_prefix,
+        }
+    }
+
+    /// Token ids of `text`, special tokens parsed, no BOS.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        enum Frag<'a> {
+            Text(&'a str),
+            Token(u32),
+        }
+        let mut frags = vec![Frag::Text(text)];
+        for (special, id) in &self.specials {
+            let mut next = Vec::with_capacity(frags.len());
+            for f in frags {
+                let Frag::Text(mut rest) = f else {
+                    next.push(f);
+                    continue;
+                };
+                while let Some(at) = rest.find(special.as_str()) {
+                    if at > 0 {
+                        next.push(Frag::Text(&rest[..at]));
+                    }
+                    next.push(Frag::Token(*id));
+                    rest = &rest[at + special.len()..];
+                }
+                if !rest.is_empty() {
+                    next.push(Frag::Text(rest));
+                }
+            }
+            frags = next;
+        }
+        let mut out = Vec::new();
+        for f in frags {
+            match f {
+                Frag::Token(id) => out.push(id),
+                Frag::Text(t) => self.encode_piece(t, &mut out),
+            }
+        }
+        out
+    }
+
+    fn encode_piece(&self, text: &str, out: &mut Vec<u32>) {
+        let mut s = String::with_capacity(text.len() + 3);
+        if self.add_space_prefix {
+            s.push('\u{2581}');
+        }
+        s.push_str(&text.replace(' ', "\u{2581}"));
+        let n = s.chars().count();
+        let mut syms: Vec<Symbol> = s
+            .char_indices()
+            .enumerate()
+            .map(|(i, (start, c))| Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: (i + 1 < n).then_some(i + 1),
+            })
+            .collect();
+        let mut heap = BinaryHeap::new();
+        let candidate = |syms: &[Symbol], heap: &mut BinaryHeap<Bigram>, l: usize, r: usize| {
+            let (a, b) = (syms[l], syms[r]);
+            let text = &s[a.start..b.start + b.len];
+            if let Some(&id) = self.ids.get(text) {
+                heap.push(Bigram {
+                    score: self.scores.get(id as usize).copied().unwrap_or(0.0),
+                    left: l,
+                    right: r,
+                    len: text.len(),
+                });
+            }
+        };
+        for i in 1..n {
+            candidate(&syms, &mut heap, i - 1, i);
+        }
+        while let Some(bg) = heap.pop() {
+            let (l, r) = (syms[bg.left], syms[bg.right]);
+            if l.len == 0 || r.len == 0 || l.len + r.len != bg.len {
+                continue;
+            }
+            syms[bg.left].len += r.len;
+            syms[bg.left].next = r.next;
+            syms[bg.right].len = 0;
+            if let Some(nx) = r.next {
+                syms[nx].prev = Some(bg.left);
+            }
+            if let Some(p) = syms[bg.left].prev {
+                candidate(&syms, &mut heap, p, bg.left);
+            }
+            if let Some(nx) = syms[bg.left].next {
+                candidate(&syms, &mut heap, bg.left, nx);
+            }
+        }
+        let mut at = (n > 0).then_some(0);
+        while let Some(i) = at {
+            let sym = syms[i];
+            let text = &s[sym.start..sym.start + sym.len];
+            match self.ids.get(text) {
+                Some(&id) => out.push(id),
+                None => {
+                    for b in text.bytes() {
+                        if let Some(id) = self.bytes[b as usize].or(self.unknown) {
+                            out.push(id);
+                        }
+                    }
+                }
+            }
+            at = sym.next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab() -> Spm {
+        // id: 0 <unk>(ctl) 1 <s>(ctl) 2 ▁ 3 a 4 b 5 ab 6 ▁a 7 ▁ab 8 <0x21> 9 <b>(user) 10 abb
+        let tokens: Vec<String> = [
+            "<unk>", "<s>", "▁", "a", "b", "ab", "▁a", "▁ab", "<0x21>", "<b>", "bb",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let scores = vec![0.0, 0.0, -1.0, -2.0, -2.0, -1.5, -1.2, -0.5, 0.0, 0.0, -3.0];
+        let kinds = [3, 3, 1, 1, 1, 1, 1, 1, 6, 4, 1];
+        Spm::new(&tokens, scores, &kinds, Some(0), false)
+    }
+
+    #[test]
+    fn merges_by_score_and_escapes_spaces() {
+        let v = vocab();
+        // "a b": a, ▁, b: "▁b" is not a token, so a | ▁ | b.
+        assert_eq!(v.encode("a b"), vec![3, 2, 4]);
+        // " ab": ▁,a,b → best pair "▁a" (-1.2) vs "ab" (-1.5): ▁a, then "▁ab" (-0.5).
+        assert_eq!(v.encode(" ab"), vec![7]);
+        // "ab" (-1.5) outranks "bb" (-3.0); "abb" is not a token, so ab | b.
+        assert_eq!(v.encode("abb"), vec![5, 4]);
+    }
+
+    #[test]
+    fn specials_are_split_out_and_unknown_chars_fall_back_to_bytes() {
+        let v = vocab();
+        assert_eq!(v.encode("a<b>b"), vec![3, 9, 4]);
+        assert_eq!(v.encode("<s>a"), vec![1, 3]);
+        // '!' is only known as a byte token; 'é' has no byte tokens here: unknown.
+        assert_eq!(v.encode("a!"), vec![3, 8]);
+        assert_eq!(v.encode("é"), vec![0, 0]);
+        assert_eq!(v.encode(""), Vec::<u32>::new());
+    }
+}

