@@ -157,14 +157,7 @@ impl TokenBook {
         self.tx.send_if_modified(|s| {
             let live = s.iter().any(|e| e.digest == *digest && !e.revoked);
             if live {
-                let v = s
-                    .iter()
-                    .map(|e| TokenEntry {
-                        revoked: e.revoked || e.digest == *digest,
-                        ..e.clone()
-                    })
-                    .collect();
-                *s = Arc::new(v);
+                *s = revoked_where(s, |e| e.digest == *digest);
             }
             live
         })
@@ -172,37 +165,22 @@ impl TokenBook {
 
     /// Revokes every token of `node_id`; returns their digests.
     pub fn revoke_node(&self, node_id: &str) -> Vec<TokenDigest> {
+        let mine = |e: &TokenEntry| !node_id.is_empty() && e.node_id == node_id;
         let mut hit = Vec::new();
         self.tx.send_modify(|s| {
-            let v = s
+            hit = s
                 .iter()
-                .map(|e| {
-                    let mine = !node_id.is_empty() && e.node_id == node_id;
-                    if mine && !e.revoked {
-                        hit.push(e.digest);
-                    }
-                    TokenEntry {
-                        revoked: e.revoked || mine,
-                        ..e.clone()
-                    }
-                })
+                .filter(|e| mine(e) && !e.revoked)
+                .map(|e| e.digest)
                 .collect();
-            *s = Arc::new(v);
+            *s = revoked_where(s, mine);
         });
         hit
     }
 
     pub fn revoke(&self, digest: &TokenDigest) {
-        self.tx.send_modify(|s| {
-            let v = s
-                .iter()
-                .map(|e| TokenEntry {
-                    revoked: e.revoked || e.digest == *digest,
-                    ..e.clone()
-                })
-                .collect();
-            *s = Arc::new(v);
-        });
+        self.tx
+            .send_modify(|s| *s = revoked_where(s, |e| e.digest == *digest));
     }
 }
 
@@ -230,6 +208,19 @@ impl Authenticator {
             node_id: entry.node_id.clone(),
         })
     }
+}
+
+/// A copy of the book with every entry matching `pred` revoked (the book is shared immutably, so
+/// changes are whole new snapshots).
+fn revoked_where(book: &[TokenEntry], pred: impl Fn(&TokenEntry) -> bool) -> Arc<Vec<TokenEntry>> {
+    Arc::new(
+        book.iter()
+            .map(|e| TokenEntry {
+                revoked: e.revoked || pred(e),
+                ..e.clone()
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
