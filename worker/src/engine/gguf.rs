@@ -5,7 +5,11 @@
 //! position 0, so jobs never see each other's context. With the `cuda` cargo feature the weights
 //! go to the first CUDA GPU when one is present.
 
+mod decoder;
 mod gemma3;
+mod linear;
+mod llama;
+mod loader;
 mod spm;
 mod stream;
 mod template;
@@ -19,7 +23,8 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::LogitsProcessor;
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+
+use self::decoder::Decoder;
 
 use self::stream::TextStream;
 use self::template::{ChatTemplate, TemplateError};
@@ -89,12 +94,12 @@ pub struct Profile {
 /// A GGUF model loaded and ready to generate.
 pub struct GgufEngine {
     model_name: String,
-    weights: Weights,
+    weights: Decoder,
     tokenizer: GgufTokenizer,
     template: Option<ChatTemplate>,
     device: Device,
-    /// Prompt plus generated tokens may not exceed this (the model's trained context, capped by
-    /// the rotary tables candle precomputes).
+    /// Prompt plus generated tokens may not exceed this (the model's trained context, capped so
+    /// that one job's KV cache stays within a home machine's memory).
     context_len: usize,
     opts: GgufOptions,
 }
@@ -156,15 +161,10 @@ impl GgufEngine {
                 None => None,
             };
             let weights = match arch {
-                Arch::Llama => Weights::Llama(Box::new(
-                    ModelWeights::from_gguf(content, &mut reader, &device)
-                        .map_err(GgufError::Weights)?,
-                )),
-                Arch::Gemma3 => Weights::Gemma3(Box::new(
-                    gemma3::Gemma3::from_gguf(content, &mut reader, &device)
-                        .map_err(GgufError::Weights)?,
-                )),
-            };
+                Arch::Llama => llama::from_gguf(content, &mut reader, &device),
+                Arch::Gemma3 => gemma3::from_gguf(content, &mut reader, &device),
+            }
+            .map_err(GgufError::Weights)?;
             Ok::<_, GgufError>((weights, tokenizer, template, context_len))
         }))
         .map_err(|panic| GgufError::Panicked(panic_message(&panic)))??;
@@ -305,23 +305,17 @@ impl GgufEngine {
         // index_pos 0 already overwrites each layer's cache, but clearing also frees the last
         // job's cache memory while the worker is idle.
         self.weights.clear_kv_cache();
-        let input = Tensor::new(ids, &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(inference)?;
-        self.logits(&input, 0)
+        self.logits(ids, 0)
     }
 
     /// Feeds one token at position `pos`; returns the logits for the next one.
     fn step(&mut self, token: u32, pos: usize) -> Result<Tensor, EngineError> {
-        let input = Tensor::new(&[token], &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(inference)?;
-        self.logits(&input, pos)
+        self.logits(&[token], pos)
     }
 
-    fn logits(&mut self, input: &Tensor, pos: usize) -> Result<Tensor, EngineError> {
+    fn logits(&mut self, ids: &[u32], pos: usize) -> Result<Tensor, EngineError> {
         self.weights
-            .forward(input, pos)
+            .forward(ids, pos)
             .and_then(|l| l.squeeze(0))
             .map_err(inference)
     }
@@ -401,33 +395,13 @@ fn pick_device() -> Result<Device, GgufError> {
 /// Context cap for Gemma 3: its KV cache grows with the sequence and nothing larger is needed
 /// for chat jobs on home machines.
 const GEMMA3_MAX_CONTEXT: usize = 8192;
+/// Context cap for Llama-family models, for the same reason.
+const LLAMA_MAX_CONTEXT: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Arch {
     Llama,
     Gemma3,
-}
-
-/// The model's forward pass, by architecture.
-enum Weights {
-    Llama(Box<ModelWeights>),
-    Gemma3(Box<gemma3::Gemma3>),
-}
-
-impl Weights {
-    fn clear_kv_cache(&mut self) {
-        match self {
-            Weights::Llama(w) => w.clear_kv_cache(),
-            Weights::Gemma3(w) => w.clear_kv_cache(),
-        }
-    }
-
-    fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Weights::Llama(w) => w.forward(input, pos),
-            Weights::Gemma3(w) => w.forward(input, pos),
-        }
-    }
 }
 
 fn architecture(ct: &Content) -> Result<Arch, GgufError> {
@@ -446,7 +420,7 @@ fn architecture(ct: &Content) -> Result<Arch, GgufError> {
     }
 }
 
-/// Checks what `quantized_llama` assumes about the hyper-parameters before it divides or
+/// Checks what the decoder assumes about the hyper-parameters before it divides or
 /// indexes with them, and returns the usable context length.
 fn check_llama_metadata(ct: &Content) -> Result<usize, GgufError> {
     let get = |key: &str| -> Result<usize, GgufError> {
@@ -478,9 +452,9 @@ fn check_llama_metadata(ct: &Content) -> Result<usize, GgufError> {
     }
     let trained = match ct.metadata.get("llama.context_length") {
         Some(Value::U32(v)) if *v > 0 => *v as usize,
-        _ => MAX_SEQ_LEN,
+        _ => LLAMA_MAX_CONTEXT,
     };
-    Ok(trained.min(MAX_SEQ_LEN))
+    Ok(trained.min(LLAMA_MAX_CONTEXT))
 }
 
 fn bad(key: &str, v: impl std::fmt::Debug) -> GgufError {

@@ -1,0 +1,51 @@
+//! Splitting a matrix product's output rows over candle's worker threads.
+//!
+//! The engine's other operations already run on candle's persistent barrier pool; using the
+//! same pool keeps one set of threads busy instead of two sets fighting over the cores.
+
+use std::sync::Mutex;
+
+/// Calls `fill(rows, buf)` for disjoint row ranges covering `0..rows` on the pool's threads;
+/// `buf` holds `m` values per row of the range, token-major (`buf[t * len + i]`). The results
+/// are written to `out` (`m` x `rows`, token-major).
+pub(crate) fn for_row_ranges<F>(rows: usize, m: usize, out: &mut [f32], fill: F)
+where
+    F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+{
+    debug_assert_eq!(out.len(), rows * m);
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    // A few pieces per thread so a thread slowed by something else is made up for by the others.
+    let piece = rows.div_ceil(threads * 4).max(8);
+    let pieces = rows.div_ceil(piece);
+    if m == 1 {
+        // One token: the output rows are contiguous, each piece writes its own slice.
+        let slices: Vec<Mutex<&mut [f32]>> = out.chunks_mut(piece).map(Mutex::new).collect();
+        pool.execute_chunked(pieces, |range| {
+            for p in range {
+                let start = p * piece;
+                let mut slice = slices[p].lock().unwrap_or_else(|e| e.into_inner());
+                fill(start..start + slice.len(), &mut slice);
+            }
+        });
+        return;
+    }
+    let bufs: Vec<Mutex<Vec<f32>>> = (0..pieces).map(|_| Mutex::new(Vec::new())).collect();
+    pool.execute_chunked(pieces, |range| {
+        for p in range {
+            let start = p * piece;
+            let end = rows.min(start + piece);
+            let mut buf = vec![0f32; m * (end - start)];
+            fill(start..end, &mut buf);
+            *bufs[p].lock().unwrap_or_else(|e| e.into_inner()) = buf;
+        }
+    });
+    for (p, buf) in bufs.into_iter().enumerate() {
+        let buf = buf.into_inner().unwrap_or_else(|e| e.into_inner());
+        let start = p * piece;
+        let len = buf.len() / m;
+        for t in 0..m {
+            out[t * rows + start..t * rows + start + len].copy_from_slice(&buf[t * len..(t + 1) * len]);
+        }
+    }
+}
