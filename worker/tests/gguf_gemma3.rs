@@ -22,11 +22,17 @@ fn model_path() -> PathBuf {
 /// scripts/llama-cpp/build.sh): `llama_tokenize(vocab, text, add_special, parse_special = true)`
 /// for the tokenizer cases (add_special = false) and the prompt (add_special = true), then
 /// `llama_decode` + `llama_sampler_init_greedy` for 32 tokens. Steps in docs/MODELS.md.
-const PROMPT: &str = "The capital of France is";
-const LLAMA_CPP_PROMPT_IDS: &[u32] = &[2, 818, 5279, 529, 7001, 563];
+///
+/// The prompt is one whose 32 greedy steps have no near-tied logits (the smallest gap between the
+/// top two is 0.27): different CPU kernels round differently, and a continuation that hinges on
+/// a 0.03 gap (as "The capital of France is" does at its 12th and 19th tokens) tests the
+/// rounding of the machine, not the model.
+const PROMPT: &str = "def fibonacci(n):";
+const LLAMA_CPP_PROMPT_IDS: &[u32] = &[2, 2063, 10779, 78113, 236769, 236749, 1473];
 const LLAMA_CPP_GREEDY_32: &[u32] = &[
-    506, 5279, 529, 506, 2891, 529, 7001, 236761, 1030, 563, 506, 7488, 3207, 528, 7001, 236761,
-    1030, 563, 506, 5279, 529, 506, 2891, 529, 7001, 236761, 1030, 563, 506, 7488, 3207, 528,
+    107, 140, 584, 538, 1251, 236743, 236771, 236787, 107, 144, 2060, 236743, 236771, 107, 140,
+    36208, 538, 1251, 236743, 236770, 236787, 107, 144, 2060, 236743, 236770, 107, 140, 36208, 538,
+    1251, 236743,
 ];
 
 #[test]
@@ -37,10 +43,7 @@ fn gemma3_greedy_ids_match_llama_cpp_token_for_token() {
     assert_eq!(prompt, LLAMA_CPP_PROMPT_IDS);
     let ids = e.greedy_token_ids(PROMPT, 32).unwrap();
     assert_eq!(ids, LLAMA_CPP_GREEDY_32);
-    assert_eq!(
-        e.decode(&ids[..8]),
-        " the capital of the country of France."
-    );
+    assert_eq!(e.decode(&ids[..8]), "\n    if n == 0:");
 }
 
 #[test]
