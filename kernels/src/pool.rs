@@ -5,14 +5,23 @@
 
 use std::sync::Mutex;
 
+/// Multiply-adds below which a product runs on the calling thread alone.
+const INLINE_BELOW: usize = 1 << 18;
+
 /// Calls `fill(rows, buf)` for disjoint row ranges covering `0..rows` on the pool's threads;
 /// `buf` holds `m` values per row of the range, token-major (`buf[t * len + i]`). The results
-/// are written to `out` (`m` x `rows`, token-major).
-pub(crate) fn for_row_ranges<F>(rows: usize, m: usize, out: &mut [f32], fill: F)
+/// are written to `out` (`m` x `rows`, token-major). `work` is the product's multiply-add count.
+pub(crate) fn for_row_ranges<F>(rows: usize, m: usize, work: usize, out: &mut [f32], fill: F)
 where
     F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 {
     debug_assert_eq!(out.len(), rows * m);
+    if work < INLINE_BELOW {
+        // Waking the other threads costs more than they would save on a product this small;
+        // over the whole range `buf`'s layout is `out`'s.
+        fill(0..rows, out);
+        return;
+    }
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
     // A few pieces per thread so a thread slowed by something else is made up for by the others.
@@ -45,7 +54,8 @@ where
         let start = p * piece;
         let len = buf.len() / m;
         for t in 0..m {
-            out[t * rows + start..t * rows + start + len].copy_from_slice(&buf[t * len..(t + 1) * len]);
+            out[t * rows + start..t * rows + start + len]
+                .copy_from_slice(&buf[t * len..(t + 1) * len]);
         }
     }
 }

@@ -30,7 +30,7 @@ impl std::fmt::Debug for Q4_1Matrix {
 impl Q4_1Matrix {
     /// Takes the raw bytes of a GGUF Q4_1 tensor whose shape is `rows` x `cols`.
     pub fn from_gguf_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(KernelError::Ragged { cols });
         }
         let expected = rows * cols / QK * BLOCK_BYTES;
@@ -88,23 +88,33 @@ impl Q4_1Matrix {
     /// `out = x · selfᵀ` for `m` rows of activations `x` (`m` x `cols`, row-major); `out` is
     /// `m` x `rows`. Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), m * self.cols, "activations do not match the matrix");
+        assert_eq!(
+            x.len(),
+            m * self.cols,
+            "activations do not match the matrix"
+        );
         assert_eq!(out.len(), m * self.rows, "output does not match the matrix");
         if m == 0 || self.rows == 0 {
             return;
         }
         let acts: Vec<Q8_1Row> = x.chunks_exact(self.cols).map(Q8_1Row::quantize).collect();
         let blocks = self.cols / QK;
-        for_row_ranges(self.rows, m, out, |range, buf| {
-            let len = range.len();
-            for (i, r) in range.enumerate() {
-                let scales = &self.scales[r * blocks..(r + 1) * blocks];
-                let qs = &self.qs[r * blocks..(r + 1) * blocks];
-                for (t, a) in acts.iter().enumerate() {
-                    buf[t * len + i] = dot(scales, qs, a);
+        for_row_ranges(
+            self.rows,
+            m,
+            self.rows * self.cols * m,
+            out,
+            |range, buf| {
+                let len = range.len();
+                for (i, r) in range.enumerate() {
+                    let scales = &self.scales[r * blocks..(r + 1) * blocks];
+                    let qs = &self.qs[r * blocks..(r + 1) * blocks];
+                    for (t, a) in acts.iter().enumerate() {
+                        buf[t * len + i] = dot(scales, qs, a);
+                    }
                 }
-            }
-        });
+            },
+        );
     }
 }
 
@@ -115,11 +125,19 @@ impl Q4_1Matrix {
 /// products are bit-identical to llama.cpp's, so near-tied logits break the same way.
 #[inline]
 fn dot(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
     {
         dot_avx2(scales, qs, a)
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
     {
         dot_portable(scales, qs, a)
     }
@@ -127,17 +145,18 @@ fn dot(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
 
 /// The reference order in plain Rust, for CPUs (or builds) without AVX2 and FMA.
 #[cfg_attr(
-    all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"),
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
     allow(dead_code)
 )]
 fn dot_portable(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
     let mut acc = [0f32; 8];
     let mut mins = 0f32;
-    for (((w, &[d, m]), aq), (&ad, &asum)) in qs
-        .iter()
-        .zip(scales)
-        .zip(&a.qs)
-        .zip(a.d.iter().zip(&a.s))
+    for (((w, &[d, m]), aq), (&ad, &asum)) in
+        qs.iter().zip(scales).zip(&a.qs).zip(a.d.iter().zip(&a.s))
     {
         let mut p = [0i32; 8];
         for (l, pl) in p.iter_mut().enumerate() {
@@ -159,24 +178,30 @@ fn dot_portable(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
 
 /// ggml's `hsum_float_8`: high half onto low half, then pairs.
 pub(crate) fn hsum8(acc: [f32; 8]) -> f32 {
-    let r = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    let r = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
 /// The same sums with AVX2 (through `safe_arch`, so without `unsafe` here): nibbles unpacked
 /// to bytes, `vpmaddubsw` + `vpmaddwd` for the four-value integer sums, one FMA per block.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
 fn dot_avx2(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
     use safe_arch::*;
     let low_nibbles = set_splat_i8_m256i(0x0F);
     let ones = set_splat_i16_m256i(1);
     let mut acc = zeroed_m256();
     let mut mins = 0f32;
-    for (((w, &[d, m]), aq), (&ad, &asum)) in qs
-        .iter()
-        .zip(scales)
-        .zip(&a.qs)
-        .zip(a.d.iter().zip(&a.s))
+    for (((w, &[d, m]), aq), (&ad, &asum)) in
+        qs.iter().zip(scales).zip(&a.qs).zip(a.d.iter().zip(&a.s))
     {
         let packed = m128i::from(*w);
         let bytes = set_m128i_m256i(shr_imm_u16_m128i::<4>(packed), packed);
@@ -184,7 +209,11 @@ fn dot_avx2(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
         let qy = m256i::from(*aq);
         let pairs = mul_u8i8_add_horizontal_saturating_m256i(qx, qy);
         let quads = mul_i16_horizontal_add_m256i(pairs, ones);
-        acc = fused_mul_add_m256(set_splat_m256(d * ad), convert_to_m256_from_i32_m256i(quads), acc);
+        acc = fused_mul_add_m256(
+            set_splat_m256(d * ad),
+            convert_to_m256_from_i32_m256i(quads),
+            acc,
+        );
         mins = m.mul_add(asum, mins);
     }
     hsum8(acc.to_array()) + mins
@@ -208,7 +237,9 @@ mod tests {
     fn matrix(rows: usize, cols: usize, seed: u64) -> (Q4_1Matrix, Vec<u8>) {
         let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         let mut bytes = Vec::new();
@@ -221,7 +252,10 @@ mod tests {
             let m = -((next() % 1000) as f32) / 5_000.0;
             bytes.extend(block(d, m, &nib));
         }
-        (Q4_1Matrix::from_gguf_bytes(rows, cols, &bytes).unwrap(), bytes)
+        (
+            Q4_1Matrix::from_gguf_bytes(rows, cols, &bytes).unwrap(),
+            bytes,
+        )
     }
 
     #[test]
@@ -232,7 +266,11 @@ mod tests {
         );
         assert!(matches!(
             Q4_1Matrix::from_gguf_bytes(2, 64, &[0; 79]).unwrap_err(),
-            KernelError::Size { expected: 80, got: 79, .. }
+            KernelError::Size {
+                expected: 80,
+                got: 79,
+                ..
+            }
         ));
     }
 
@@ -263,8 +301,16 @@ mod tests {
             for r in 0..rows {
                 let wr = w.dequantize_row(r);
                 // Q8_1 keeps `s` in f16, so the minimum's share carries its rounding.
-                let exact: f64 = wr.iter().zip(&xr).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-                let mag: f64 = wr.iter().zip(&xr).map(|(a, b)| f64::from((a * b).abs())).sum();
+                let exact: f64 = wr
+                    .iter()
+                    .zip(&xr)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                let mag: f64 = wr
+                    .iter()
+                    .zip(&xr)
+                    .map(|(a, b)| f64::from((a * b).abs()))
+                    .sum();
                 let got = f64::from(out[t * rows + r]);
                 assert!(
                     (got - exact).abs() <= 2e-3 * mag + 1e-4,
@@ -276,13 +322,17 @@ mod tests {
 
     #[test]
     fn one_token_matches_the_reference_product() {
-        let x: Vec<f32> = (0..576).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 17.0).collect();
+        let x: Vec<f32> = (0..576)
+            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 17.0)
+            .collect();
         check(193, 576, 1, 1, &x);
     }
 
     #[test]
     fn many_tokens_match_the_reference_product() {
-        let x: Vec<f32> = (0..5 * 64).map(|i| ((i * 31 % 29) as f32 - 14.0) / 5.0).collect();
+        let x: Vec<f32> = (0..5 * 64)
+            .map(|i| ((i * 31 % 29) as f32 - 14.0) / 5.0)
+            .collect();
         check(70, 64, 5, 2, &x);
     }
 
@@ -298,8 +348,15 @@ mod tests {
                 .collect();
             let a = Q8_1Row::quantize(&x);
             for r in 0..64 {
-                let (s, q) = (&w.scales[r * blocks..(r + 1) * blocks], &w.qs[r * blocks..(r + 1) * blocks]);
-                assert_eq!(dot(s, q, &a).to_bits(), dot_portable(s, q, &a).to_bits(), "row {r}");
+                let (s, q) = (
+                    &w.scales[r * blocks..(r + 1) * blocks],
+                    &w.qs[r * blocks..(r + 1) * blocks],
+                );
+                assert_eq!(
+                    dot(s, q, &a).to_bits(),
+                    dot_portable(s, q, &a).to_bits(),
+                    "row {r}"
+                );
             }
         }
     }

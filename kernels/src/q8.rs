@@ -29,7 +29,7 @@ impl std::fmt::Debug for Q8Matrix {
 }
 
 fn check(rows: usize, cols: usize, len: usize, block: usize) -> Result<(), KernelError> {
-    if cols % QK != 0 {
+    if !cols.is_multiple_of(QK) {
         return Err(KernelError::Ragged { cols });
     }
     let expected = rows * cols / QK * block;
@@ -106,7 +106,11 @@ impl Q8Matrix {
     /// `out = x · selfᵀ` for `m` rows of activations (`m` x `cols`); `out` is `m` x `rows`.
     /// Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), m * self.cols, "activations do not match the matrix");
+        assert_eq!(
+            x.len(),
+            m * self.cols,
+            "activations do not match the matrix"
+        );
         assert_eq!(out.len(), m * self.rows, "output does not match the matrix");
         if m == 0 || self.rows == 0 {
             return;
@@ -114,16 +118,22 @@ impl Q8Matrix {
         // Q8_0 activations are Q8_1's without the sum term; one quantizer serves both.
         let acts: Vec<Q8_1Row> = x.chunks_exact(self.cols).map(Q8_1Row::quantize).collect();
         let blocks = self.cols / QK;
-        for_row_ranges(self.rows, m, out, |range, buf| {
-            let len = range.len();
-            for (i, r) in range.enumerate() {
-                let d = &self.d[r * blocks..(r + 1) * blocks];
-                let qs = &self.qs[r * blocks..(r + 1) * blocks];
-                for (t, a) in acts.iter().enumerate() {
-                    buf[t * len + i] = dot(d, qs, a);
+        for_row_ranges(
+            self.rows,
+            m,
+            self.rows * self.cols * m,
+            out,
+            |range, buf| {
+                let len = range.len();
+                for (i, r) in range.enumerate() {
+                    let d = &self.d[r * blocks..(r + 1) * blocks];
+                    let qs = &self.qs[r * blocks..(r + 1) * blocks];
+                    for (t, a) in acts.iter().enumerate() {
+                        buf[t * len + i] = dot(d, qs, a);
+                    }
                 }
-            }
-        });
+            },
+        );
     }
 }
 
@@ -131,18 +141,30 @@ impl Q8Matrix {
 /// one FMA per block, `hsum_float_8`).
 #[inline]
 fn dot(d: &[f32], qs: &[[i8; QK]], a: &Q8_1Row) -> f32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
     {
         dot_avx2(d, qs, a)
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
     {
         dot_portable(d, qs, a)
     }
 }
 
 #[cfg_attr(
-    all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"),
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
     allow(dead_code)
 )]
 fn dot_portable(d: &[f32], qs: &[[i8; QK]], a: &Q8_1Row) -> f32 {
@@ -161,7 +183,11 @@ fn dot_portable(d: &[f32], qs: &[[i8; QK]], a: &Q8_1Row) -> f32 {
 
 /// `vpsignb`/`vpabsb` turn the signed x signed product into the unsigned x signed one
 /// `vpmaddubsw` takes, as ggml does.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
 fn dot_avx2(d: &[f32], qs: &[[i8; QK]], a: &Q8_1Row) -> f32 {
     use safe_arch::*;
     let ones = set_splat_i16_m256i(1);
@@ -172,7 +198,11 @@ fn dot_avx2(d: &[f32], qs: &[[i8; QK]], a: &Q8_1Row) -> f32 {
         let pairs =
             mul_u8i8_add_horizontal_saturating_m256i(abs_i8_m256i(qx), sign_apply_i8_m256i(qy, qx));
         let quads = mul_i16_horizontal_add_m256i(pairs, ones);
-        acc = fused_mul_add_m256(set_splat_m256(dw * ad), convert_to_m256_from_i32_m256i(quads), acc);
+        acc = fused_mul_add_m256(
+            set_splat_m256(dw * ad),
+            convert_to_m256_from_i32_m256i(quads),
+            acc,
+        );
     }
     crate::q4_1::hsum8(acc.to_array())
 }
@@ -218,7 +248,10 @@ mod tests {
         assert_eq!(row[0], d * f32::from(block[2] as i8));
         assert!(m.row_into(3, &mut row).is_none(), "row past the end");
         assert!(m.row_into(0, &mut [0.0; 3]).is_none(), "wrong width");
-        assert!(Q8Matrix::from_q8_0_bytes(3, 64, &bytes[1..]).is_err(), "short table");
+        assert!(
+            Q8Matrix::from_q8_0_bytes(3, 64, &bytes[1..]).is_err(),
+            "short table"
+        );
         assert!(Q8Matrix::from_q5_0_bytes(1, 33, &[]).is_err(), "ragged row");
     }
 
@@ -226,7 +259,9 @@ mod tests {
     fn products_match_the_dequantized_reference_and_both_paths_agree() {
         let (rows, cols, m) = (37, 256, 3);
         let w = Q8Matrix::from_q8_0_bytes(rows, cols, &q8_0_bytes(rows, cols, 5)).unwrap();
-        let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0).collect();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0)
+            .collect();
         let mut out = vec![f32::NAN; m * rows];
         w.matmul(&x, m, &mut out);
         let blocks = cols / QK;
@@ -236,12 +271,22 @@ mod tests {
                 let mut wr = vec![0f32; cols];
                 w.row_into(r, &mut wr).unwrap();
                 let exact: f64 = (0..cols)
-                    .map(|i| f64::from(wr[i]) * f64::from(a.qs[i / QK][i % QK]) * f64::from(a.d[i / QK]))
+                    .map(|i| {
+                        f64::from(wr[i]) * f64::from(a.qs[i / QK][i % QK]) * f64::from(a.d[i / QK])
+                    })
                     .sum();
-                let mag: f64 = (0..cols).map(|i| f64::from(wr[i].abs() * x[t * cols + i].abs())).sum();
+                let mag: f64 = (0..cols)
+                    .map(|i| f64::from(wr[i].abs() * x[t * cols + i].abs()))
+                    .sum();
                 let got = out[t * rows + r];
-                assert!((f64::from(got) - exact).abs() <= 1e-4 * mag + 1e-5, "{got} vs {exact}");
-                let (d, q) = (&w.d[r * blocks..(r + 1) * blocks], &w.qs[r * blocks..(r + 1) * blocks]);
+                assert!(
+                    (f64::from(got) - exact).abs() <= 1e-4 * mag + 1e-5,
+                    "{got} vs {exact}"
+                );
+                let (d, q) = (
+                    &w.d[r * blocks..(r + 1) * blocks],
+                    &w.qs[r * blocks..(r + 1) * blocks],
+                );
                 assert_eq!(dot(d, q, &a).to_bits(), dot_portable(d, q, &a).to_bits());
             }
         }

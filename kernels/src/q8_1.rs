@@ -24,7 +24,7 @@ impl Q8_1Row {
 
     /// Like [`Q8_1Row::quantize`], reusing this row's buffers.
     pub fn quantize_into(&mut self, x: &[f32]) {
-        debug_assert_eq!(x.len() % QK, 0);
+        debug_assert!(x.len().is_multiple_of(QK));
         let blocks = x.len() / QK;
         self.d.clear();
         self.s.clear();
@@ -63,7 +63,9 @@ mod tests {
 
     #[test]
     fn quantization_round_trips_within_half_a_step() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) / 3.0).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 3.0)
+            .collect();
         let q = Q8_1Row::quantize(&x);
         assert_eq!(q.blocks(), 2);
         for (b, chunk) in x.chunks(QK).enumerate() {

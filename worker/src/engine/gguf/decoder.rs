@@ -64,7 +64,10 @@ pub struct Layer {
 pub enum Embedding {
     /// `round_to_f16`: each value is rounded to half precision after widening (see
     /// `gemma3::from_gguf` for why).
-    Q8 { rows: Arc<Q8Matrix>, round_to_f16: bool },
+    Q8 {
+        rows: Arc<Q8Matrix>,
+        round_to_f16: bool,
+    },
     /// Any other format, dequantized at load (half precision to bound memory).
     Dense(Tensor),
 }
@@ -72,11 +75,17 @@ pub enum Embedding {
 impl Embedding {
     fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
-            Embedding::Q8 { rows: t, round_to_f16 } => {
+            Embedding::Q8 {
+                rows: t,
+                round_to_f16,
+            } => {
                 let mut out = vec![0f32; ids.len() * t.cols()];
                 for (&id, row) in ids.iter().zip(out.chunks_exact_mut(t.cols())) {
                     if t.row_into(id as usize, row).is_none() {
-                        candle_core::bail!("token {id} is outside the {}-entry vocabulary", t.rows());
+                        candle_core::bail!(
+                            "token {id} is outside the {}-entry vocabulary",
+                            t.rows()
+                        );
                     }
                 }
                 if *round_to_f16 {
@@ -167,7 +176,10 @@ impl Decoder {
         if seq == 0 {
             candle_core::bail!("no tokens to run");
         }
-        let mut x = self.embed.lookup(ids, &self.device)?.reshape((1, seq, self.hidden))?;
+        let mut x = self
+            .embed
+            .lookup(ids, &self.device)?
+            .reshape((1, seq, self.hidden))?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
@@ -187,8 +199,16 @@ impl Decoder {
         let rope = self.rope;
         let activation = self.activation;
         for l in &mut self.layers {
-            let (cos, sin) = &ropes.iter().find(|(b, _)| *b == l.rope_base).expect("built above").1;
-            let mask = &masks.iter().find(|(w, _)| *w == l.window).expect("built above").1;
+            let (cos, sin) = &ropes
+                .iter()
+                .find(|(b, _)| *b == l.rope_base)
+                .expect("built above")
+                .1;
+            let mask = &masks
+                .iter()
+                .find(|(w, _)| *w == l.window)
+                .expect("built above")
+                .1;
             let h = l.attn_norm.forward(&x)?;
             let split = |t: Tensor, n: usize| -> Result<Tensor> {
                 t.reshape((1, seq, n, hd))?.transpose(1, 2)?.contiguous()
@@ -225,7 +245,10 @@ impl Decoder {
                 att = att.broadcast_add(mask)?;
             }
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let out = att.matmul(&v)?.transpose(1, 2)?.reshape((1, seq, heads * hd))?;
+            let out = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((1, seq, heads * hd))?;
             let mut out = l.o.forward(&out)?;
             if let Some(n) = &l.post_attn_norm {
                 out = n.forward(&out)?;

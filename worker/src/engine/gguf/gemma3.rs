@@ -18,8 +18,8 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Result};
 
 use super::decoder::{Activation, Decoder, Layer, Rope};
-use super::loader::{md_f32, md_u32, norm, tied};
 use super::linear::Linear;
+use super::loader::{md_f32, md_u32, norm, tied};
 
 /// Every `SWA_PATTERN`-th layer attends globally; the others see a sliding window.
 const SWA_PATTERN: usize = 6;
@@ -36,7 +36,9 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
     let eps = f64::from(md_f32(&ct, "gemma3.attention.layer_norm_rms_epsilon")?);
     let global_base = f64::from(md_f32(&ct, "gemma3.rope.freq_base")?);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim % 2 != 0 {
-        candle_core::bail!("bad Gemma 3 shape: {heads} heads, {kv_heads} kv heads, head {head_dim}");
+        candle_core::bail!(
+            "bad Gemma 3 shape: {heads} heads, {kv_heads} kv heads, head {head_dim}"
+        );
     }
     let mut tensor = |name: &str| ct.tensor(r, name, device);
     let embed_q = tensor("token_embd.weight")?;
