@@ -6,6 +6,7 @@
 //! applied per block, summed in ggml's AVX2 order) with AVX2 through `safe_arch` where the build
 //! targets it, and in portable Rust with the same summation order elsewhere.
 
+pub mod attention;
 mod pool;
 pub mod q4_1;
 pub mod q8;

@@ -29,14 +29,7 @@ where
     let pieces = rows.div_ceil(piece);
     if m == 1 {
         // One token: the output rows are contiguous, each piece writes its own slice.
-        let slices: Vec<Mutex<&mut [f32]>> = out.chunks_mut(piece).map(Mutex::new).collect();
-        pool.execute_chunked(pieces, |range| {
-            for p in range {
-                let start = p * piece;
-                let mut slice = slices[p].lock().unwrap_or_else(|e| e.into_inner());
-                fill(start..start + slice.len(), &mut slice);
-            }
-        });
+        for_item_ranges_in(pool, piece, rows, 1, out, fill);
         return;
     }
     let bufs: Vec<Mutex<Vec<f32>>> = (0..pieces).map(|_| Mutex::new(Vec::new())).collect();
@@ -58,4 +51,43 @@ where
                 .copy_from_slice(&buf[t * len..(t + 1) * len]);
         }
     }
+}
+
+/// Calls `fill(items, out_part)` for disjoint item ranges covering `0..items` on the pool's
+/// threads, where `out` holds `width` values per item, item-major, and `out_part` is the slice
+/// of `out` belonging to the range. `work` is the operation count, as for `for_row_ranges`.
+pub(crate) fn for_item_ranges<F>(items: usize, width: usize, work: usize, out: &mut [f32], fill: F)
+where
+    F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+{
+    debug_assert_eq!(out.len(), items * width);
+    if work < INLINE_BELOW {
+        fill(0..items, out);
+        return;
+    }
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    let piece = items.div_ceil(threads * 4).max(1);
+    for_item_ranges_in(pool, piece, items, width, out, fill);
+}
+
+fn for_item_ranges_in<F>(
+    pool: &candle_core::utils::BarrierPool,
+    piece: usize,
+    items: usize,
+    width: usize,
+    out: &mut [f32],
+    fill: F,
+) where
+    F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+{
+    let slices: Vec<Mutex<&mut [f32]>> = out.chunks_mut(piece * width).map(Mutex::new).collect();
+    pool.execute_chunked(items.div_ceil(piece), |range| {
+        for p in range {
+            let start = p * piece;
+            let mut slice = slices[p].lock().unwrap_or_else(|e| e.into_inner());
+            let n = slice.len() / width;
+            fill(start..start + n, &mut slice);
+        }
+    });
 }

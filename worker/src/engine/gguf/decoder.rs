@@ -4,10 +4,12 @@
 //! a handful of switches (rotary layout, activation, extra norms, sliding windows, embedding
 //! scale), which `Decoder` carries as data rather than as two copies of the loop.
 
-use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
+use candle_core::{DType, Device, Result, Tensor};
 use skep_kernels::Q8Matrix;
+use skep_kernels::attention::{AttentionSpec, KvCache, attend};
+pub use skep_kernels::attention::Rope;
 
 use super::linear::Linear;
 
@@ -20,15 +22,6 @@ impl Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
     }
-}
-
-/// How rotary embeddings pair up a head's dimensions.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Rope {
-    /// `(2i, 2i + 1)`: GGUF Llama (its converter permutes q and k for this).
-    Interleaved,
-    /// `(i, i + d/2)`: Gemma and other NeoX-style models.
-    Neox,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,8 +37,8 @@ pub struct Layer {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
-    /// Per-head RMS norms of q and k (Gemma 3).
-    pub qk_norm: Option<(Norm, Norm)>,
+    /// Per-head RMS norm weights of q and k and their epsilon (Gemma 3).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>, f32)>,
     /// Norm of the attention output before the residual add (Gemma 3).
     pub post_attn_norm: Option<Norm>,
     pub ffn_norm: Norm,
@@ -57,7 +50,7 @@ pub struct Layer {
     /// Sliding window in tokens, or `None` for a layer that attends to the whole context.
     pub window: Option<usize>,
     pub rope_base: f64,
-    pub cache: Option<(Tensor, Tensor)>,
+    pub cache: KvCache,
 }
 
 /// Token embeddings: rows of the file's table, widened as they are looked up.
@@ -122,52 +115,8 @@ pub struct Decoder {
 impl Decoder {
     pub fn clear_kv_cache(&mut self) {
         for l in &mut self.layers {
-            l.cache = None;
+            l.cache.clear();
         }
-    }
-
-    /// Rotary cos/sin tables for positions `pos..pos + len` at `base`: `(len, head_dim / 2)`.
-    /// Computed per call for just these positions: tables for the whole context would cost
-    /// load time and memory for positions no job reaches.
-    fn rotary(&self, base: f64, pos: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| (1.0 / base.powf(2.0 * i as f64 / self.head_dim as f64)) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in pos..pos + len {
-            for inv in &inv {
-                let angle = p as f32 * inv;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (len, half), &self.device)?,
-            Tensor::from_vec(sin, (len, half), &self.device)?,
-        ))
-    }
-
-    /// Additive mask `(1, 1, seq, kv_len)` for queries at `pos..pos + seq`, or `None` when every
-    /// key is visible to every query (one new token and no window in the way).
-    fn mask(&self, pos: usize, seq: usize, window: Option<usize>) -> Result<Option<Tensor>> {
-        let kv_len = pos + seq;
-        if seq == 1 && window.is_none_or(|w| kv_len <= w) {
-            return Ok(None);
-        }
-        // Query i (absolute pos + i) sees key j when j <= pos + i and, on sliding-window
-        // layers, pos + i - j < window.
-        let mask: Vec<f32> = (0..seq)
-            .flat_map(|i| {
-                let qp = pos + i;
-                (0..kv_len).map(move |j| {
-                    let visible = j <= qp && window.is_none_or(|w| qp - j < w);
-                    if visible { 0.0 } else { f32::NEG_INFINITY }
-                })
-            })
-            .collect();
-        Tensor::from_vec(mask, (1, 1, seq, kv_len), &self.device).map(Some)
     }
 
     /// Logits `(1, vocab)` for the token after `ids`, which start at position `pos`.
@@ -184,71 +133,27 @@ impl Decoder {
             x = (x * scale)?;
         }
         let (hd, heads, kv_heads) = (self.head_dim, self.heads, self.kv_heads);
-        // One rotary table and one mask per distinct base / window, shared by the layers.
-        let mut ropes: Vec<(f64, (Tensor, Tensor))> = Vec::new();
-        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
-        for l in &self.layers {
-            if !ropes.iter().any(|(b, _)| *b == l.rope_base) {
-                ropes.push((l.rope_base, self.rotary(l.rope_base, pos, seq)?));
-            }
-            if !masks.iter().any(|(w, _)| *w == l.window) {
-                masks.push((l.window, self.mask(pos, seq, l.window)?));
-            }
-        }
-        let scale = 1.0 / (hd as f64).sqrt();
         let rope = self.rope;
         let activation = self.activation;
         for l in &mut self.layers {
-            let (cos, sin) = &ropes
-                .iter()
-                .find(|(b, _)| *b == l.rope_base)
-                .expect("built above")
-                .1;
-            let mask = &masks
-                .iter()
-                .find(|(w, _)| *w == l.window)
-                .expect("built above")
-                .1;
             let h = l.attn_norm.forward(&x)?;
-            let split = |t: Tensor, n: usize| -> Result<Tensor> {
-                t.reshape((1, seq, n, hd))?.transpose(1, 2)?.contiguous()
+            let mut q = l.q.forward_vec(&h)?;
+            let mut k = l.k.forward_vec(&h)?;
+            let v = l.v.forward_vec(&h)?;
+            let spec = AttentionSpec {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                rope,
+                rope_base: l.rope_base,
+                window: l.window,
             };
-            let mut q = split(l.q.forward(&h)?, heads)?;
-            let mut k = split(l.k.forward(&h)?, kv_heads)?;
-            let v = split(l.v.forward(&h)?, kv_heads)?;
-            if let Some((qn, kn)) = &l.qk_norm {
-                q = qn.forward(&q)?;
-                k = kn.forward(&k)?;
+            if l.cache.len() != pos {
+                candle_core::bail!("position {pos} after {} cached tokens", l.cache.len());
             }
-            let (q, k) = match rope {
-                Rope::Interleaved => (
-                    candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-                ),
-                Rope::Neox => (
-                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
-                ),
-            };
-            let (k, v) = match &l.cache {
-                Some((ck, cv)) if pos > 0 => {
-                    (Tensor::cat(&[ck, &k], 2)?, Tensor::cat(&[cv, &v], 2)?)
-                }
-                _ => (k, v),
-            };
-            l.cache = Some((k.clone(), v.clone()));
-            let rep = heads / kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-            let mut att = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(mask) = mask {
-                att = att.broadcast_add(mask)?;
-            }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let out = att
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((1, seq, heads * hd))?;
+            let qk_norm = l.qk_norm.as_ref().map(|(q, k, eps)| (&q[..], &k[..], *eps));
+            let out = attend(&spec, &mut q, &mut k, &v, qk_norm, &mut l.cache, pos);
+            let out = Tensor::from_vec(out, (1, seq, heads * hd), &self.device)?;
             let mut out = l.o.forward(&out)?;
             if let Some(n) = &l.post_attn_norm {
                 out = n.forward(&out)?;

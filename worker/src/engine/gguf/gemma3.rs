@@ -17,6 +17,8 @@ use std::io::{Read, Seek};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Result};
 
+use skep_kernels::attention::KvCache;
+
 use super::decoder::{Activation, Decoder, Layer, Rope};
 use super::linear::Linear;
 use super::loader::{md_f32, md_u32, norm, tied};
@@ -60,8 +62,9 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
             v: Linear::new(w("attn_v")?)?,
             o: Linear::new(w("attn_output")?)?,
             qk_norm: Some((
-                norm(w("attn_q_norm")?, eps, device)?,
-                norm(w("attn_k_norm")?, eps, device)?,
+                w("attn_q_norm")?.dequantize(device)?.to_vec1::<f32>()?,
+                w("attn_k_norm")?.dequantize(device)?.to_vec1::<f32>()?,
+                eps as f32,
             )),
             post_attn_norm: Some(norm(w("post_attention_norm")?, eps, device)?),
             ffn_norm: norm(w("ffn_norm")?, eps, device)?,
@@ -71,7 +74,7 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
             post_ffn_norm: Some(norm(w("post_ffw_norm")?, eps, device)?),
             window: (!global).then_some(window),
             rope_base: if global { global_base } else { LOCAL_ROPE_BASE },
-            cache: None,
+            cache: KvCache::default(),
         });
     }
     Ok(Decoder {

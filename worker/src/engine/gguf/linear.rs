@@ -39,6 +39,33 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Like `forward`, the result as a flat vector (what the attention kernel takes).
+    pub fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let run = |rows: usize, cols: usize, kernel: &dyn Fn(&[f32], usize, &mut [f32])| {
+            let m = input_rows(x, cols)?;
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; m * rows];
+            kernel(&xs, m, &mut out);
+            Ok(out)
+        };
+        match self {
+            Linear::Candle(m) => m.forward(x)?.flatten_all()?.to_vec1::<f32>(),
+            Linear::Q4_1(w) => run(w.rows(), w.cols(), &|xs, m, out| w.matmul(xs, m, out)),
+            Linear::Q8(w) => run(w.rows(), w.cols(), &|xs, m, out| w.matmul(xs, m, out)),
+        }
+    }
+}
+
+/// The number of `cols`-wide rows in `x`, checking its last dimension.
+fn input_rows(x: &Tensor, cols: usize) -> Result<usize> {
+    match x.dims().last() {
+        Some(&last) if last == cols => Ok(x.elem_count() / cols),
+        Some(&last) => candle_core::bail!("input width {last} for a matrix of width {cols}"),
+        None => candle_core::bail!("a matrix product needs at least one dimension"),
+    }
+}
+
 /// Q8_0 and Q5_0 CPU tensors in the kernels' 8-bit block form; `None` for anything else.
 pub fn q8_matrix(t: &QTensor) -> Result<Option<Q8Matrix>> {
     if !t.device().is_cpu() {
@@ -64,17 +91,13 @@ fn product(
     cols: usize,
     kernel: impl FnOnce(&[f32], usize, &mut [f32]),
 ) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    let Some(last) = dims.last_mut() else {
-        candle_core::bail!("a matrix product needs at least one dimension");
-    };
-    if *last != cols {
-        candle_core::bail!("input width {} for a {rows}x{cols} matrix", *last);
-    }
-    let m = x.elem_count() / cols;
+    let m = input_rows(x, cols)?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; m * rows];
     kernel(&xs, m, &mut out);
-    *last = rows;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
     Tensor::from_vec(out, dims, x.device())
 }

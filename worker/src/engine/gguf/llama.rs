@@ -9,6 +9,8 @@ use std::io::{Read, Seek};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Result};
 
+use skep_kernels::attention::KvCache;
+
 use super::decoder::{Activation, Decoder, Layer, Rope};
 use super::linear::Linear;
 use super::loader::{embedding, md_f32, md_u32, norm, tied};
@@ -51,7 +53,7 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
             post_ffn_norm: None,
             window: None,
             rope_base: base,
-            cache: None,
+            cache: KvCache::default(),
         });
     }
     Ok(Decoder {

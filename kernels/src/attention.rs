@@ -1,0 +1,164 @@
+//! Causal self-attention over a per-layer KV cache: rotary embeddings, optional per-head RMS
+//! norms of q and k, grouped-query attention with an optional sliding window.
+//!
+//! One pass over plain slices instead of a dozen tensor operations per layer: no repeated
+//! key/value heads, no cache concatenation (the cache grows in place), no mask tensor.
+
+use crate::pool::for_item_ranges;
+
+/// How rotary embeddings pair a head's dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rope {
+    /// `(2i, 2i + 1)`: GGUF Llama.
+    Interleaved,
+    /// `(i, i + d/2)`: Gemma and other NeoX-style models.
+    Neox,
+}
+
+/// The shape and switches of one layer's attention.
+#[derive(Debug, Clone)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope: Rope,
+    pub rope_base: f64,
+    /// Keys at most this many positions back are visible; `None`: all earlier keys.
+    pub window: Option<usize>,
+}
+
+/// Keys and values of the positions seen so far, position-major: `[pos][kv_head][head_dim]`,
+/// so appending a token is one `extend`.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn clear(&mut self) {
+        self.k = Vec::new();
+        self.v = Vec::new();
+        self.len = 0;
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// `x[.. n * dim]` as `n` rows, each scaled to unit RMS and multiplied by `weight`.
+pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / weight.len() as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// Rotates each `head_dim` row of `x` (`seq` tokens x `n` heads) for positions `pos..pos + seq`.
+fn rotate(x: &mut [f32], n: usize, spec: &AttentionSpec, pos: usize) {
+    let hd = spec.head_dim;
+    let half = hd / 2;
+    // Angles as candle and ggml compute them: inverse frequencies rounded to f32 once, then
+    // position * frequency in f32.
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (1.0 / spec.rope_base.powf(2.0 * i as f64 / hd as f64)) as f32)
+        .collect();
+    for (t, token) in x.chunks_exact_mut(n * hd).enumerate() {
+        let p = (pos + t) as f32;
+        let (sin, cos): (Vec<f32>, Vec<f32>) = inv.iter().map(|f| (p * f).sin_cos()).unzip();
+        for head in token.chunks_exact_mut(hd) {
+            for i in 0..half {
+                let (a, b) = match spec.rope {
+                    Rope::Interleaved => (2 * i, 2 * i + 1),
+                    Rope::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// Runs attention for `seq` new tokens at positions `pos..pos + seq`.
+///
+/// `q` is `seq x heads x head_dim`, `k` and `v` are `seq x kv_heads x head_dim` (the projections'
+/// output layout). `qk_norm` are the per-head norm weights and epsilon, when the model has them.
+/// `k` and `v` are rotated / normed and appended to `cache`, whose length must be `pos`.
+/// Returns `seq x heads x head_dim`.
+pub fn attend(
+    spec: &AttentionSpec,
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+    qk_norm: Option<(&[f32], &[f32], f32)>,
+    cache: &mut KvCache,
+    pos: usize,
+) -> Vec<f32> {
+    let (hd, heads, kvh) = (spec.head_dim, spec.heads, spec.kv_heads);
+    let seq = q.len() / (heads * hd);
+    assert_eq!(q.len(), seq * heads * hd, "q does not match the heads");
+    assert_eq!(k.len(), seq * kvh * hd, "k does not match the kv heads");
+    assert_eq!(v.len(), k.len(), "v does not match k");
+    assert_eq!(cache.len, pos, "the cache must hold exactly the earlier positions");
+    if let Some((qw, kw, eps)) = qk_norm {
+        rms_norm_rows(q, qw, eps);
+        rms_norm_rows(k, kw, eps);
+    }
+    rotate(q, heads, spec, pos);
+    rotate(k, kvh, spec, pos);
+    cache.k.extend_from_slice(k);
+    cache.v.extend_from_slice(v);
+    cache.len += seq;
+
+    let rep = heads / kvh;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let stride = kvh * hd;
+    let mut out = vec![0f32; seq * heads * hd];
+    let q: &[f32] = q;
+    let cache: &KvCache = cache;
+    // One work item per (token, head); each writes its own `head_dim` values.
+    let items = seq * heads;
+    let work = items * (pos + seq) * hd * 2;
+    for_item_ranges(items, hd, work, &mut out, |range, part| {
+        let mut scores = Vec::new();
+        for (row, item) in part.chunks_exact_mut(hd).zip(range) {
+            let (t, h) = (item / heads, item % heads);
+            let p = pos + t;
+            let lo = spec.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let qh = &q[item * hd..(item + 1) * hd];
+            let kv = h / rep;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in lo..=p {
+                let kj = &cache.k[j * stride + kv * hd..j * stride + (kv + 1) * hd];
+                let s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (j, s) in (lo..=p).zip(&scores) {
+                let w = s / sum;
+                let vj = &cache.v[j * stride + kv * hd..j * stride + (kv + 1) * hd];
+                for (o, x) in row.iter_mut().zip(vj) {
+                    *o += w * x;
+                }
+            }
+        }
+    });
+    out
+}
