@@ -53,6 +53,25 @@ impl KvCache {
     }
 }
 
+/// `a · b` with sixteen partial sums, which the compiler keeps in vector registers (a single
+/// running sum would serialize every addition).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `x[.. n * dim]` as `n` rows, each scaled to unit RMS and multiplied by `weight`.
 pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(weight.len()) {
@@ -110,7 +129,10 @@ pub fn attend(
     assert_eq!(q.len(), seq * heads * hd, "q does not match the heads");
     assert_eq!(k.len(), seq * kvh * hd, "k does not match the kv heads");
     assert_eq!(v.len(), k.len(), "v does not match k");
-    assert_eq!(cache.len, pos, "the cache must hold exactly the earlier positions");
+    assert_eq!(
+        cache.len, pos,
+        "the cache must hold exactly the earlier positions"
+    );
     if let Some((qw, kw, eps)) = qk_norm {
         rms_norm_rows(q, qw, eps);
         rms_norm_rows(k, kw, eps);
@@ -142,7 +164,7 @@ pub fn attend(
             let mut max = f32::NEG_INFINITY;
             for j in lo..=p {
                 let kj = &cache.k[j * stride + kv * hd..j * stride + (kv + 1) * hd];
-                let s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let s = dot_f32(qh, kj) * scale;
                 max = max.max(s);
                 scores.push(s);
             }
@@ -161,4 +183,171 @@ pub fn attend(
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Tensor};
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919 % 1013) as f32 / 506.5 - 1.0) * 0.7)
+            .collect()
+    }
+
+    /// Attention computed with candle's tensor ops (candle-nn's rotary kernels, explicit
+    /// repeated kv heads, an additive mask, softmax) for all `seq` tokens at once.
+    fn reference(
+        spec: &AttentionSpec,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        norm: Option<(&[f32], &[f32], f32)>,
+        seq: usize,
+    ) -> Vec<f32> {
+        let dev = Device::Cpu;
+        let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let heads = |x: &[f32], n: usize| {
+            Tensor::from_vec(x.to_vec(), (1, seq, n, hd), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (mut qt, mut kt, vt) = (heads(q, h), heads(k, kvh), heads(v, kvh));
+        if let Some((qw, kw, eps)) = norm {
+            let n = |t: Tensor, w: &[f32]| {
+                let w = Tensor::new(w, &dev).unwrap();
+                let rms = (t.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + f64::from(eps))
+                    .unwrap()
+                    .sqrt()
+                    .unwrap();
+                t.broadcast_div(&rms).unwrap().broadcast_mul(&w).unwrap()
+            };
+            qt = n(qt, qw);
+            kt = n(kt, kw);
+        }
+        let half = hd / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| (1.0 / spec.rope_base.powf(2.0 * i as f64 / hd as f64)) as f32)
+            .collect();
+        let angles: Vec<f32> = (0..seq)
+            .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
+            .collect();
+        let angles = Tensor::from_vec(angles, (seq, half), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let rot = |t: &Tensor| match spec.rope {
+            Rope::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin).unwrap(),
+            Rope::Neox => candle_nn::rotary_emb::rope(t, &cos, &sin).unwrap(),
+        };
+        let (qt, kt) = (rot(&qt), rot(&kt));
+        let rep: Vec<u32> = (0..h as u32).map(|i| i / (h / kvh) as u32).collect();
+        let rep = Tensor::new(rep.as_slice(), &dev).unwrap();
+        let kt = kt.index_select(&rep, 1).unwrap();
+        let vt = vt.index_select(&rep, 1).unwrap();
+        let mask: Vec<f32> = (0..seq)
+            .flat_map(|i| {
+                (0..seq).map(move |j| {
+                    let ok = j <= i && spec.window.is_none_or(|w| i - j < w);
+                    if ok { 0.0 } else { f32::NEG_INFINITY }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, seq, seq), &dev).unwrap();
+        let att = (qt.matmul(&kt.t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt()))
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
+        att.matmul(&vt)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// A prompt of `seq - 1` tokens then one more, through the cache, against the reference.
+    fn check(rope: Rope, window: Option<usize>, with_norm: bool) {
+        let spec = AttentionSpec {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            rope,
+            rope_base: 10_000.0,
+            window,
+        };
+        let seq = 6;
+        let (qn, kn) = (seq * 4 * 16, seq * 2 * 16);
+        let (q, k, v) = (values(qn, 1), values(kn, 2), values(kn, 3));
+        let (qw, kw) = (values(16, 4), values(16, 5));
+        let norm = with_norm.then_some((&qw[..], &kw[..], 1e-6f32));
+        let want = reference(&spec, &q, &k, &v, norm, seq);
+        let mut cache = KvCache::default();
+        let split = seq - 1;
+        let (mut q1, mut k1) = (q[..split * 64].to_vec(), k[..split * 32].to_vec());
+        let mut got = attend(
+            &spec,
+            &mut q1,
+            &mut k1,
+            &v[..split * 32],
+            norm,
+            &mut cache,
+            0,
+        );
+        let (mut q2, mut k2) = (q[split * 64..].to_vec(), k[split * 32..].to_vec());
+        got.extend(attend(
+            &spec,
+            &mut q2,
+            &mut k2,
+            &v[split * 32..],
+            norm,
+            &mut cache,
+            split,
+        ));
+        assert_eq!(cache.len(), seq);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{rope:?} {window:?} [{i}]: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_tensor_attention_with_interleaved_rotary() {
+        check(Rope::Interleaved, None, false);
+    }
+
+    #[test]
+    fn matches_tensor_attention_with_neox_rotary_norms_and_a_window() {
+        check(Rope::Neox, Some(3), true);
+        check(Rope::Neox, None, true);
+    }
+
+    #[test]
+    #[should_panic(expected = "the cache must hold exactly the earlier positions")]
+    fn a_position_that_skips_the_cache_is_a_bug_not_a_silent_gap() {
+        let spec = AttentionSpec {
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            rope: Rope::Neox,
+            rope_base: 10_000.0,
+            window: None,
+        };
+        attend(
+            &spec,
+            &mut [0.0; 2],
+            &mut [0.0; 2],
+            &[0.0; 2],
+            None,
+            &mut KvCache::default(),
+            3,
+        );
+    }
 }

@@ -168,7 +168,13 @@ impl GgufEngine {
             Ok::<_, GgufError>((weights, tokenizer, template, context_len))
         }))
         .map_err(|panic| GgufError::Panicked(panic_message(&panic)))??;
-        let (weights, tokenizer, template, context_len) = loaded;
+        let (mut weights, tokenizer, template, context_len) = loaded;
+        // candle repacks k-quant weights into its SIMD tile layout on their first product (one
+        // layout for single tokens, one for batches). Two tokens through the model here make
+        // that part of loading, as llama.cpp's repacking is, instead of the first job's time.
+        let warm = [tokenizer.bos().unwrap_or(0); 2];
+        weights.forward(&warm, 0).map_err(GgufError::Weights)?;
+        weights.clear_kv_cache();
         tracing::info!(
             model = model_name,
             path = %path.display(),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 use skep_kernels::Q8Matrix;
-use skep_kernels::attention::{AttentionSpec, KvCache, attend};
 pub use skep_kernels::attention::Rope;
+use skep_kernels::attention::{AttentionSpec, KvCache, attend};
 
 use super::linear::Linear;
 

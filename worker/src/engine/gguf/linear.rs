@@ -42,17 +42,12 @@ impl Linear {
 impl Linear {
     /// Like `forward`, the result as a flat vector (what the attention kernel takes).
     pub fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
-        let run = |rows: usize, cols: usize, kernel: &dyn Fn(&[f32], usize, &mut [f32])| {
-            let m = input_rows(x, cols)?;
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut out = vec![0f32; m * rows];
-            kernel(&xs, m, &mut out);
-            Ok(out)
-        };
         match self {
             Linear::Candle(m) => m.forward(x)?.flatten_all()?.to_vec1::<f32>(),
-            Linear::Q4_1(w) => run(w.rows(), w.cols(), &|xs, m, out| w.matmul(xs, m, out)),
-            Linear::Q8(w) => run(w.rows(), w.cols(), &|xs, m, out| w.matmul(xs, m, out)),
+            Linear::Q4_1(w) => {
+                product_vec(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out))
+            }
+            Linear::Q8(w) => product_vec(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out)),
         }
     }
 }
@@ -91,13 +86,24 @@ fn product(
     cols: usize,
     kernel: impl FnOnce(&[f32], usize, &mut [f32]),
 ) -> Result<Tensor> {
-    let m = input_rows(x, cols)?;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; m * rows];
-    kernel(&xs, m, &mut out);
+    let out = product_vec(x, rows, cols, kernel)?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = rows;
     }
     Tensor::from_vec(out, dims, x.device())
+}
+
+/// Like `product`, the result as a flat vector.
+fn product_vec(
+    x: &Tensor,
+    rows: usize,
+    cols: usize,
+    kernel: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Vec<f32>> {
+    let m = input_rows(x, cols)?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; m * rows];
+    kernel(&xs, m, &mut out);
+    Ok(out)
 }
