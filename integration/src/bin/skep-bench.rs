@@ -814,6 +814,24 @@ impl ModelRun {
     fn gen_tps(&self) -> f64 {
         self.gen_tokens / (self.gen_ms / 1e3)
     }
+    /// Field by field, the median of `runs` (which must not be empty): one slow run on a shared
+    /// machine should not decide a ratio.
+    fn median(runs: &[ModelRun]) -> ModelRun {
+        let med = |f: fn(&ModelRun) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        ModelRun {
+            load_ms: med(|r| r.load_ms),
+            prompt_tokens: med(|r| r.prompt_tokens),
+            prompt_ms: med(|r| r.prompt_ms),
+            gen_tokens: med(|r| r.gen_tokens),
+            gen_ms: med(|r| r.gen_ms),
+            peak_rss: med(|r| r.peak_rss),
+        }
+    }
+
     fn from_json(v: &serde_json::Value) -> ModelRun {
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         ModelRun {
@@ -888,6 +906,8 @@ async fn timed_job(
 /// alone, llama.cpp; same prompt tokens, same thread count.
 fn models(llama_ref: Option<&std::path::Path>, rt: &tokio::runtime::Runtime) -> Section {
     const TOKENS: u32 = 64;
+    /// Each figure is the median of this many runs.
+    const RUNS: usize = 3;
     const PROMPT: &str =
         "Write a short story about a lighthouse keeper who finds a message in a bottle.";
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -904,25 +924,35 @@ fn models(llama_ref: Option<&std::path::Path>, rt: &tokio::runtime::Runtime) -> 
     ] {
         let path = skep_integration::model_path(file, name);
         let run = || -> anyhow::Result<(ModelRun, ModelRun, Option<ModelRun>)> {
-            let engine_json = last_json_line(
-                std::process::Command::new(bin_dir.join("skep-model-bench"))
-                    .arg(name)
-                    .arg(&path)
-                    .arg(TOKENS.to_string())
-                    .arg(PROMPT),
-            )?;
-            let engine = ModelRun::from_json(&engine_json);
-            let rendered = engine_json["rendered_prompt"]
-                .as_str()
-                .unwrap_or(PROMPT)
-                .to_owned();
-            let llama = match llama_ref {
-                Some(tool) => Some(ModelRun::from_json(&last_json_line(
-                    std::process::Command::new(tool)
+            let mut engines = Vec::new();
+            let mut rendered = PROMPT.to_owned();
+            for _ in 0..RUNS {
+                let engine_json = last_json_line(
+                    std::process::Command::new(bin_dir.join("skep-model-bench"))
+                        .arg(name)
                         .arg(&path)
-                        .args(["gen", &TOKENS.to_string(), &threads.to_string()])
-                        .arg(&rendered),
-                )?)),
+                        .arg(TOKENS.to_string())
+                        .arg(PROMPT),
+                )?;
+                engines.push(ModelRun::from_json(&engine_json));
+                if let Some(r) = engine_json["rendered_prompt"].as_str() {
+                    rendered = r.to_owned();
+                }
+            }
+            let engine = ModelRun::median(&engines);
+            let llama = match llama_ref {
+                Some(tool) => {
+                    let mut runs = Vec::new();
+                    for _ in 0..RUNS {
+                        runs.push(ModelRun::from_json(&last_json_line(
+                            std::process::Command::new(tool)
+                                .arg(&path)
+                                .args(["gen", &TOKENS.to_string(), &threads.to_string()])
+                                .arg(&rendered),
+                        )?));
+                    }
+                    Some(ModelRun::median(&runs))
+                }
                 None => None,
             };
             // End to end: a queen and a pool whose worker runs the model.
@@ -936,18 +966,27 @@ fn models(llama_ref: Option<&std::path::Path>, rt: &tokio::runtime::Runtime) -> 
             cluster.wait_for_nodes(1);
             let submitted = started.elapsed();
             let (cold_first, _, _) = rt.block_on(timed_job(&cluster, name, PROMPT, 1))?;
-            let (first, rest, tokens) = rt.block_on(timed_job(&cluster, name, PROMPT, TOKENS))?;
+            let mut warm = Vec::new();
+            for _ in 0..RUNS {
+                let (first, rest, tokens) =
+                    rt.block_on(timed_job(&cluster, name, PROMPT, TOKENS))?;
+                warm.push(ModelRun {
+                    load_ms: 0.0,
+                    prompt_tokens: engine.prompt_tokens,
+                    prompt_ms: first.as_secs_f64() * 1e3,
+                    gen_tokens: f64::from(tokens.saturating_sub(1)),
+                    gen_ms: rest.as_secs_f64() * 1e3,
+                    peak_rss: 0.0,
+                });
+            }
             let worker = cluster.worker_pids(0).first().copied();
-            let e2e = ModelRun {
-                // Pool start to the first token of a first job, less a warm job's time to
-                // first token: starting the pool and worker and loading the model.
-                load_ms: (submitted + cold_first).saturating_sub(first).as_secs_f64() * 1e3,
-                prompt_tokens: engine.prompt_tokens,
-                prompt_ms: first.as_secs_f64() * 1e3,
-                gen_tokens: f64::from(tokens.saturating_sub(1)),
-                gen_ms: rest.as_secs_f64() * 1e3,
-                peak_rss: worker.map_or(f64::NAN, rss_of),
-            };
+            let mut e2e = ModelRun::median(&warm);
+            // Pool start to the first token of a first job, less a warm job's time to first
+            // token: starting the pool and worker and loading the model.
+            e2e.load_ms = (submitted.as_secs_f64() * 1e3 + cold_first.as_secs_f64() * 1e3
+                - e2e.prompt_ms)
+                .max(0.0);
+            e2e.peak_rss = worker.map_or(f64::NAN, rss_of);
             drop(cluster);
             Ok((e2e, engine, llama))
         };
@@ -1034,7 +1073,9 @@ fn models(llama_ref: Option<&std::path::Path>, rt: &tokio::runtime::Runtime) -> 
              prompt pass), generation = first token → done; load = a cold pool's first job's \
              time to first token less a warm job's; peak RSS is the worker process's. \
              Generation time compares the end-to-end figure with the engine's for the same \
-             number of tokens (target: < 1.05). {}",
+             number of tokens (target: < 1.05). Every figure is the median of {RUNS} runs \
+             (fresh processes for the engine and llama.cpp, warm jobs end to end). The engine \
+             is built for the host CPU (`.cargo/config.toml`), as llama.cpp is by default. {}",
             if llama_ref.is_some() {
                 ""
             } else {

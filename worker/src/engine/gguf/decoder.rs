@@ -119,6 +119,58 @@ impl Decoder {
         }
     }
 
+    /// Checks that every weight has the shape the hyper-parameters imply, so that a file whose
+    /// tensors disagree with its metadata is refused at load rather than failing (or tripping
+    /// a kernel's assertion) in the middle of a job.
+    pub fn check_shapes(&self) -> Result<()> {
+        let (hidden, hd) = (self.hidden, self.head_dim);
+        let (q_width, kv_width) = (self.heads * hd, self.kv_heads * hd);
+        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 || hd % 2 != 0 {
+            candle_core::bail!(
+                "{} heads, {} kv heads of size {hd}: not a usable attention shape",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        let want = |what: &str, got: (usize, usize), rows: usize, cols: usize| -> Result<()> {
+            if got != (rows, cols) {
+                candle_core::bail!("{what} is {}x{}, expected {rows}x{cols}", got.0, got.1);
+            }
+            Ok(())
+        };
+        if self.head.shape().1 != hidden {
+            candle_core::bail!(
+                "the output head takes {} inputs, expected {hidden}",
+                self.head.shape().1
+            );
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let ffn = l.gate.shape().0;
+            want(&format!("layer {i} q"), l.q.shape(), q_width, hidden)?;
+            want(&format!("layer {i} k"), l.k.shape(), kv_width, hidden)?;
+            want(&format!("layer {i} v"), l.v.shape(), kv_width, hidden)?;
+            want(
+                &format!("layer {i} attention output"),
+                l.o.shape(),
+                hidden,
+                q_width,
+            )?;
+            want(&format!("layer {i} up"), l.up.shape(), ffn, hidden)?;
+            want(&format!("layer {i} gate"), l.gate.shape(), ffn, hidden)?;
+            want(&format!("layer {i} down"), l.down.shape(), hidden, ffn)?;
+            if let Some((qn, kn, _)) = &l.qk_norm
+                && (qn.len() != hd || kn.len() != hd)
+            {
+                candle_core::bail!(
+                    "layer {i} q/k norms have {}/{} weights, expected {hd}",
+                    qn.len(),
+                    kn.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Logits `(1, vocab)` for the token after `ids`, which start at position `pos`.
     pub fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
         let seq = ids.len();
@@ -175,5 +227,84 @@ impl Decoder {
         let last = self.final_norm.forward(&last)?;
         // (1, 1, vocab) -> (1, vocab)
         self.head.forward(&last)?.squeeze(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    use super::*;
+
+    fn linear(rows: usize, cols: usize) -> Linear {
+        let t = Tensor::zeros((rows, cols), DType::F32, &Device::Cpu).unwrap();
+        Linear::new(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()).unwrap()
+    }
+
+    fn norm(n: usize) -> Norm {
+        Norm {
+            weight: Tensor::ones(n, DType::F32, &Device::Cpu).unwrap(),
+            eps: 1e-6,
+        }
+    }
+
+    /// A one-layer decoder: width 64, 2 heads of 32, 1 kv head, FFN 96, vocab 32.
+    fn tiny(k_rows: usize) -> Decoder {
+        let layer = Layer {
+            attn_norm: norm(64),
+            q: linear(64, 64),
+            k: linear(k_rows, 64),
+            v: linear(32, 64),
+            o: linear(64, 64),
+            qk_norm: None,
+            post_attn_norm: None,
+            ffn_norm: norm(64),
+            gate: linear(96, 64),
+            up: linear(96, 64),
+            down: linear(64, 96),
+            post_ffn_norm: None,
+            window: None,
+            rope_base: 10_000.0,
+            cache: KvCache::default(),
+        };
+        let table = Tensor::zeros((32, 64), DType::F32, &Device::Cpu).unwrap();
+        let table = QTensor::quantize(&table, GgmlDType::Q8_0).unwrap();
+        Decoder {
+            embed: Embedding::Dense(table.dequantize(&Device::Cpu).unwrap()),
+            embed_scale: None,
+            head: Linear::new(table).unwrap(),
+            layers: vec![layer],
+            final_norm: norm(64),
+            hidden: 64,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            rope: Rope::Interleaved,
+            activation: Activation::Silu,
+            device: Device::Cpu,
+        }
+    }
+
+    #[test]
+    fn consistent_weights_pass_the_shape_check_and_run() {
+        let mut d = tiny(32);
+        d.check_shapes().unwrap();
+        let logits = d.forward(&[1, 2, 3], 0).unwrap();
+        assert_eq!(logits.dims(), &[1, 32]);
+        d.forward(&[4], 3).unwrap();
+    }
+
+    #[test]
+    fn a_weight_that_disagrees_with_the_metadata_is_refused_at_load() {
+        let err = tiny(48).check_shapes().unwrap_err().to_string();
+        assert!(err.contains("layer 0 k is 48x64, expected 32x64"), "{err}");
+    }
+
+    #[test]
+    fn a_position_out_of_step_with_the_cache_is_an_error_not_a_panic() {
+        let mut d = tiny(32);
+        d.forward(&[1, 2], 0).unwrap();
+        let err = d.forward(&[3], 5).unwrap_err().to_string();
+        assert!(err.contains("position 5 after 2 cached tokens"), "{err}");
     }
 }

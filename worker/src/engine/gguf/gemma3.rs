@@ -77,7 +77,7 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
             cache: KvCache::default(),
         });
     }
-    Ok(Decoder {
+    let decoder = Decoder {
         embed,
         embed_scale: Some((hidden as f64).sqrt()),
         head,
@@ -90,7 +90,9 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
         rope: Rope::Neox,
         activation: Activation::GeluTanh,
         device: device.clone(),
-    })
+    };
+    decoder.check_shapes()?;
+    Ok(decoder)
 }
 
 /// The number of positions a Gemma 3 file supports.

@@ -9,7 +9,8 @@ use candle_core::{Module, Result, Tensor};
 use skep_kernels::{Q4_1Matrix, Q8Matrix};
 
 pub enum Linear {
-    Candle(QMatMul),
+    /// With its `(rows, cols)`, which `QMatMul` does not expose.
+    Candle(QMatMul, (usize, usize)),
     Q4_1(Q4_1Matrix),
     /// Shared with the token table when the head is tied to the embeddings.
     Q8(Arc<Q8Matrix>),
@@ -26,13 +27,14 @@ impl Linear {
                 .map_err(candle_core::Error::wrap)?;
             return Ok(Linear::Q4_1(m));
         }
-        QMatMul::from_qtensor(t).map(Linear::Candle)
+        let shape = t.shape().dims2()?;
+        QMatMul::from_qtensor(t).map(|m| Linear::Candle(m, shape))
     }
 
     /// `x · Wᵀ` over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Linear::Candle(m) => m.forward(x),
+            Linear::Candle(m, _) => m.forward(x),
             Linear::Q4_1(w) => product(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out)),
             Linear::Q8(w) => product(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out)),
         }
@@ -40,10 +42,19 @@ impl Linear {
 }
 
 impl Linear {
+    /// `(rows, cols)`: outputs by inputs.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Linear::Candle(_, shape) => *shape,
+            Linear::Q4_1(w) => (w.rows(), w.cols()),
+            Linear::Q8(w) => (w.rows(), w.cols()),
+        }
+    }
+
     /// Like `forward`, the result as a flat vector (what the attention kernel takes).
     pub fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>> {
         match self {
-            Linear::Candle(m) => m.forward(x)?.flatten_all()?.to_vec1::<f32>(),
+            Linear::Candle(m, _) => m.forward(x)?.flatten_all()?.to_vec1::<f32>(),
             Linear::Q4_1(w) => {
                 product_vec(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out))
             }

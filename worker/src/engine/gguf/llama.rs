@@ -56,7 +56,7 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
             cache: KvCache::default(),
         });
     }
-    Ok(Decoder {
+    let decoder = Decoder {
         embed,
         embed_scale: None,
         head,
@@ -69,5 +69,7 @@ pub fn from_gguf<R: Read + Seek>(ct: Content, r: &mut R, device: &Device) -> Res
         rope: Rope::Interleaved,
         activation: Activation::Silu,
         device: device.clone(),
-    })
+    };
+    decoder.check_shapes()?;
+    Ok(decoder)
 }
