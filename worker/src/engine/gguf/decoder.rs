@@ -125,7 +125,11 @@ impl Decoder {
     pub fn check_shapes(&self) -> Result<()> {
         let (hidden, hd) = (self.hidden, self.head_dim);
         let (q_width, kv_width) = (self.heads * hd, self.kv_heads * hd);
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 || hd % 2 != 0 {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+            || hd % 2 != 0
+        {
             candle_core::bail!(
                 "{} heads, {} kv heads of size {hd}: not a usable attention shape",
                 self.heads,
