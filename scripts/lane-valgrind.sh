@@ -12,6 +12,14 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 2
 
 # Build only this crate's unit tests and hostile test binary; take their paths from cargo's
 # JSON output (test artifacts are the ones with a non-null "executable").
+# Valgrind 3.19 decodes AVX2 but not AVX-512, and the workspace builds for the host CPU
+# (.cargo/config.toml). These binaries are built for baseline x86-64 instead, in their own
+# target dir so that the main build is not invalidated.
+if [[ "$(uname -m)" == x86_64 ]]; then
+  export RUSTFLAGS="-C target-cpu=x86-64"
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/valgrind"
+fi
+
 mapfile -t bins < <(cargo test -j"${JOBS:-2}" -p skep-lane --lib --test hostile --no-run \
     --message-format=json \
   | grep '"reason":"compiler-artifact"' \
