@@ -5,6 +5,8 @@
 
 use std::sync::Mutex;
 
+use crate::q8_1::Q8_1Row;
+
 /// Multiply-adds below which a product runs on the calling thread alone.
 const INLINE_BELOW: usize = 1 << 18;
 
@@ -88,6 +90,36 @@ fn for_item_ranges_in<F>(
             let mut slice = slices[p].lock().unwrap_or_else(|e| e.into_inner());
             let n = slice.len() / width;
             fill(start..start + n, &mut slice);
+        }
+    });
+}
+
+/// `out = x · Wᵀ` for a `rows` x `cols` quantized matrix `W` given by `row_dot(r, a)`, the dot
+/// product of its row `r` with one quantized activation row. `x` is `m` x `cols`, `out` is
+/// `m` x `rows`. Panics if the lengths do not match (a bug in the caller, not bad input).
+pub(crate) fn quantized_product<F>(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    row_dot: F,
+) where
+    F: Fn(usize, &Q8_1Row) -> f32 + Sync,
+{
+    assert_eq!(x.len(), m * cols, "activations do not match the matrix");
+    assert_eq!(out.len(), m * rows, "output does not match the matrix");
+    if m == 0 || rows == 0 {
+        return;
+    }
+    // One quantizer serves Q8_0 and Q8_1 activations: Q8_0's are Q8_1's without the sum term.
+    let acts: Vec<Q8_1Row> = x.chunks_exact(cols).map(Q8_1Row::quantize).collect();
+    for_row_ranges(rows, m, rows * cols * m, out, |range, buf| {
+        let len = range.len();
+        for (i, r) in range.enumerate() {
+            for (t, a) in acts.iter().enumerate() {
+                buf[t * len + i] = row_dot(r, a);
+            }
         }
     });
 }

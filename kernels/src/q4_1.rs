@@ -2,7 +2,7 @@
 
 use half::f16;
 
-use crate::pool::for_row_ranges;
+use crate::pool::quantized_product;
 use crate::q8_1::Q8_1Row;
 use crate::{KernelError, QK};
 
@@ -88,33 +88,11 @@ impl Q4_1Matrix {
     /// `out = x · selfᵀ` for `m` rows of activations `x` (`m` x `cols`, row-major); `out` is
     /// `m` x `rows`. Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        assert_eq!(
-            x.len(),
-            m * self.cols,
-            "activations do not match the matrix"
-        );
-        assert_eq!(out.len(), m * self.rows, "output does not match the matrix");
-        if m == 0 || self.rows == 0 {
-            return;
-        }
-        let acts: Vec<Q8_1Row> = x.chunks_exact(self.cols).map(Q8_1Row::quantize).collect();
         let blocks = self.cols / QK;
-        for_row_ranges(
-            self.rows,
-            m,
-            self.rows * self.cols * m,
-            out,
-            |range, buf| {
-                let len = range.len();
-                for (i, r) in range.enumerate() {
-                    let scales = &self.scales[r * blocks..(r + 1) * blocks];
-                    let qs = &self.qs[r * blocks..(r + 1) * blocks];
-                    for (t, a) in acts.iter().enumerate() {
-                        buf[t * len + i] = dot(scales, qs, a);
-                    }
-                }
-            },
-        );
+        quantized_product(self.rows, self.cols, x, m, out, |r, a| {
+            let range = r * blocks..(r + 1) * blocks;
+            dot(&self.scales[range.clone()], &self.qs[range], a)
+        });
     }
 }
 
