@@ -348,7 +348,7 @@ mod tests {
         ) {
             let cols = blocks * QK;
             let x: Vec<f32> = (0..m * cols)
-                .map(|i| (((i as u64 ^ seed) * 2654435761 % 1000) as f32 / 500.0 - 1.0) * scale)
+                .map(|i| (((i as u64 ^ seed).wrapping_mul(2654435761) % 1000) as f32 / 500.0 - 1.0) * scale)
                 .collect();
             check(rows, cols, m, seed, &x);
         }
