@@ -83,27 +83,33 @@ pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// Rotates each `head_dim` row of `x` (`seq` tokens x `n` heads) for positions `pos..pos + seq`.
-fn rotate(x: &mut [f32], n: usize, spec: &AttentionSpec, pos: usize) {
+/// `(sin, cos)` of the rotary angles for positions `pos..pos + seq`: `seq x head_dim / 2`.
+/// Angles as candle and ggml compute them: inverse frequencies rounded to f32 once, then
+/// position * frequency in f32.
+fn rotary_table(spec: &AttentionSpec, pos: usize, seq: usize) -> Vec<(f32, f32)> {
     let hd = spec.head_dim;
-    let half = hd / 2;
-    // Angles as candle and ggml compute them: inverse frequencies rounded to f32 once, then
-    // position * frequency in f32.
-    let inv: Vec<f32> = (0..half)
+    let inv: Vec<f32> = (0..hd / 2)
         .map(|i| (1.0 / spec.rope_base.powf(2.0 * i as f64 / hd as f64)) as f32)
         .collect();
-    for (t, token) in x.chunks_exact_mut(n * hd).enumerate() {
-        let p = (pos + t) as f32;
-        let (sin, cos): (Vec<f32>, Vec<f32>) = inv.iter().map(|f| (p * f).sin_cos()).unzip();
+    (pos..pos + seq)
+        .flat_map(|p| inv.iter().map(move |f| (p as f32 * f).sin_cos()))
+        .collect()
+}
+
+/// Rotates each `head_dim` row of `x` (tokens x `n` heads) by the angles of its token.
+fn rotate(x: &mut [f32], n: usize, spec: &AttentionSpec, table: &[(f32, f32)]) {
+    let hd = spec.head_dim;
+    let half = hd / 2;
+    for (token, angles) in x.chunks_exact_mut(n * hd).zip(table.chunks_exact(half)) {
         for head in token.chunks_exact_mut(hd) {
-            for i in 0..half {
+            for (i, &(sin, cos)) in angles.iter().enumerate() {
                 let (a, b) = match spec.rope {
                     Rope::Interleaved => (2 * i, 2 * i + 1),
                     Rope::Neox => (i, i + half),
                 };
                 let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos[i] - x1 * sin[i];
-                head[b] = x0 * sin[i] + x1 * cos[i];
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
             }
         }
     }
@@ -137,8 +143,9 @@ pub fn attend(
         rms_norm_rows(q, qw, eps);
         rms_norm_rows(k, kw, eps);
     }
-    rotate(q, heads, spec, pos);
-    rotate(k, kvh, spec, pos);
+    let table = rotary_table(spec, pos, seq);
+    rotate(q, heads, spec, &table);
+    rotate(k, kvh, spec, &table);
     cache.k.extend_from_slice(k);
     cache.v.extend_from_slice(v);
     cache.len += seq;

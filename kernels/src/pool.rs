@@ -18,22 +18,17 @@ where
     F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 {
     debug_assert_eq!(out.len(), rows * m);
-    if work < INLINE_BELOW {
-        // Waking the other threads costs more than they would save on a product this small;
-        // over the whole range `buf`'s layout is `out`'s.
+    let Some((pool, piece)) = plan(rows, 8, work) else {
+        // Over the whole range `buf`'s layout is `out`'s.
         fill(0..rows, out);
         return;
-    }
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
-    // A few pieces per thread so a thread slowed by something else is made up for by the others.
-    let piece = rows.div_ceil(threads * 4).max(8);
-    let pieces = rows.div_ceil(piece);
+    };
     if m == 1 {
         // One token: the output rows are contiguous, each piece writes its own slice.
         for_item_ranges_in(pool, piece, rows, 1, out, fill);
         return;
     }
+    let pieces = rows.div_ceil(piece);
     let bufs: Vec<Mutex<Vec<f32>>> = (0..pieces).map(|_| Mutex::new(Vec::new())).collect();
     pool.execute_chunked(pieces, |range| {
         for p in range {
@@ -63,14 +58,26 @@ where
     F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 {
     debug_assert_eq!(out.len(), items * width);
+    match plan(items, 1, work) {
+        Some((pool, piece)) => for_item_ranges_in(pool, piece, items, width, out, fill),
+        None => fill(0..items, out),
+    }
+}
+
+/// The pool and the piece size (at least `min_piece` items) to split `items` into, or `None`
+/// when `work` is too small to be worth waking the other threads for.
+fn plan(
+    items: usize,
+    min_piece: usize,
+    work: usize,
+) -> Option<(&'static candle_core::utils::BarrierPool, usize)> {
     if work < INLINE_BELOW {
-        fill(0..items, out);
-        return;
+        return None;
     }
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
-    let piece = items.div_ceil(threads * 4).max(1);
-    for_item_ranges_in(pool, piece, items, width, out, fill);
+    // A few pieces per thread so a thread slowed by something else is made up for by the others.
+    Some((pool, items.div_ceil(threads * 4).max(min_piece)))
 }
 
 fn for_item_ranges_in<F>(
