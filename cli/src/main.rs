@@ -473,7 +473,10 @@ async fn submit(
         }
         match ev.kind {
             Some(job_event::Kind::Accepted(a)) if !json => {
-                eprintln!("job {} accepted (deadline {}ms)", ev.job_id, a.deadline_ms);
+                eprintln!(
+                    "job {} accepted (deadline {}ms, predicted finish {}ms on {})",
+                    ev.job_id, a.deadline_ms, a.predicted_finish_ms, a.node_id
+                );
             }
             Some(job_event::Kind::Token(t)) if !json => {
                 let _ = write!(out, "{}", t.text);

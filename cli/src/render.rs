@@ -166,7 +166,7 @@ pub fn event_json(ev: &JobEvent) {
     use job_event::Kind;
     let v = match &ev.kind {
         Some(Kind::Accepted(a)) => {
-            json!({"event": "accepted", "job_id": ev.job_id, "deadline_ms": a.deadline_ms, "estimate_ms": a.estimate_ms})
+            json!({"event": "accepted", "job_id": ev.job_id, "deadline_ms": a.deadline_ms, "estimate_ms": a.estimate_ms, "predicted_finish_ms": a.predicted_finish_ms, "node_id": a.node_id})
         }
         Some(Kind::Queued(q)) => {
             json!({"event": "queued", "job_id": ev.job_id, "position": q.position})

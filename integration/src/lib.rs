@@ -6,6 +6,7 @@
 //! wait is bounded, and dropping a `Cluster` kills its processes and removes its directory.
 
 pub mod load;
+pub mod openloop;
 pub mod report;
 
 use std::path::{Path, PathBuf};

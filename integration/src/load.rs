@@ -31,6 +31,9 @@ pub struct LoadPlan {
     /// runs the same load without the chaos (the benchmark's baseline).
     pub kill_after: Option<usize>,
     pub down_for: Duration,
+    /// The queen is SIGKILLed (and restarted at once on its data dir) each time this many jobs
+    /// have ended; jobs whose streams die with it are followed through `Jobs/Get`.
+    pub kill_queen_after: Vec<usize>,
 }
 
 impl LoadPlan {
@@ -43,6 +46,7 @@ impl LoadPlan {
             deadline: Duration::from_secs(20),
             kill_after: Some(jobs / 3),
             down_for: Duration::from_secs(1),
+            kill_queen_after: Vec::new(),
         }
     }
 }
@@ -57,6 +61,8 @@ struct Seen {
     /// `Some(Ok(tokens))` for done, `Some(Err(code))` for an error; `None`: no terminal event.
     end: Option<Result<u32, tonic::Code>>,
     max_tokens: u32,
+    /// The stream broke after acceptance (the queen died): the outcome is in the queen's record.
+    broken: bool,
 }
 
 /// The account of a chaos run.
@@ -75,6 +81,10 @@ pub struct LoadReport {
     pub lost: usize,
     /// Ids (and why) of lost jobs, for the failure message.
     pub lost_detail: Vec<String>,
+    /// Accepted jobs whose stream died with a killed queen and that the restarted queen then
+    /// ended (followed through `Jobs/Get`).
+    pub resumed: usize,
+    pub queen_kills: usize,
     /// Completed jobs that did not receive exactly the tokens they asked for.
     pub short: usize,
     pub wall: Duration,
@@ -158,6 +168,17 @@ async fn drive(cluster: &mut Cluster, plan: &LoadPlan) -> LoadReport {
         report.restarted_at = Some(started.elapsed());
     }
 
+    for at in &plan.kill_queen_after {
+        while ended.load(Ordering::SeqCst) < *at && !submitter.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::task::block_in_place(|| {
+            cluster.kill_queen();
+            cluster.start_queen_again();
+        });
+        report.queen_kills += 1;
+    }
+
     let all = submitter.await.expect("submitter");
     report.wall = started.elapsed();
     report.all_pools_back = tokio::task::block_in_place(|| {
@@ -220,7 +241,9 @@ async fn one_job(
             // what ended it before acceptance.
             Ok(None) => return seen,
             Err(s) => {
-                if !seen.accepted {
+                if seen.accepted {
+                    seen.broken = true;
+                } else {
                     seen.end = Some(Err(s.code()));
                 }
                 return seen;
@@ -248,7 +271,19 @@ async fn account(
         if s.attempts > 1 {
             report.retried += 1;
         }
-        let Some(end) = s.end else {
+        let end = match s.end {
+            Some(end) => Some(end),
+            // Its queen died: the restarted one must run it to an end (or have ended it).
+            None if s.broken => {
+                let end = follow(&mut client, cluster, &s.id).await;
+                if end.is_some() {
+                    report.resumed += 1;
+                }
+                end
+            }
+            None => None,
+        };
+        let Some(end) = end else {
             report.lost += 1;
             report
                 .lost_detail
@@ -293,4 +328,32 @@ async fn account(
             }
         }
     }
+}
+
+/// Polls `Jobs/Get` until the job has a terminal state; `None` if it never does (or has no
+/// record) within the harness's patience.
+async fn follow(
+    client: &mut JobsClient<Channel>,
+    cluster: &Cluster,
+    id: &str,
+) -> Option<Result<u32, tonic::Code>> {
+    let give_up = Instant::now() + crate::WAIT;
+    while Instant::now() < give_up {
+        let req = cluster.authed(GetJobRequest {
+            job_id: id.to_owned(),
+        });
+        if let Ok(job) = client.get(req).await {
+            let j = job.into_inner();
+            let state = JobState::try_from(j.state).unwrap_or(JobState::Unspecified);
+            match state {
+                JobState::Done => return Some(Ok(j.tokens)),
+                JobState::DeadlineExceeded => return Some(Err(tonic::Code::DeadlineExceeded)),
+                JobState::Cancelled => return Some(Err(tonic::Code::Cancelled)),
+                JobState::Failed => return Some(Err(tonic::Code::Unavailable)),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }

@@ -55,8 +55,35 @@ fn infeasible_job_is_rejected_at_admission_without_reaching_a_pool() {
 }
 
 #[test]
+fn a_fresh_cluster_refuses_an_infeasible_first_job_before_any_pool_sees_it() {
+    // The default synthetic pace, 200 tokens/s, and no job run yet: the queen judges the first
+    // job with the figures the pool measured at warm-up, never with an estimate of zero.
+    let cluster = Cluster::start(PoolOpts {
+        tps: 200.0,
+        ..PoolOpts::default()
+    });
+    let out = cluster.submit("synthetic", "200ms", 8000, "cold start");
+    assert_eq!(out.status.code(), Some(3), "{:?}", events(&out));
+    let evs = events(&out);
+    assert!(
+        evs.iter().all(|e| e["event"] != "accepted"),
+        "must be refused before acceptance: {evs:?}"
+    );
+    assert!(
+        error_message(&evs).contains("cannot finish in time"),
+        "{evs:?}"
+    );
+    assert_eq!(executes(&cluster), 0, "no pool may see the refused job");
+    // The same pool runs a job that fits.
+    skep_integration::assert_success(&cluster.submit("synthetic", "10s", 8, "fits"));
+    assert_eq!(executes(&cluster), 1);
+}
+
+#[test]
 fn late_job_stops_within_one_token_and_frees_the_worker() {
-    let cluster = Cluster::start(slow());
+    // Admission by reservation would refuse this job outright; without it (`edf`), the job is
+    // admitted and the pool and worker must stop it at its deadline.
+    let cluster = Cluster::start_with(&["--admission", "edf"], slow());
     let out = cluster.submit("synthetic", "1s", 100, "late");
     assert_eq!(out.status.code(), Some(3));
     let evs = events(&out);
@@ -80,10 +107,12 @@ fn late_job_stops_within_one_token_and_frees_the_worker() {
 
 #[test]
 fn full_queue_is_rejected_with_exit_4_and_a_retry_hint() {
+    // No credit at the pool: a job that waits, waits at the queen, where the queue is bounded.
     let cluster = Cluster::start_with(
         &["--max-queued", "1"],
         PoolOpts {
             tps: 10.0,
+            extra_args: vec!["--credits-per-slot".into(), "0".into()],
             ..PoolOpts::default()
         },
     );

@@ -4,12 +4,12 @@
 use std::process::Command;
 
 use skep_integration::{Cluster, PoolOpts, bin, runtime};
-use skep_proto::v1::ExecuteRequest;
 use skep_proto::v1::pool_client::PoolClient;
+use skep_proto::v1::{JobFrame, QueenFrame, queen_frame};
 use tonic::Code;
 
 #[test]
-fn pool_manager_refuses_execute_from_anyone_but_its_queen() {
+fn pool_manager_refuses_sessions_from_anyone_but_its_queen() {
     let cluster = Cluster::start(PoolOpts::default());
     let pool_addr = std::fs::read_to_string(cluster.pools[0].dir.join("listen.addr")).unwrap();
     let admin = std::fs::read_to_string(cluster.token_file())
@@ -25,19 +25,26 @@ fn pool_manager_refuses_execute_from_anyone_but_its_queen() {
             .await
             .unwrap();
         for bearer in [Some(admin.as_str()), Some(foreign.as_str()), None] {
-            let mut req = tonic::Request::new(ExecuteRequest {
-                job_id: "job-1".into(),
-                model: "synthetic".into(),
-                prompt: "hi".into(),
-                max_tokens: 1,
-            });
+            let job = QueenFrame {
+                kind: Some(queen_frame::Kind::Job(JobFrame {
+                    handle: 1,
+                    job_id: "job-1".into(),
+                    model: "synthetic".into(),
+                    prompt: "hi".into(),
+                    max_tokens: 1,
+                    budget_us: 5_000_000,
+                    slot: 0,
+                    order: 0,
+                })),
+            };
+            let mut req = tonic::Request::new(tokio_stream::iter([job]));
             req.set_timeout(std::time::Duration::from_secs(5));
             if let Some(b) = bearer {
                 req.metadata_mut()
                     .insert("authorization", format!("Bearer {b}").parse().unwrap());
             }
-            let Err(status) = pool.execute(req).await else {
-                panic!("the pool ran a job for a caller that is not its queen")
+            let Err(status) = pool.session(req).await else {
+                panic!("the pool opened a session for a caller that is not its queen")
             };
             assert_eq!(status.code(), Code::Unauthenticated, "{bearer:?}");
         }

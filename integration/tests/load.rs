@@ -28,3 +28,31 @@ fn no_accepted_job_is_lost_when_a_pool_dies_and_returns_under_load() {
         "most of the load should be accepted: {report:#?}"
     );
 }
+
+#[test]
+fn no_accepted_job_is_lost_when_the_queen_is_sigkilled_under_load() {
+    // Two kills at points drawn at random (printed, so a failure can be replayed).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    let first = 60 + seed % 200;
+    let second = first + 100 + (seed / 7) % 150;
+    println!("queen kills after {first} and {second} ended jobs (seed {seed})");
+    let mut plan = LoadPlan::new(600);
+    plan.kill_after = None;
+    plan.kill_queen_after = vec![first, second];
+    plan.deadline = std::time::Duration::from_secs(30);
+    let report = load::run(&plan);
+    println!("{report:#?}");
+    assert_eq!(report.queen_kills, 2);
+    assert_eq!(report.lost, 0, "lost jobs: {:?}", report.lost_detail);
+    assert!(
+        report.resumed > 0,
+        "jobs in flight when the queen died should be followed to their end: {report:#?}"
+    );
+    assert!(
+        report.all_pools_back,
+        "pools rejoined the new queen: {report:#?}"
+    );
+}

@@ -33,7 +33,7 @@ fn sigkilled_queen_resumes_its_jobs_within_their_deadlines() {
     let mut queued = cluster.spawn_submit("60s", 5, "queued at the crash");
     queued.wait_for("queued");
     // Its deadline passes while the queen is down: it must end as a deadline miss, not run.
-    let mut doomed = cluster.spawn_submit("3s", 2, "expires while the queen is down");
+    let mut doomed = cluster.spawn_submit("5s", 2, "expires while the queen is down");
     doomed.wait_for("queued");
     let ids = [running.job_id(), queued.job_id(), doomed.job_id()];
 
@@ -48,7 +48,7 @@ fn sigkilled_queen_resumes_its_jobs_within_their_deadlines() {
             "the client should point at the job: {stderr}"
         );
     }
-    std::thread::sleep(std::time::Duration::from_millis(3500));
+    std::thread::sleep(std::time::Duration::from_millis(5500));
     cluster.start_queen_again();
 
     let [running_id, queued_id, doomed_id] = &ids;

@@ -1,72 +1,84 @@
-//! The `skep.v1.Pool` service: authenticates the queen, checks the budget and hands jobs to slots.
+//! The `skep.v1.Pool` service: authenticates the queen and serves its `Session` streams.
 //!
-//! Only this module (and `membership`) names tonic types.
+//! Only this module (and `membership`) names tonic types. A session is one bidirectional stream
+//! per queen connection carrying every job: a reader task validates each `JobFrame` (budget
+//! measured from the frame's arrival) and queues it on the slot the queen chose, where waiting
+//! jobs run smallest `order` first, ties in arrival order (the queen's reservation ledger
+//! predicts exactly that; see `supervisor`); the outbound stream drains the session's single event queue, putting every event that is
+//! ready together into one `PoolFrame`. When the queen goes away or the pool's dispatch key
+//! changes (it registered again), every job of the session is cancelled and the stream closes.
+//! Several sessions may be open at once (a restarted queen reconnecting while the old connection
+//! dies); each job's events go back on the session it came from.
 
 mod status;
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use futures_util::Stream;
 use skep_common::auth::{self, TokenDigest};
-use skep_common::deadline::{self, Deadline};
+use skep_common::deadline::{Deadline, DeadlineError};
 use skep_common::validate;
 use skep_proto::v1::pool_server::{Pool, PoolServer};
-use skep_proto::v1::{ExecuteEvent, ExecuteRequest};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
-use tracing::info;
+use skep_proto::v1::{
+    Credit, JobFailed, JobFrame, PoolEvent, PoolFrame, QueenFrame, WorkerFinished, WorkerStarted,
+    WorkerToken, pool_event, queen_frame,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
 
 use crate::audit::{Audit, events};
-use crate::{Error, Job, Speed};
+use crate::supervisor::{QueuedJob, Slots};
+use crate::{Error, Event, Sink, Speed};
 use skep_audit::Fields;
 
-/// Events buffered per job between the worker lane and the gRPC stream.
-const EVENT_BUFFER: usize = 64;
-/// Longest a call waits for a slot that the queen believed free.
-const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Largest request accepted: a maximal prompt plus room for the other fields.
 const MAX_MESSAGE: usize = validate::MAX_PROMPT_BYTES + 4096;
+/// Most events in one outbound frame: keeps a frame far below the queen's message limit.
+const MAX_BATCH: usize = 256;
 
 /// The queen's dispatch-key digest, set once registration succeeds (and replaced on re-register).
 pub type DispatchKey = watch::Receiver<Option<TokenDigest>>;
 
 pub struct PoolService {
-    slots: Arc<Semaphore>,
-    slot_count: usize,
-    jobs: async_channel::Sender<Job>,
+    slots: Arc<Slots>,
     models: Vec<String>,
     speed: Arc<Speed>,
+    key: DispatchKey,
+    /// Session ids; 0 is never used.
+    sessions: AtomicU64,
 }
 
 // === impl PoolService ===
 
 impl PoolService {
     pub fn new(
-        slots: Arc<Semaphore>,
-        slot_count: usize,
-        jobs: async_channel::Sender<Job>,
+        slots: Arc<Slots>,
         models: Vec<String>,
         speed: Arc<Speed>,
+        key: DispatchKey,
     ) -> Self {
         PoolService {
             slots,
-            slot_count,
-            jobs,
             models,
             speed,
+            key,
+            sessions: AtomicU64::new(0),
         }
     }
 
     /// The service behind an interceptor that refuses any caller but the queen.
     pub fn into_server(
         self,
-        key: DispatchKey,
         audit: Audit,
     ) -> tonic::service::interceptor::InterceptedService<
         PoolServer<PoolService>,
         impl tonic::service::Interceptor + Clone,
     > {
+        let key = self.key.clone();
         let server = PoolServer::new(self).max_decoding_message_size(MAX_MESSAGE);
         tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| {
             authorize(&key, &req).map_err(|e| {
@@ -83,33 +95,6 @@ impl PoolService {
             Ok(req)
         })
     }
-
-    fn admit(&self, req: &Request<ExecuteRequest>) -> Result<Deadline, Error> {
-        // The budget is measured from arrival: whatever the network took is already gone.
-        let budget = deadline::budget(deadline::from_metadata(req.metadata())?, 0)?;
-        let deadline = Deadline::after(budget);
-        let r = req.get_ref();
-        validate::identifier("job_id", &r.job_id)?;
-        validate::model_name(&r.model)?;
-        validate::prompt(&r.prompt)?;
-        if r.max_tokens == 0 {
-            validate::max_tokens(u32::MAX)?;
-        }
-        validate::max_tokens(r.max_tokens)?;
-        // Re-check feasibility here: the queen's estimate may be stale, and this pool knows how
-        // long its own workers take to say anything at all.
-        let first_token = self.speed.first_token();
-        if deadline.remaining() < first_token {
-            return Err(Error::Infeasible {
-                remaining: deadline.remaining(),
-                first_token,
-            });
-        }
-        if !self.models.iter().any(|m| m == &r.model) {
-            return Err(Error::UnknownModel(r.model.clone()));
-        }
-        Ok(deadline)
-    }
 }
 
 fn authorize<T>(key: &DispatchKey, req: &Request<T>) -> Result<(), Error> {
@@ -122,46 +107,291 @@ fn authorize<T>(key: &DispatchKey, req: &Request<T>) -> Result<(), Error> {
     }
 }
 
-impl PoolService {
-    /// A free slot. The queen only sends work for free slots, but a slot it has just released
-    /// may still be draining its last token here, so wait briefly rather than bounce the job.
-    async fn slot(&self, deadline: Deadline) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
-        let busy = || Error::Busy {
-            slots: self.slot_count,
-        };
-        let wait = deadline.remaining().min(SLOT_WAIT);
-        match tokio::time::timeout(wait, Arc::clone(&self.slots).acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(Error::ShuttingDown),
-            Err(_) if deadline.is_expired() => Err(Error::LateArrival),
-            Err(_) => Err(busy()),
+/// What a session needs to admit frames; owned by its reader task.
+struct Session {
+    id: u64,
+    slots: Arc<Slots>,
+    models: Vec<String>,
+    speed: Arc<Speed>,
+    events: Sink,
+}
+
+/// Why a session ended, for its outbound stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// The queen closed its side, or the connection failed: end quietly.
+    QueenGone,
+    /// The pool registered again: the key this session was opened with is no longer valid.
+    KeyChanged,
+}
+
+// === impl Session ===
+
+impl Session {
+    fn on_frame(&self, frame: QueenFrame, arrived: Instant) {
+        match frame.kind {
+            Some(queen_frame::Kind::Job(job)) => {
+                let handle = job.handle;
+                if let Err(error) = self.admit(job, arrived) {
+                    debug!(session = self.id, handle, error = %error, "job frame refused");
+                    let _ = self
+                        .events
+                        .send((handle, Event::Failed { error, tokens: 0 }));
+                }
+            }
+            Some(queen_frame::Kind::Cancel(c)) => self.slots.cancel(self.id, c.handle),
+            None => warn!(session = self.id, "empty queen frame ignored"),
         }
     }
+
+    /// Validates a job frame and queues it on its slot.
+    fn admit(&self, job: JobFrame, arrived: Instant) -> Result<(), Error> {
+        let deadline = check_frame(
+            &job,
+            arrived,
+            self.slots.count(),
+            &self.models,
+            self.speed.first_token(),
+        )?;
+        let slot = job.slot;
+        let remaining_ms = deadline.remaining().as_millis() as u64;
+        let id = job.job_id.clone();
+        let queued = QueuedJob {
+            session: self.id,
+            handle: job.handle,
+            order: job.order,
+            job_id: job.job_id,
+            model: job.model,
+            prompt: job.prompt,
+            max_tokens: job.max_tokens,
+            deadline,
+            arrived,
+            events: self.events.clone(),
+        };
+        self.slots.enqueue(slot, queued)?;
+        // Counted by the integration tests: one "execute" line per job that reached this pool.
+        info!(job = %id, session = self.id, slot, remaining_ms, "execute");
+        Ok(())
+    }
 }
+
+/// Checks one job frame; its deadline is measured from `arrived`. Refused: invalid fields, a
+/// slot this pool lacks, a model it does not serve, no budget, or a budget too short for the
+/// worker's first token (the queen's estimate may be stale; this pool knows its own workers).
+fn check_frame(
+    job: &JobFrame,
+    arrived: Instant,
+    slots: usize,
+    models: &[String],
+    first_token: std::time::Duration,
+) -> Result<Deadline, Error> {
+    if job.handle == 0 {
+        return Err(Error::ReservedHandle);
+    }
+    validate::identifier("job_id", &job.job_id)?;
+    validate::model_name(&job.model)?;
+    validate::prompt(&job.prompt)?;
+    if job.max_tokens == 0 {
+        // 0 means "default" for clients; the queen always resolves it, so 0 here is a bug.
+        validate::max_tokens(u32::MAX)?;
+    }
+    validate::max_tokens(job.max_tokens)?;
+    if job.slot as usize >= slots {
+        return Err(Error::NoSuchSlot {
+            slot: job.slot,
+            slots,
+        });
+    }
+    if !models.iter().any(|m| m == &job.model) {
+        return Err(Error::UnknownModel(job.model.clone()));
+    }
+    if job.budget_us == 0 {
+        return Err(Error::Deadline(DeadlineError::Zero));
+    }
+    // Capped at MAX_BUDGET by `from_start`, so no budget can overflow the clock.
+    let deadline = Deadline::from_start(arrived, std::time::Duration::from_micros(job.budget_us));
+    let remaining = deadline.remaining();
+    if remaining < first_token {
+        return Err(Error::Infeasible {
+            remaining,
+            first_token,
+        });
+    }
+    Ok(deadline)
+}
+
+/// Reads the queen's frames until it goes away or the dispatch key changes, then cancels every
+/// job of the session and tells the outbound stream how to close.
+async fn read_session(
+    session: Session,
+    mut inbound: Streaming<QueenFrame>,
+    mut key: DispatchKey,
+    close: oneshot::Sender<Close>,
+) {
+    let why = loop {
+        tokio::select! {
+            frame = inbound.message() => match frame {
+                Ok(Some(frame)) => session.on_frame(frame, Instant::now()),
+                Ok(None) => break Close::QueenGone,
+                Err(e) => {
+                    debug!(session = session.id, error = %e, "session stream failed");
+                    break Close::QueenGone;
+                }
+            },
+            // A dropped sender (shutdown) reads as a change too.
+            _ = key.changed() => break Close::KeyChanged,
+            // The outbound stream was dropped: nobody reads our events any more.
+            () = session.events.closed() => break Close::QueenGone,
+        }
+    };
+    let cancelled = session.slots.cancel_session(session.id);
+    info!(session = session.id, reason = ?why, cancelled, "session closed");
+    let _ = close.send(why);
+}
+
+/// The next outbound frame: waits for one event, then takes every other event already waiting
+/// (up to `MAX_BATCH`). `None` once every sender is gone.
+async fn next_frame(rx: &mut mpsc::UnboundedReceiver<(u64, Event)>) -> Option<PoolFrame> {
+    let first = rx.recv().await?;
+    let mut events = vec![pool_event(first)];
+    while events.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(e) => events.push(pool_event(e)),
+            Err(_) => break,
+        }
+    }
+    Some(PoolFrame { events })
+}
+
+/// The wire form of one job event.
+fn pool_event((handle, event): (u64, Event)) -> PoolEvent {
+    use pool_event::Kind;
+    let kind = match event {
+        Event::Started {
+            slot,
+            generation,
+            pool_us,
+        } => Kind::Started(WorkerStarted {
+            slot,
+            generation,
+            pool_us,
+        }),
+        Event::Token { index, text } => Kind::Token(WorkerToken { index, text }),
+        Event::Finished {
+            tokens,
+            pool_us,
+            first_token_us,
+            generation_us,
+        } => Kind::Finished(WorkerFinished {
+            tokens,
+            pool_us,
+            worker_first_token_us: first_token_us,
+            generation_us,
+        }),
+        Event::Failed { error, tokens } => {
+            let code = status::code(&error) as i32;
+            let message = match error {
+                Error::Worker { message, .. } => message,
+                e => e.to_string(),
+            };
+            Kind::Failed(JobFailed {
+                code,
+                message,
+                tokens,
+            })
+        }
+    };
+    PoolEvent {
+        handle,
+        kind: Some(kind),
+    }
+}
+
+/// The session's outbound stream: the credit frame, then batched events until the session
+/// closes (with UNAUTHENTICATED when the dispatch key changed) or every sender is gone.
+fn outbound(
+    credit: PoolEvent,
+    rx: mpsc::UnboundedReceiver<(u64, Event)>,
+    close: oneshot::Receiver<Close>,
+) -> impl Stream<Item = Result<PoolFrame, Status>> + Send + 'static {
+    struct State {
+        credit: Option<PoolEvent>,
+        rx: mpsc::UnboundedReceiver<(u64, Event)>,
+        close: oneshot::Receiver<Close>,
+        done: bool,
+    }
+    let state = State {
+        credit: Some(credit),
+        rx,
+        close,
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if let Some(credit) = st.credit.take() {
+            let frame = PoolFrame {
+                events: vec![credit],
+            };
+            return Some((Ok(frame), st));
+        }
+        tokio::select! {
+            biased;
+            why = &mut st.close => {
+                st.done = true;
+                match why {
+                    Ok(Close::KeyChanged) => {
+                        let s = Status::unauthenticated(
+                            "this pool registered again: its dispatch key changed",
+                        );
+                        Some((Err(s), st))
+                    }
+                    _ => None,
+                }
+            }
+            frame = next_frame(&mut st.rx) => frame.map(|f| (Ok(f), st)),
+        }
+    })
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<PoolFrame, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Pool for PoolService {
-    type ExecuteStream = ReceiverStream<Result<ExecuteEvent, Status>>;
+    type SessionStream = SessionStream;
 
-    async fn execute(
+    async fn session(
         &self,
-        request: Request<ExecuteRequest>,
-    ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let arrived = Instant::now();
-        let deadline = self.admit(&request)?;
-        let permit = self.slot(deadline).await?;
-        let request = request.into_inner();
-        info!(job = %request.job_id, remaining_ms = deadline.remaining().as_millis() as u64, "execute");
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        let job = Job {
-            request,
-            deadline,
-            arrived,
-            events,
-            permit,
+        request: Request<Streaming<QueenFrame>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut key = self.key.clone();
+        key.mark_unchanged();
+        // Checked again against the key now current: a re-register between the interceptor and
+        // here must not leave a session open under the old key.
+        authorize(&key, &request)?;
+        let id = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let (events, rx) = mpsc::unbounded_channel();
+        let (close_tx, close_rx) = oneshot::channel();
+        let credit = PoolEvent {
+            handle: 0,
+            kind: Some(pool_event::Kind::Credit(Credit {
+                slots: self.slots.count() as u32,
+                per_slot: self.slots.per_slot(),
+            })),
         };
-        // Capacity is guaranteed by the permit, so this never waits for long.
-        self.jobs.send(job).await.map_err(|_| Error::ShuttingDown)?;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let session = Session {
+            id,
+            slots: Arc::clone(&self.slots),
+            models: self.models.clone(),
+            speed: Arc::clone(&self.speed),
+            events,
+        };
+        info!(session = id, "session opened");
+        tokio::spawn(read_session(session, request.into_inner(), key, close_tx));
+        Ok(Response::new(Box::pin(outbound(credit, rx, close_rx))))
     }
 }
+
+#[cfg(test)]
+mod tests;

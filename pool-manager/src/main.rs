@@ -15,8 +15,8 @@ use skep_pool_manager::Speed;
 use skep_pool_manager::audit::Audit;
 use skep_pool_manager::grpc::PoolService;
 use skep_pool_manager::membership::{self, Membership};
-use skep_pool_manager::supervisor::{WorkerSpec, spawn_slots};
-use tokio::sync::{Semaphore, watch};
+use skep_pool_manager::supervisor::{Slots, WorkerSpec, spawn_slots};
+use tokio::sync::watch;
 use tracing::info;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -40,7 +40,7 @@ struct Args {
     /// is an enrollment token carrying the CA fingerprint, or once the CA is pinned.
     #[arg(long)]
     queen_ca: Option<PathBuf>,
-    /// Address to serve Pool/Execute on.
+    /// Address to serve the queen's Pool/Session on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// URL the queen should dial (default: http(s)://<bound listen address>).
@@ -52,6 +52,10 @@ struct Args {
     /// Number of worker processes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,
+    /// Jobs each slot accepts waiting behind its running one (the credits announced to the
+    /// queen at the start of every session).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
+    credits_per_slot: u32,
     #[arg(long, value_enum, default_value = "synthetic")]
     engine: EngineKind,
     /// Model name served (default: "synthetic" for the synthetic engine, the file stem for gguf).
@@ -130,8 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("{scheme}://{local}"));
 
     let slots = args.workers as usize;
-    let free = Arc::new(Semaphore::new(slots));
-    let (jobs_tx, jobs_rx) = async_channel::bounded(slots);
+    let work = Slots::new(slots, args.credits_per_slot);
     let audit = Audit::start(&args.data_dir).context("starting the audit log")?;
     let speed = Arc::new(Speed::default());
 
@@ -148,7 +151,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         name,
         pool_url: pool_url.clone(),
         slots,
-        free: Arc::clone(&free),
+        work: Arc::clone(&work),
+        speed: Arc::clone(&speed),
         models: vec![model.clone()],
         key: key_tx,
         queen_ca: queen_ca.clone(),
@@ -171,8 +175,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args: engine_args,
         lane_dir,
         lane: LaneConfig::default(),
+        model: model.clone(),
     });
-    let _slots = spawn_slots(spec, slots, jobs_rx, Arc::clone(&speed), audit.clone());
+    // Workers start only now, after provisioning; slot 0 warms up the engine while membership
+    // waits for the figures before registering.
+    let supervisor = spawn_slots(spec, Arc::clone(&work), Arc::clone(&speed), audit.clone())
+        .context("starting the slot threads")?;
     // The queen dials this pool over TLS when it serves TLS itself; the certificate it issues
     // names this node, so nobody else can answer in its place.
     let tls = match &queen_ca {
@@ -186,7 +194,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let membership = tokio::spawn(member.run(creds));
 
-    let service = PoolService::new(free, slots, jobs_tx, vec![model.clone()], speed);
+    let service = PoolService::new(work, vec![model.clone()], speed, key_rx);
     info!(%local, %pool_url, %model, workers = slots, "pool manager listening");
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -195,19 +203,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server = server
         // A dead queen connection must not pin a stream forever.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(service.into_server(key_rx, audit))
+        .add_service(service.into_server(audit))
         .serve_with_incoming_shutdown(daemon::incoming(listener), daemon::shutdown_signal());
     // Serve until shut down, or until the queen refuses this node for good.
-    tokio::select! {
-        r = server => r?,
+    let result = tokio::select! {
+        r = server => r.map_err(anyhow::Error::from),
         m = membership => match m {
-            Ok(Err(fatal)) => return Err(fatal.into()),
-            Ok(Ok(())) => {}
-            Err(e) => return Err(anyhow::anyhow!("membership task failed: {e}")),
+            Ok(Err(fatal)) => Err(fatal.into()),
+            Ok(Ok(())) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("membership task failed: {e}")),
         },
-    }
+    };
+    // Workers are child processes: stop them (cancelling what runs) rather than orphan them.
+    tokio::task::block_in_place(|| supervisor.shutdown());
     info!("pool manager stopped");
-    Ok(())
+    result
 }
 
 fn engine_args(args: &Args) -> anyhow::Result<(String, Vec<String>)> {

@@ -5,7 +5,9 @@
 //! through `Nodes/Enroll` for a node id and a runtime key, kept 0600 in the data dir. Every
 //! registration also carries a fresh dispatch key, whose digest is set here before the queen can
 //! use it. If the queen forgets us (restart) or cannot be reached, we register again with capped
-//! exponential backoff; if it refuses our key (revoked), we stop for good.
+//! exponential backoff; if it refuses our key (revoked), we stop for good. The first
+//! registration waits (up to a minute) for the engine's warm-up figures, which every
+//! registration and heartbeat then carries, so the queen can judge jobs before any has run.
 //!
 //! With an `https` queen URL every call is TLS, trusting only the queen's CA: from `--queen-ca`,
 //! from `queen-ca.pem` in the data dir (pinned on an earlier start), or fetched once and pinned
@@ -19,13 +21,17 @@ use std::time::Duration;
 use skep_common::auth::{self, TokenDigest};
 use skep_common::secret::{Secret, SecretError};
 use skep_proto::v1::nodes_client::NodesClient;
-use skep_proto::v1::{EnrollRequest, HeartbeatRequest, IssueCertificateRequest, RegisterRequest};
-use tokio::sync::{Semaphore, watch};
+use skep_proto::v1::{
+    EngineFigures, EnrollRequest, HeartbeatRequest, IssueCertificateRequest, RegisterRequest,
+};
+use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
+use crate::Speed;
 use crate::inventory;
+use crate::supervisor::Slots;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -33,6 +39,9 @@ const NODE_ID_FILE: &str = "node.id";
 const RUNTIME_KEY_FILE: &str = "runtime.key";
 /// The queen's CA certificate, once pinned.
 const QUEEN_CA_FILE: &str = "queen-ca.pem";
+/// Longest the first registration waits for the warm-up figures (a large model loads slowly;
+/// past this the pool registers without them and sends them in a later heartbeat).
+const FIGURES_WAIT: Duration = Duration::from_secs(60);
 
 pub struct Membership {
     pub queen_url: String,
@@ -42,7 +51,10 @@ pub struct Membership {
     pub name: String,
     pub pool_url: String,
     pub slots: usize,
-    pub free: Arc<Semaphore>,
+    /// The slot queues: idle slots are reported in heartbeats.
+    pub work: Arc<Slots>,
+    /// The engine's warm-up figures, sent with every registration and heartbeat.
+    pub speed: Arc<Speed>,
     pub models: Vec<String>,
     pub key: watch::Sender<Option<TokenDigest>>,
     /// The queen's CA certificate (PEM) when the queen URL is https.
@@ -212,6 +224,13 @@ impl Membership {
     /// Registers and heartbeats until a permanent failure, registering again whenever the
     /// queen forgets this node or cannot be reached.
     pub async fn run(self, creds: Credentials) -> Result<(), MembershipError> {
+        // The queen judges this pool's first jobs by these figures: wait for them, a while.
+        if self.speed.wait_for_figures(FIGURES_WAIT).await.is_none() {
+            warn!(
+                waited_s = FIGURES_WAIT.as_secs(),
+                "no warm-up figures yet; registering without them"
+            );
+        }
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.session(&creds).await {
@@ -227,6 +246,22 @@ impl Membership {
                 }
             }
         }
+    }
+
+    /// The warm-up figures for every model served (one engine serves them all), if measured.
+    fn figures(&self) -> Vec<EngineFigures> {
+        let Some(f) = self.speed.figures() else {
+            return Vec::new();
+        };
+        self.models
+            .iter()
+            .map(|model| EngineFigures {
+                model: model.clone(),
+                first_token_us: f.first_token_us,
+                per_token_us: f.per_token_us,
+                slots: self.slots as u32,
+            })
+            .collect()
     }
 
     /// The catalogue client, authenticated as this node.
@@ -315,6 +350,7 @@ impl Membership {
                 models: self.models.clone(),
                 dispatch_key: key.expose().to_owned(),
                 node_id: creds.node_id.clone(),
+                figures: self.figures(),
             })
             .await?
             .into_inner();
@@ -326,7 +362,7 @@ impl Membership {
             let ack = client
                 .heartbeat(HeartbeatRequest {
                     node_id: reg.node_id.clone(),
-                    free_slots: self.free.available_permits() as u32,
+                    free_slots: self.work.idle(),
                     models: self.models.clone(),
                     // Each worker loads its model once at start and keeps it warm.
                     inventory: Some(inventory::read(
@@ -334,6 +370,7 @@ impl Membership {
                         &self.models,
                         crate::provision::held(&self.data_dir.join("models")),
                     )),
+                    figures: self.figures(),
                 })
                 .await?
                 .into_inner();

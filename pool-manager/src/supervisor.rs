@@ -1,30 +1,42 @@
-//! Worker supervision: one slot per worker process, each with a request and a response lane.
+//! Worker supervision: one OS thread per slot, owning its worker process, its two lanes and the
+//! run of every job queued on that slot.
 //!
-//! A slot owns its worker outright (process handle and both lanes); no other task touches them.
-//! Jobs reach a slot through a shared bounded channel. A worker that exits, stops beating or
-//! corrupts a lane is killed and replaced by a fresh process on a new generation, whose lanes
-//! reject anything the old incarnation wrote.
+//! Each slot has a queue (`Mutex<VecDeque>` + `Condvar`) kept sorted by the queen's `order` key,
+//! ties in arrival order: when the slot frees, the waiting job with the smallest `order` runs
+//! next (a running job is never preempted). The queen's reservation ledger predicts exactly this,
+//! so nothing else reorders here (no priorities of our own, no work stealing between slots). A
+//! slot holds at most 1 running + `per_slot` waiting jobs; the queen's credits keep it under that.
+//!
+//! The thread blocks on its lane (and on the queue's condvar with a timeout when idle, so the
+//! idle worker is still health-checked every 250 ms): no async runtime, `spawn_blocking` or
+//! per-job channel on the hot path. A job's events go straight into its session's outbound
+//! `Sink`. A worker that exits, stops beating or corrupts a lane is killed and replaced by a fresh
+//! process on a new generation, whose lanes reject anything the old incarnation wrote; the job it
+//! held and the jobs queued behind it fail UNAVAILABLE, so the queen can place them elsewhere
+//! rather than wait for a model to reload.
+//!
+//! Slot 0 runs one warm-up job through the real lane path as soon as its first worker beats,
+//! and publishes the engine's speed (`Speed::publish`) for membership to send to the queen.
 
+use std::collections::VecDeque;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::io::Write;
-
 use prost::Message;
-use skep_common::deadline::micros;
+use skep_common::deadline::{Deadline, micros};
 use skep_common::secret::Secret;
 use skep_common::session;
 use skep_lane::{Lane, LaneConfig, LaneError, monotonic_ns};
-use skep_proto::v1::{
-    ExecuteEvent, LaneRequest, LaneResponse, WorkerFinished, WorkerStarted, WorkerToken,
-    execute_event, lane_response,
-};
+use skep_proto::v1::{LaneRequest, LaneResponse, lane_response};
 use tracing::{debug, error, info, warn};
 
 use crate::audit::{Audit, events};
-use crate::{Error, Job, Speed};
+use crate::{Error, Event, Figures, Sink, Speed};
 use skep_audit::Fields;
 
 /// gRPC status code DEADLINE_EXCEEDED, as carried in lane errors.
@@ -41,8 +53,14 @@ const CANCEL_GRACE: Duration = Duration::from_secs(2);
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 /// Pause between failed worker starts.
 const RESTART_BACKOFF: Duration = Duration::from_millis(500);
-/// How long a response read blocks before liveness is re-checked.
+/// How long a response read blocks before liveness, cancel and deadline are re-checked.
 const POLL: Duration = Duration::from_millis(20);
+/// The warm-up job: short, on the real path, generous deadline (a gguf model may still load).
+const WARM_UP_PROMPT: &str = "warm-up";
+const WARM_UP_TOKENS: u32 = 8;
+const WARM_UP_DEADLINE: Duration = Duration::from_secs(120);
+/// Warm-ups tried (one per worker generation) before slot 0 gives up measuring.
+const WARM_UP_ATTEMPTS: u32 = 3;
 
 /// How to start a worker process. Engine flags only: secrets never go through argv.
 #[derive(Debug, Clone)]
@@ -51,28 +69,562 @@ pub struct WorkerSpec {
     pub args: Vec<String>,
     pub lane_dir: PathBuf,
     pub lane: LaneConfig,
+    /// The model the workers serve (named in the warm-up request).
+    pub model: String,
 }
 
-/// Starts `count` slots that take jobs from `jobs` until it closes.
+/// A job accepted from a session, waiting in (or at the head of) a slot's queue.
+#[derive(Debug)]
+pub struct QueuedJob {
+    /// The session it came from, and its handle there: what cancels name.
+    pub session: u64,
+    pub handle: u64,
+    /// The queen's sort key for the slot's waiting jobs (smallest runs first).
+    pub order: u64,
+    pub job_id: String,
+    pub model: String,
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub deadline: Deadline,
+    /// When its frame arrived: `pool_us` is measured from here.
+    pub arrived: Instant,
+    pub events: Sink,
+}
+
+impl QueuedJob {
+    /// Sends one event to the job's session; false once the session is gone.
+    fn send(&self, event: Event) -> bool {
+        self.events.send((self.handle, event)).is_ok()
+    }
+}
+
+/// The job a slot's worker is running, as seen by cancels.
+#[derive(Debug)]
+struct Running {
+    session: u64,
+    handle: u64,
+    seq: u64,
+    requests: Arc<Lane>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Asks the worker to stop (lane cancel word) and tells the slot thread why it stops.
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.requests.request_cancel(self.seq);
+    }
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    queue: VecDeque<QueuedJob>,
+    running: Option<Running>,
+    closed: bool,
+}
+
+/// One slot's queue, shared by the sessions (producers, cancels) and the slot's thread.
+#[derive(Debug, Default)]
+pub struct Slot {
+    state: Mutex<SlotState>,
+    wake: Condvar,
+}
+
+/// What the slot thread gets from its queue.
+#[derive(Debug)]
+enum Next {
+    /// The head job, now recorded as running under `seq`.
+    Job(QueuedJob, Arc<AtomicBool>),
+    /// Nothing arrived within the wait.
+    Idle,
+    Closed,
+}
+
+// === impl Slot ===
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // A panic elsewhere must not take the queue down with it: the state stays consistent
+        // (every mutation is a single push/pop/assignment).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `job` behind every waiting job with an `order` no larger than its own (so equal
+    /// keys keep arrival order); refused once the slot holds `limit` jobs (running one
+    /// included).
+    fn push(&self, slot: u32, job: QueuedJob, limit: usize) -> Result<(), Error> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(Error::ShuttingDown);
+        }
+        let same = |s: u64, h: u64| s == job.session && h == job.handle;
+        if st.queue.iter().any(|q| same(q.session, q.handle))
+            || st
+                .running
+                .as_ref()
+                .is_some_and(|r| same(r.session, r.handle))
+        {
+            return Err(Error::DuplicateHandle(job.handle));
+        }
+        if st.queue.len() + usize::from(st.running.is_some()) >= limit {
+            return Err(Error::SlotFull { slot, limit });
+        }
+        let at = st.queue.partition_point(|q| q.order <= job.order);
+        st.queue.insert(at, job);
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Cancels one job: a queued one is removed and returned (to be answered CANCELLED), a
+    /// running one gets the lane cancel. False if the slot has no such job.
+    fn cancel(&self, session: u64, handle: u64) -> Option<Cancelled> {
+        let mut st = self.lock();
+        if let Some(i) = st
+            .queue
+            .iter()
+            .position(|q| q.session == session && q.handle == handle)
+        {
+            return st.queue.remove(i).map(Cancelled::Queued);
+        }
+        match &st.running {
+            Some(r) if r.session == session && r.handle == handle => {
+                r.cancel();
+                Some(Cancelled::Running)
+            }
+            _ => None,
+        }
+    }
+
+    /// Drops every queued job of `session` (nobody is left to tell) and cancels its running
+    /// one. Returns how many jobs were touched.
+    fn cancel_session(&self, session: u64) -> usize {
+        let mut st = self.lock();
+        let before = st.queue.len();
+        st.queue.retain(|q| q.session != session);
+        let mut n = before - st.queue.len();
+        if let Some(r) = st.running.as_ref().filter(|r| r.session == session) {
+            r.cancel();
+            n += 1;
+        }
+        n
+    }
+
+    /// Takes every queued job out (worker lost, shutting down).
+    fn drain(&self) -> Vec<QueuedJob> {
+        self.lock().queue.drain(..).collect()
+    }
+
+    /// Waits up to `wait` for a job; the one returned is recorded as running as `seq` on
+    /// `requests`, so a cancel can reach it from now on.
+    fn next(&self, wait: Duration, requests: &Arc<Lane>, seq: u64) -> Next {
+        let mut st = self.lock();
+        if st.queue.is_empty() && !st.closed {
+            st = self
+                .wake
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if st.closed {
+            return Next::Closed;
+        }
+        let Some(job) = st.queue.pop_front() else {
+            return Next::Idle;
+        };
+        let cancelled = Arc::new(AtomicBool::new(false));
+        st.running = Some(Running {
+            session: job.session,
+            handle: job.handle,
+            seq,
+            requests: Arc::clone(requests),
+            cancelled: Arc::clone(&cancelled),
+        });
+        Next::Job(job, cancelled)
+    }
+
+    /// The running job is over: clear it *before* its terminal event leaves, so a queen that
+    /// sends the next frame on seeing that event never finds the slot still full.
+    fn finish(&self, job: &QueuedJob, terminal: Event) {
+        self.lock().running = None;
+        job.send(terminal);
+    }
+
+    /// Jobs queued or running: 0 means the slot is idle.
+    fn load(&self) -> usize {
+        let st = self.lock();
+        st.queue.len() + usize::from(st.running.is_some())
+    }
+
+    fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        if let Some(r) = &st.running {
+            r.cancel();
+        }
+        drop(st);
+        self.wake.notify_all();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+/// What `Slot::cancel` found.
+#[derive(Debug)]
+enum Cancelled {
+    Queued(QueuedJob),
+    Running,
+}
+
+/// All slots of this pool: what the sessions queue jobs on and cancel them through.
+#[derive(Debug)]
+pub struct Slots {
+    slots: Vec<Slot>,
+    per_slot: u32,
+    /// Set by `close`: also stops the warm-up job, which no session can cancel.
+    closed: AtomicBool,
+}
+
+// === impl Slots ===
+
+impl Slots {
+    /// `count` slots, each holding at most 1 running + `per_slot` waiting jobs.
+    pub fn new(count: usize, per_slot: u32) -> Arc<Slots> {
+        Arc::new(Slots {
+            slots: (0..count).map(|_| Slot::default()).collect(),
+            per_slot,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Credits: waiting jobs a slot accepts beyond the running one.
+    pub fn per_slot(&self) -> u32 {
+        self.per_slot
+    }
+
+    fn limit(&self) -> usize {
+        1 + self.per_slot as usize
+    }
+
+    /// Queues `job` on `slot`, in `order` among that slot's waiting jobs.
+    pub fn enqueue(&self, slot: u32, job: QueuedJob) -> Result<(), Error> {
+        let Some(s) = self.slots.get(slot as usize) else {
+            return Err(Error::NoSuchSlot {
+                slot,
+                slots: self.slots.len(),
+            });
+        };
+        s.push(slot, job, self.limit())
+    }
+
+    /// A `CancelFrame`: a queued job ends CANCELLED at once; a running one when its worker
+    /// stops. An unknown handle (already finished, never sent) is ignored.
+    pub fn cancel(&self, session: u64, handle: u64) {
+        for s in &self.slots {
+            match s.cancel(session, handle) {
+                Some(Cancelled::Queued(job)) => {
+                    job.send(Event::Failed {
+                        error: Error::Cancelled,
+                        tokens: 0,
+                    });
+                    return;
+                }
+                Some(Cancelled::Running) => return,
+                None => {}
+            }
+        }
+    }
+
+    /// The session is gone: drop its queued jobs and cancel its running ones.
+    pub fn cancel_session(&self, session: u64) -> usize {
+        self.slots.iter().map(|s| s.cancel_session(session)).sum()
+    }
+
+    /// Slots with nothing running and nothing queued (reported in heartbeats).
+    pub fn idle(&self) -> u32 {
+        self.slots.iter().filter(|s| s.load() == 0).count() as u32
+    }
+
+    /// Stops accepting jobs and cancels running ones; the slot threads then exit.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for s in &self.slots {
+            s.close();
+        }
+    }
+}
+
+/// The slot threads; `shutdown` stops them and their workers.
+pub struct Supervisor {
+    slots: Arc<Slots>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// Closes every slot (queued jobs are answered UNAVAILABLE, running ones cancelled) and
+    /// waits for the threads, whose workers are killed as they exit.
+    pub fn shutdown(self) {
+        self.slots.close();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts one thread per slot of `slots`.
 pub fn spawn_slots(
     spec: Arc<WorkerSpec>,
-    count: usize,
-    jobs: async_channel::Receiver<Job>,
+    slots: Arc<Slots>,
     speed: Arc<Speed>,
     audit: Audit,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..count as u32)
-        .map(|slot| {
-            let task = slot_task(
-                slot,
-                Arc::clone(&spec),
-                jobs.clone(),
-                Arc::clone(&speed),
-                audit.clone(),
-            );
-            tokio::spawn(task)
-        })
-        .collect()
+) -> std::io::Result<Supervisor> {
+    let mut threads = Vec::with_capacity(slots.count());
+    for slot in 0..slots.count() as u32 {
+        let thread = SlotThread {
+            slot,
+            spec: Arc::clone(&spec),
+            slots: Arc::clone(&slots),
+            speed: Arc::clone(&speed),
+            audit: audit.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("slot-{slot}"))
+            .spawn(move || thread.run())?;
+        threads.push(handle);
+    }
+    Ok(Supervisor { slots, threads })
+}
+
+struct SlotThread {
+    slot: u32,
+    spec: Arc<WorkerSpec>,
+    slots: Arc<Slots>,
+    speed: Arc<Speed>,
+    audit: Audit,
+}
+
+impl SlotThread {
+    fn queue(&self) -> &Slot {
+        &self.slots.slots[self.slot as usize]
+    }
+
+    fn run(self) {
+        let slot = self.slot;
+        let mut generation = 0u64;
+        let mut worker: Option<Worker> = None;
+        let mut warm_ups = if slot == 0 { WARM_UP_ATTEMPTS } else { 0 };
+        let mut checked = Instant::now();
+        loop {
+            let Some(w) = worker.as_mut() else {
+                if self.queue().is_closed() {
+                    break;
+                }
+                generation += 1;
+                match Worker::start(&self.spec, slot, generation) {
+                    Ok(w) => {
+                        info!(slot, generation, pid = w.child.id(), "worker started");
+                        worker = Some(w);
+                    }
+                    Err(e) => {
+                        error!(slot, generation, error = %e, "cannot start worker");
+                        self.fail_queued(&format!("worker could not start: {e}"));
+                        std::thread::sleep(RESTART_BACKOFF);
+                    }
+                }
+                continue;
+            };
+            if warm_ups > 0 && w.ready {
+                warm_ups -= 1;
+                let (figures, death) = warm_up(w, &self.spec.model, &self.slots.closed);
+                if let Some(f) = figures {
+                    info!(
+                        slot,
+                        first_token_us = f.first_token_us,
+                        per_token_us = f.per_token_us,
+                        "engine warmed up"
+                    );
+                    self.speed.publish(f);
+                    warm_ups = 0;
+                }
+                if let Some(death) = death {
+                    self.retire(worker.take(), &death);
+                }
+                continue;
+            }
+            w.seq += 1;
+            let seq = w.seq;
+            let requests = Arc::clone(&w.requests);
+            match self.queue().next(HEALTH_EVERY, &requests, seq) {
+                Next::Closed => break,
+                Next::Idle => {
+                    if checked.elapsed() >= HEALTH_EVERY {
+                        checked = Instant::now();
+                        if let Err(death) = w.check() {
+                            self.retire(worker.take(), &death);
+                        }
+                    }
+                }
+                Next::Job(job, cancelled) => {
+                    let (terminal, death) = if job.deadline.is_expired() {
+                        let e = Error::LateArrival;
+                        (
+                            Event::Failed {
+                                error: e,
+                                tokens: 0,
+                            },
+                            None,
+                        )
+                    } else {
+                        self.run_job(w, seq, &job, &cancelled)
+                    };
+                    if let Event::Finished { first_token_us, .. } = &terminal {
+                        self.speed.observe_first_token(*first_token_us);
+                    }
+                    self.queue().finish(&job, terminal);
+                    if let Some(death) = death {
+                        self.retire(worker.take(), &death);
+                    }
+                    checked = Instant::now();
+                }
+            }
+        }
+        self.fail_queued("the pool manager is shutting down");
+        drop(worker);
+        debug!(slot, "slot thread stopped");
+    }
+
+    /// Runs one session job, forwarding its events; returns its terminal event and why the
+    /// worker must be replaced, if it must.
+    fn run_job(
+        &self,
+        w: &mut Worker,
+        seq: u64,
+        job: &QueuedJob,
+        cancelled: &AtomicBool,
+    ) -> (Event, Option<Death>) {
+        let mut emit = |e: Event| job.send(e);
+        let req = LaneJob {
+            job_id: &job.job_id,
+            model: &job.model,
+            prompt: &job.prompt,
+            max_tokens: job.max_tokens,
+            deadline: job.deadline,
+            arrived: job.arrived,
+        };
+        let (outcome, death) = w.run(seq, &req, cancelled, &mut emit);
+        let terminal = match outcome {
+            Outcome::Finished {
+                tokens,
+                pool_us,
+                first_token_us,
+                generation_us,
+            } => Event::Finished {
+                tokens,
+                pool_us,
+                first_token_us,
+                generation_us,
+            },
+            Outcome::Failed { error, tokens } => Event::Failed { error, tokens },
+        };
+        (terminal, death)
+    }
+
+    /// Replaces a broken worker: audits lane corruption and fails the jobs queued behind it
+    /// (UNAVAILABLE) so the queen can place them on a live worker.
+    fn retire(&self, worker: Option<Worker>, death: &Death) {
+        let Some(w) = worker else { return };
+        if let Death::Lane(why) = death {
+            let fields = Fields::new()
+                .num("slot", u64::from(self.slot))
+                .num("generation", w.generation)
+                .reason(why);
+            self.audit
+                .record(events::LANE_CORRUPT, events::ACTOR_SYSTEM, fields);
+        }
+        warn!(slot = self.slot, generation = w.generation, reason = %death, "restarting worker");
+        drop(w);
+        self.fail_queued(&death.to_string());
+    }
+
+    fn fail_queued(&self, why: &str) {
+        for job in self.queue().drain() {
+            let error = if self.queue().is_closed() {
+                Error::ShuttingDown
+            } else {
+                Error::WorkerLost(format!("slot {}: {why}", self.slot))
+            };
+            job.send(Event::Failed { error, tokens: 0 });
+        }
+    }
+}
+
+/// Runs the warm-up job on slot 0's first ready worker (stopped like a cancel once `closed` is
+/// set). Returns the figures if it finished, and why the worker must be replaced, if it must.
+fn warm_up(w: &mut Worker, model: &str, closed: &AtomicBool) -> (Option<Figures>, Option<Death>) {
+    w.seq += 1;
+    let seq = w.seq;
+    let req = LaneJob {
+        job_id: "warm-up",
+        model,
+        prompt: WARM_UP_PROMPT,
+        max_tokens: WARM_UP_TOKENS,
+        deadline: Deadline::after(WARM_UP_DEADLINE),
+        arrived: Instant::now(),
+    };
+    let (outcome, death) = w.run(seq, &req, closed, &mut |_| true);
+    match outcome {
+        Outcome::Finished {
+            tokens,
+            first_token_us,
+            generation_us,
+            ..
+        } => {
+            let figures = figures(tokens, first_token_us, generation_us);
+            (Some(figures), death)
+        }
+        Outcome::Failed { error, tokens } => {
+            warn!(error = %error, tokens, "warm-up job failed");
+            (None, death)
+        }
+    }
+}
+
+/// The engine's speed from one finished job: the first token, then the time per later token.
+fn figures(tokens: u32, first_token_us: u64, generation_us: u64) -> Figures {
+    Figures {
+        first_token_us,
+        per_token_us: generation_us / u64::from(tokens.saturating_sub(1).max(1)),
+    }
+}
+
+/// One request as the lane needs it.
+struct LaneJob<'a> {
+    job_id: &'a str,
+    model: &'a str,
+    prompt: &'a str,
+    max_tokens: u32,
+    deadline: Deadline,
+    arrived: Instant,
+}
+
+/// How a job ended on the worker.
+enum Outcome {
+    Finished {
+        tokens: u32,
+        pool_us: u64,
+        first_token_us: u64,
+        generation_us: u64,
+    },
+    Failed {
+        error: Error,
+        tokens: u32,
+    },
 }
 
 struct Worker {
@@ -81,7 +633,8 @@ struct Worker {
     slot: u32,
     generation: u64,
     child: Child,
-    requests: Lane,
+    /// Shared with `Running` so a cancel can set the cancel word without this thread.
+    requests: Arc<Lane>,
     responses: Lane,
     started: Instant,
     ready: bool,
@@ -102,65 +655,6 @@ impl std::fmt::Display for Death {
             Death::Exited(s) => write!(f, "worker exited ({s})"),
             Death::Hung(age) => write!(f, "worker silent for {}ms", age.as_millis()),
             Death::Lane(e) => write!(f, "worker lane broken: {e}"),
-        }
-    }
-}
-
-async fn slot_task(
-    slot: u32,
-    spec: Arc<WorkerSpec>,
-    jobs: async_channel::Receiver<Job>,
-    speed: Arc<Speed>,
-    audit: Audit,
-) {
-    let mut generation = 0u64;
-    let mut worker: Option<Worker> = None;
-    loop {
-        let Some(mut w) = worker.take() else {
-            generation += 1;
-            match Worker::start(&spec, slot, generation) {
-                Ok(w) => {
-                    info!(slot, generation, pid = w.child.id(), "worker started");
-                    worker = Some(w);
-                }
-                Err(e) => {
-                    error!(slot, generation, error = %e, "cannot start worker");
-                    tokio::time::sleep(RESTART_BACKOFF).await;
-                }
-            }
-            continue;
-        };
-        tokio::select! {
-            job = jobs.recv() => {
-                let Ok(job) = job else { break };
-                let speed = Arc::clone(&speed);
-                let joined = tokio::task::spawn_blocking(move || {
-                    let outcome = run_job(&mut w, job, &speed);
-                    (w, outcome)
-                })
-                .await;
-                match joined {
-                    Ok((w, None)) => worker = Some(w),
-                    Ok((w, Some(death))) => {
-                        if let Death::Lane(why) = &death {
-                            let fields = Fields::new()
-                                .num("slot", u64::from(slot))
-                                .num("generation", w.generation)
-                                .reason(why);
-                            audit.record(events::LANE_CORRUPT, events::ACTOR_SYSTEM, fields);
-                        }
-                        warn!(slot, generation = w.generation, reason = %death, "restarting worker");
-                        drop(w);
-                    }
-                    Err(e) => error!(slot, error = %e, "slot job task failed"),
-                }
-            }
-            _ = tokio::time::sleep(HEALTH_EVERY) => {
-                match w.check() {
-                    Ok(()) => worker = Some(w),
-                    Err(death) => warn!(slot, generation = w.generation, reason = %death, "restarting worker"),
-                }
-            }
         }
     }
 }
@@ -209,7 +703,7 @@ impl Worker {
             slot,
             generation,
             child,
-            requests,
+            requests: Arc::new(requests),
             responses,
             started: Instant::now(),
             ready: false,
@@ -235,6 +729,163 @@ impl Worker {
         }
         Ok(())
     }
+
+    /// Runs one request as `seq`, handing `Started` and `Token` events to `emit` (false = the
+    /// receiver is gone: the job is cancelled). Returns how it ended and why the worker must be
+    /// replaced, if it must. Once cancelled, the job ends CANCELLED whatever the worker says.
+    fn run(
+        &mut self,
+        seq: u64,
+        job: &LaneJob<'_>,
+        cancelled: &AtomicBool,
+        emit: &mut dyn FnMut(Event) -> bool,
+    ) -> (Outcome, Option<Death>) {
+        let remaining = u64::try_from(job.deadline.remaining().as_nanos()).unwrap_or(u64::MAX);
+        let deadline_ns = monotonic_ns().saturating_add(remaining);
+        let mac = session::request_mac(&self.session, seq, job.job_id, deadline_ns, job.prompt);
+        let lane_req = LaneRequest {
+            seq,
+            job_id: job.job_id.to_owned(),
+            model: job.model.to_owned(),
+            prompt: job.prompt.to_owned(),
+            max_tokens: job.max_tokens,
+            deadline_mono_ns: deadline_ns,
+            mac: mac.to_vec(),
+        };
+        let mut tokens = 0u32;
+        let mut cancelled_at: Option<Instant> = None;
+        // Every failure reads CANCELLED once the job was cancelled: that is what the queen
+        // asked for, and nobody may be listening for anything else.
+        // The canceller sets the flag and the lane's cancel word together, so the worker's
+        // answer can arrive before this loop has looked at the flag: read both.
+        let failed = |error: Error, tokens: u32, cancelled_at: Option<Instant>| {
+            let error = if cancelled_at.is_some() || cancelled.load(Ordering::Acquire) {
+                Error::Cancelled
+            } else {
+                error
+            };
+            Outcome::Failed { error, tokens }
+        };
+        if let Err(e) = self
+            .requests
+            .push_timeout(&lane_req.encode_to_vec(), CANCEL_GRACE)
+        {
+            let why = e.to_string();
+            return (
+                failed(Error::WorkerLost(why.clone()), 0, None),
+                Some(Death::Lane(why)),
+            );
+        }
+        let pool_us = micros(job.arrived.elapsed());
+        if !emit(Event::Started {
+            slot: self.slot,
+            generation: self.generation,
+            pool_us,
+        }) {
+            self.requests.request_cancel(seq);
+            cancelled_at = Some(Instant::now());
+        }
+        let mut buf = Vec::new();
+        loop {
+            if cancelled_at.is_none() && cancelled.load(Ordering::Acquire) {
+                // The canceller already set the lane's cancel word; setting it again is harmless.
+                debug!(slot = self.slot, seq, "job cancelled; stopping worker");
+                self.requests.request_cancel(seq);
+                cancelled_at = Some(Instant::now());
+            }
+            match self.responses.pop_timeout(&mut buf, POLL) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if let Err(death) = self.check() {
+                        let lost = Error::WorkerLost(death.to_string());
+                        return (failed(lost, tokens, cancelled_at), Some(death));
+                    }
+                    if cancelled_at.is_some_and(|t| t.elapsed() > CANCEL_GRACE) {
+                        let death = Death::Hung(CANCEL_GRACE);
+                        return (failed(Error::Cancelled, tokens, cancelled_at), Some(death));
+                    }
+                    if job
+                        .deadline
+                        .exceeded_by(Instant::now())
+                        .is_some_and(|d| d > DEADLINE_GRACE)
+                    {
+                        let death = Death::Hung(DEADLINE_GRACE);
+                        let late = Error::DeadlineExceeded;
+                        return (failed(late, tokens, cancelled_at), Some(death));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    let lost = Error::WorkerLost(why.clone());
+                    return (failed(lost, tokens, cancelled_at), Some(Death::Lane(why)));
+                }
+            }
+            let resp = match LaneResponse::decode(buf.as_slice()) {
+                Ok(r) if r.seq == seq => r,
+                Ok(r) => {
+                    let why = format!("response for job seq {} while running {seq}", r.seq);
+                    let lost = Error::WorkerLost(why.clone());
+                    return (failed(lost, tokens, cancelled_at), Some(Death::Lane(why)));
+                }
+                Err(e) => {
+                    let why = format!("undecodable response: {e}");
+                    let lost = Error::WorkerLost(why.clone());
+                    return (failed(lost, tokens, cancelled_at), Some(Death::Lane(why)));
+                }
+            };
+            match resp.kind {
+                Some(lane_response::Kind::Token(t)) => {
+                    tokens = tokens.saturating_add(1);
+                    if cancelled_at.is_none()
+                        && !cancelled.load(Ordering::Acquire)
+                        && !emit(Event::Token {
+                            index: t.index,
+                            text: t.text,
+                        })
+                    {
+                        debug!(slot = self.slot, seq, "session gone; cancelling worker");
+                        self.requests.request_cancel(seq);
+                        cancelled_at = Some(Instant::now());
+                    }
+                }
+                Some(lane_response::Kind::Done(d)) => {
+                    if cancelled_at.is_some() || cancelled.load(Ordering::Acquire) {
+                        return (failed(Error::Cancelled, d.tokens, cancelled_at), None);
+                    }
+                    let done = Outcome::Finished {
+                        tokens: d.tokens,
+                        pool_us,
+                        first_token_us: d.first_token_us,
+                        generation_us: d.generation_us,
+                    };
+                    return (done, None);
+                }
+                Some(lane_response::Kind::Error(e)) => {
+                    if e.code == CODE_DEADLINE_EXCEEDED {
+                        // Kept in the log so the soak benchmark can report worker time past
+                        // deadlines.
+                        info!(
+                            slot = self.slot,
+                            seq,
+                            overrun_us = e.overrun_us,
+                            "worker stopped at the deadline"
+                        );
+                    }
+                    let worker = Error::Worker {
+                        code: e.code,
+                        message: e.message,
+                    };
+                    return (failed(worker, tokens, cancelled_at), None);
+                }
+                None => {
+                    let lost = Error::WorkerLost("empty response".into());
+                    let death = Death::Lane("empty response".into());
+                    return (failed(lost, tokens, cancelled_at), Some(death));
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Worker {
@@ -246,147 +897,5 @@ impl Drop for Worker {
     }
 }
 
-/// Runs one job on the worker, forwarding its events. Returns why the worker must be replaced,
-/// or `None` if it can take the next job.
-fn run_job(w: &mut Worker, job: Job, speed: &Speed) -> Option<Death> {
-    let Job {
-        request,
-        deadline,
-        arrived,
-        events,
-        permit: _permit,
-    } = job;
-    let fail = |e: Error| {
-        let _ = events.blocking_send(Err(e.into()));
-    };
-    if deadline.is_expired() {
-        fail(Error::LateArrival);
-        return None;
-    }
-    w.seq += 1;
-    let seq = w.seq;
-    let remaining = u64::try_from(deadline.remaining().as_nanos()).unwrap_or(u64::MAX);
-    let deadline_ns = monotonic_ns().saturating_add(remaining);
-    let mac = session::request_mac(
-        &w.session,
-        seq,
-        &request.job_id,
-        deadline_ns,
-        &request.prompt,
-    );
-    let lane_req = LaneRequest {
-        seq,
-        job_id: request.job_id,
-        model: request.model,
-        prompt: request.prompt,
-        max_tokens: request.max_tokens,
-        deadline_mono_ns: deadline_ns,
-        mac: mac.to_vec(),
-    };
-    if let Err(e) = w
-        .requests
-        .push_timeout(&lane_req.encode_to_vec(), CANCEL_GRACE)
-    {
-        fail(Error::WorkerLost(e.to_string()));
-        return Some(Death::Lane(e.to_string()));
-    }
-    let pool_us = micros(arrived.elapsed());
-    let send = |kind| {
-        events
-            .blocking_send(Ok(ExecuteEvent { kind: Some(kind) }))
-            .is_ok()
-    };
-    let mut cancelled_at = None;
-    if !send(execute_event::Kind::Started(WorkerStarted {
-        slot: w.slot,
-        generation: w.generation,
-        pool_us,
-    })) {
-        w.requests.request_cancel(seq);
-        cancelled_at = Some(Instant::now());
-    }
-    let mut buf = Vec::new();
-    loop {
-        match w.responses.pop_timeout(&mut buf, POLL) {
-            Ok(true) => {}
-            Ok(false) => {
-                if let Err(death) = w.check() {
-                    fail(Error::WorkerLost(death.to_string()));
-                    return Some(death);
-                }
-                if cancelled_at.is_some_and(|t| t.elapsed() > CANCEL_GRACE) {
-                    return Some(Death::Hung(CANCEL_GRACE));
-                }
-                if deadline
-                    .exceeded_by(Instant::now())
-                    .is_some_and(|d| d > DEADLINE_GRACE)
-                {
-                    fail(Error::DeadlineExceeded);
-                    return Some(Death::Hung(DEADLINE_GRACE));
-                }
-                continue;
-            }
-            Err(e) => {
-                fail(Error::WorkerLost(e.to_string()));
-                return Some(Death::Lane(e.to_string()));
-            }
-        }
-        let resp = match LaneResponse::decode(buf.as_slice()) {
-            Ok(r) if r.seq == seq => r,
-            Ok(r) => {
-                let why = format!("response for job seq {} while running {seq}", r.seq);
-                fail(Error::WorkerLost(why.clone()));
-                return Some(Death::Lane(why));
-            }
-            Err(e) => {
-                fail(Error::WorkerLost(format!("undecodable response: {e}")));
-                return Some(Death::Lane(e.to_string()));
-            }
-        };
-        match resp.kind {
-            Some(lane_response::Kind::Token(t)) => {
-                if cancelled_at.is_none()
-                    && !send(execute_event::Kind::Token(WorkerToken {
-                        index: t.index,
-                        text: t.text,
-                    }))
-                {
-                    // The queen hung up (cancel, deadline or client gone): stop the worker.
-                    debug!(seq, "caller gone; cancelling worker");
-                    w.requests.request_cancel(seq);
-                    cancelled_at = Some(Instant::now());
-                }
-            }
-            Some(lane_response::Kind::Done(d)) => {
-                speed.observe_first_token(d.first_token_us);
-                send(execute_event::Kind::Finished(WorkerFinished {
-                    tokens: d.tokens,
-                    pool_us,
-                    worker_first_token_us: d.first_token_us,
-                    generation_us: d.generation_us,
-                }));
-                return None;
-            }
-            Some(lane_response::Kind::Error(e)) => {
-                if e.code == CODE_DEADLINE_EXCEEDED {
-                    // Kept in the log so the soak benchmark can report worker time past deadlines.
-                    info!(
-                        slot = w.slot,
-                        seq,
-                        overrun_us = e.overrun_us,
-                        "worker stopped at the deadline"
-                    );
-                }
-                fail(Error::Worker {
-                    code: e.code,
-                    message: e.message,
-                });
-                return None;
-            }
-            None => {
-                fail(Error::WorkerLost("empty response".into()));
-                return Some(Death::Lane("empty response".into()));
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -5,15 +5,22 @@
 //! an event that does not fit is counted and reported (log line and next checkpoint), never
 //! dropped silently. Prompts and tokens never reach this module raw: callers pass `Fields`
 //! built with `prompt()` (length + hash) and fingerprints.
+//!
+//! Checkpoints go to the database through the store's single writer (`StoreHandle::checkpoint`)
+//! rather than a connection of their own, which would contend with the store for SQLite's one
+//! write lock. Between events the auditor queues a checkpoint and moves on; only `flush` (and
+//! stopping) asks for it to be on disk, and only `flush` waits for that.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
-use rusqlite::{Connection, params};
 use skep_audit::{AuditKey, AuditLog, AuditOptions, Fields, FsyncPolicy};
 use tracing::{error, warn};
+
+use crate::store::{AuditCheckpoint, Durability, StoreHandle};
 
 /// Events waiting to be written before new ones are counted as dropped.
 const MAILBOX: usize = 4096;
@@ -24,7 +31,7 @@ pub use skep_audit::events;
 
 pub struct Auditor {
     log: AuditLog,
-    db: Connection,
+    store: StoreHandle,
     since_checkpoint: u64,
     dropped: Arc<AtomicU64>,
 }
@@ -34,31 +41,35 @@ pub struct Auditor {
 impl Actor for Auditor {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(MAILBOX);
-    }
-
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
-        self.checkpoint();
+        // The command is queued before `checkpoint` returns, so it is committed even if the
+        // arbiter stops before the spawned task runs.
+        actix::spawn(self.checkpoint(Durability::Synced));
         Running::Stop
     }
 }
 
 impl Auditor {
-    fn checkpoint(&mut self) {
+    /// Syncs the log and queues its checkpoint on the store's writer. The returned future
+    /// waits for the commit and logs a failure; dropping it (or spawning it) does not unqueue
+    /// the checkpoint.
+    fn checkpoint(&mut self, durability: Durability) -> impl Future<Output = ()> + 'static {
         if let Err(e) = self.log.sync() {
             error!(error = %e, "audit fsync failed");
         }
         let cp = self.log.checkpoint();
-        let dropped = self.dropped.load(Ordering::Relaxed);
-        let r = self.db.execute(
-            "INSERT INTO audit_checkpoints (seq, checkpoint, dropped) VALUES (?1, ?2, ?3)",
-            params![cp.seq, cp.to_json().to_string(), dropped],
-        );
-        if let Err(e) = r {
-            error!(error = %e, "cannot store audit checkpoint");
-        }
+        let row = AuditCheckpoint {
+            seq: cp.seq,
+            checkpoint: cp.to_json(),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        };
+        let stored = self.store.checkpoint(row, durability);
         self.since_checkpoint = 0;
+        async move {
+            if let Err(e) = stored.await {
+                error!(error = %e, "cannot store audit checkpoint");
+            }
+        }
     }
 }
 
@@ -80,7 +91,8 @@ impl Handler<Record> for Auditor {
         }
         self.since_checkpoint += 1;
         if self.since_checkpoint >= CHECKPOINT_EVERY {
-            self.checkpoint();
+            // Not waited for here: the next event should not queue behind a commit.
+            actix::spawn(self.checkpoint(Durability::Committed));
         }
     }
 }
@@ -90,9 +102,11 @@ impl Handler<Record> for Auditor {
 struct Flush;
 
 impl Handler<Flush> for Auditor {
-    type Result = ();
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) {
-        self.checkpoint();
+    // The reply waits for the checkpoint to reach the disk; the actor meanwhile goes on with
+    // its mailbox.
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Flush, _: &mut Self::Context) -> Self::Result {
+        Box::pin(self.checkpoint(Durability::Synced))
     }
 }
 
@@ -100,13 +114,15 @@ impl Handler<Flush> for Auditor {
 pub enum AuditStartError {
     #[error("audit log: {0}")]
     Log(#[from] skep_audit::AuditError),
-    #[error("audit checkpoints: {0}")]
-    Db(#[from] rusqlite::Error),
 }
 
 /// Opens the log under `dir` with the key at `key_file` (created 0600 if missing) and starts the
-/// auditor. Checkpoints go to the `audit_checkpoints` table of `db_path`.
-pub fn start(dir: &Path, key_file: &Path, db_path: &Path) -> Result<AuditHandle, AuditStartError> {
+/// auditor. Checkpoints go to the `audit_checkpoints` table through `store`'s writer.
+pub fn start(
+    dir: &Path,
+    key_file: &Path,
+    store: StoreHandle,
+) -> Result<AuditHandle, AuditStartError> {
     let key = AuditKey::load_or_create(key_file)?;
     let log = AuditLog::open(
         dir,
@@ -116,23 +132,25 @@ pub fn start(dir: &Path, key_file: &Path, db_path: &Path) -> Result<AuditHandle,
             ..AuditOptions::default()
         },
     )?;
-    let db = Connection::open(db_path)?;
-    db.busy_timeout(std::time::Duration::from_secs(5))?;
-    db.execute_batch(
-        "CREATE TABLE IF NOT EXISTS audit_checkpoints (
-            seq INTEGER NOT NULL, checkpoint TEXT NOT NULL, dropped INTEGER NOT NULL,
-            created DATETIME DEFAULT CURRENT_TIMESTAMP)",
-    )?;
     let dropped = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&dropped);
     let auditor = Auditor {
         log,
-        db,
+        store,
         since_checkpoint: 0,
         dropped: counter,
     };
-    let addr = Auditor::start_in_arbiter(&Arbiter::new().handle(), move |_| auditor);
-    Ok(AuditHandle { addr, dropped })
+    // The mailbox gets its bound before the address exists: set in `started`, it would apply
+    // only once the actor runs, and events recorded before that would meet the default bound
+    // (16) and be dropped.
+    let (tx, rx) = actix::dev::channel::channel(MAILBOX);
+    Arbiter::new().spawn_fn(move || {
+        actix::spawn(Context::with_receiver(rx).into_future(auditor));
+    });
+    Ok(AuditHandle {
+        addr: Addr::new(tx),
+        dropped,
+    })
 }
 
 /// Cheap to clone; records events without waiting.
@@ -161,12 +179,55 @@ impl AuditHandle {
         }
     }
 
-    /// Writes a checkpoint now (e.g. before shutdown), waiting for the backlog ahead of it.
+    /// Writes a checkpoint now (e.g. before shutdown), waiting for the backlog ahead of it and
+    /// until the checkpoint, and every database write before it, is on disk.
     pub async fn flush(&self) {
         let _ = self.addr.send(Flush).await;
     }
 
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_land_in_the_database_through_the_store() {
+        let dir = std::env::temp_dir().join(format!("skep-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("q.db");
+        let sys = actix::System::new();
+        sys.block_on(async {
+            let store = crate::store::start(&db).unwrap();
+            let audit = start(&dir.join("audit"), &dir.join("audit.key"), store.clone()).unwrap();
+            // One checkpoint falls due at the 32nd entry; flush adds the last one.
+            for i in 0..40 {
+                audit.record("test.event", "tester", Fields::new().num("i", i));
+            }
+            audit.flush().await;
+            assert_eq!(audit.dropped(), 0);
+            // Flush returned: both rows are committed (the first was queued before the
+            // second). Read while `audit` lives, so the auditor's stopping checkpoint cannot
+            // add a third.
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            let rows: Vec<(u64, String, u64)> = conn
+                .prepare("SELECT seq, checkpoint, dropped FROM audit_checkpoints ORDER BY rowid")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let seqs: Vec<u64> = rows.iter().map(|r| r.0).collect();
+            assert_eq!(seqs, vec![32, 40]);
+            for (seq, json, dropped) in rows {
+                let cp = skep_audit::Checkpoint::from_json(&json).unwrap();
+                assert_eq!((cp.seq, dropped), (seq, 0));
+            }
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,10 +4,10 @@
 //! behind the same authenticating interceptor, so no RPC is reachable without a valid token.
 
 mod convert;
-pub mod dispatch;
 mod jobs;
 mod models;
 mod nodes;
+pub mod session;
 mod status;
 mod tokens;
 

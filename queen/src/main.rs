@@ -12,11 +12,10 @@ use skep_common::daemon;
 use skep_common::ratelimit::{DEFAULT_BAD_AUTH_QUOTA, DEFAULT_IDENTITY_QUOTA, Quota, RateLimits};
 use skep_common::secret::{Secret, credential_path};
 use skep_common::telemetry::{self, LogFormat};
-use skep_queen::admission::{Admission, DEFAULT_MAX_LIVE};
 use skep_queen::auth::{Role, TokenBook, TokenEntry};
-use skep_queen::job::{self, Services};
+use skep_queen::dispatch::{self, Dispatcher, Policy};
+use skep_queen::job::Services;
 use skep_queen::registry::Registry;
-use skep_queen::scheduler::{DEFAULT_MAX_QUEUED, Scheduler};
 use skep_queen::store::StoreHandle;
 use skep_queen::{grpc, store};
 use tracing::info;
@@ -31,12 +30,19 @@ struct Args {
     /// Address to serve on. Port 0 picks a free port (see <data-dir>/listen.addr).
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// Jobs that may wait for a slot, all models together.
-    #[arg(long, default_value_t = DEFAULT_MAX_QUEUED)]
+    /// Jobs admitted and waiting here (not yet at a pool), all models together.
+    #[arg(long, default_value_t = 256)]
     max_queued: usize,
     /// Jobs admitted and not yet finished.
-    #[arg(long, default_value_t = DEFAULT_MAX_LIVE)]
+    #[arg(long, default_value_t = 1024)]
     max_live: usize,
+    /// Admission policy: `reserve` admits a job only if it and every job already admitted still
+    /// finish by their deadlines; `edf` and `fcfs` admit without that check (for comparisons).
+    #[arg(long, default_value = "reserve")]
+    admission: Policy,
+    /// Tail quantile of job costs that admission reserves (0.5-1.0).
+    #[arg(long, default_value_t = 0.95)]
+    cost_quantile: f64,
     /// Interval pools are told to heartbeat at (humantime).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
@@ -122,25 +128,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
     let store = store::start(&args.data_dir.join("queen.db")).context("opening the state store")?;
-    let scheduler = Scheduler::start(args.max_queued);
-    let ca_pem = tls.as_ref().map(|t| t.ca.cert_pem.clone());
-    let registry = Registry::start(args.heartbeat_interval, scheduler.clone(), ca_pem);
-    let admission = Admission::start(args.max_live);
     let tokens = load_tokens(&store, admin_digest).await?;
     let audit = skep_queen::audit::start(
         &args.data_dir.join("audit"),
         &credential_path("audit-key", &args.data_dir.join("audit.key")),
-        &args.data_dir.join("queen.db"),
+        store.clone(),
     )
     .context("starting the audit log")?;
+    if !(0.5..=1.0).contains(&args.cost_quantile) {
+        anyhow::bail!("--cost-quantile must be between 0.5 and 1.0");
+    }
+    let dispatch = Dispatcher::start(
+        dispatch::Config {
+            policy: args.admission,
+            max_live: args.max_live,
+            max_queued: args.max_queued,
+            quantile: args.cost_quantile,
+            ..dispatch::Config::default()
+        },
+        store.clone(),
+        audit.clone(),
+    );
+    let ca_pem = tls.as_ref().map(|t| t.ca.cert_pem.clone());
+    let registry = Registry::start(args.heartbeat_interval, dispatch.clone(), ca_pem);
+    dispatch.set_registry(registry.clone()).await?;
     let interrupted = store.take_interrupted().await?;
     let catalogue =
         skep_queen::catalogue::Catalogue::open(&args.data_dir.join("models"), store.clone())
             .context("opening the model catalogue")?;
     let limits = Arc::new(RateLimits::new(args.rate_limit, args.bad_auth_limit));
     let services = Services {
-        admission,
-        scheduler,
+        dispatch,
         registry,
         store,
         tokens,
@@ -153,7 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Jobs the previous process accepted and did not finish run again, within their original
     // deadlines, as soon as pools serving their models reconnect.
     for rec in interrupted {
-        tokio::spawn(job::resume(services.clone(), rec));
+        services.dispatch.resume(rec).await?;
     }
 
     let listener = tokio::net::TcpListener::bind(args.listen)

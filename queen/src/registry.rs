@@ -1,8 +1,8 @@
 //! The node registry: which pool managers exist, what they serve, and whether they are alive.
 //!
 //! A node that misses heartbeats becomes suspect (no new work) and then dead (forgotten; it must
-//! register again). The registry tells the scheduler about every change, so the scheduler never
-//! places work on a node whose heartbeat is stale.
+//! register again). The registry tells the dispatch actor about every change, so no work is
+//! placed on a node whose heartbeat is stale, and passes on the speed figures pools measure.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use crate::Error;
-use crate::scheduler::{SchedulerHandle, Target};
+use crate::dispatch::{DispatchHandle, Figures, Target};
 
 /// Heartbeats missed before a node is suspect, then dead.
 const SUSPECT_AFTER_BEATS: u32 = 3;
@@ -56,7 +56,7 @@ pub struct Registry {
     /// Nodes cut off by an operator; they may not register again under the same id.
     revoked: std::collections::HashSet<String>,
     heartbeat: Duration,
-    scheduler: SchedulerHandle,
+    dispatch: DispatchHandle,
     /// The queen's CA certificate when it serves TLS: pools are dialed over TLS and must
     /// present a certificate it issued for their node id.
     ca_pem: Option<String>,
@@ -75,21 +75,21 @@ impl Actor for Registry {
 impl Registry {
     pub fn start(
         heartbeat: Duration,
-        scheduler: SchedulerHandle,
+        dispatch: DispatchHandle,
         ca_pem: Option<String>,
     ) -> RegistryHandle {
         let addr = Registry {
             nodes: HashMap::new(),
             revoked: Default::default(),
             heartbeat,
-            scheduler,
+            dispatch,
             ca_pem,
         }
         .start();
         RegistryHandle { addr, heartbeat }
     }
 
-    /// Demotes nodes whose heartbeats stopped, and tells the scheduler.
+    /// Demotes nodes whose heartbeats stopped, and tells the dispatch actor.
     fn sweep(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let suspect = self.heartbeat * SUSPECT_AFTER_BEATS;
@@ -116,7 +116,7 @@ impl Registry {
             silent < dead + FORGET_AFTER
         });
         for id in gone {
-            let sched = self.scheduler.clone();
+            let sched = self.dispatch.clone();
             ctx.spawn(actix::fut::wrap_future(async move {
                 let _ = sched.node_down(&id).await;
             }));
@@ -160,6 +160,19 @@ fn is_loopback_url(url: &str) -> bool {
         })
 }
 
+/// A pool manager asking to register.
+pub struct NewNode {
+    pub name: String,
+    pub pool_url: String,
+    pub slots: u32,
+    pub models: Vec<String>,
+    pub dispatch_key: Secret,
+    /// The enrolled id, or `None` for a fresh one.
+    pub node_id: Option<String>,
+    /// Engine speed the pool measured at warm-up, per model.
+    pub figures: Vec<(String, Figures)>,
+}
+
 pub struct Registered {
     pub node_id: String,
 }
@@ -174,6 +187,7 @@ struct Register {
     dispatch_key: Secret,
     /// The enrolled id, or `None` for a fresh one.
     node_id: Option<String>,
+    figures: Vec<(String, Figures)>,
 }
 
 impl Handler<Register> for Registry {
@@ -226,13 +240,12 @@ impl Handler<Register> for Registry {
                 last_seen: Instant::now(),
             },
         );
-        let sched = self.scheduler.clone();
-        let slots = msg.slots;
+        let sched = self.dispatch.clone();
         Box::pin(async move {
             for id in stale {
                 sched.node_down(&id).await?;
             }
-            sched.node_up(target, msg.models, slots).await?;
+            sched.node_up(target, msg.models, msg.figures).await?;
             Ok(Registered { node_id })
         })
     }
@@ -245,6 +258,7 @@ struct Heartbeat {
     free_slots: u32,
     models: Vec<String>,
     inventory: Option<skep_proto::v1::Inventory>,
+    figures: Vec<(String, Figures)>,
 }
 
 impl Handler<Heartbeat> for Registry {
@@ -263,17 +277,23 @@ impl Handler<Heartbeat> for Registry {
         e.info.models = msg.models;
         e.info.health = NodeHealth::Healthy;
         if !revived {
-            return Box::pin(async { Ok(true) });
+            if msg.figures.is_empty() {
+                return Box::pin(async { Ok(true) });
+            }
+            let (sched, id) = (self.dispatch.clone(), msg.node_id);
+            return Box::pin(async move {
+                sched.figures(&id, msg.figures).await?;
+                Ok(true)
+            });
         }
         info!(node = %msg.node_id, "node healthy again");
-        let (sched, target, models, slots) = (
-            self.scheduler.clone(),
+        let (sched, target, models) = (
+            self.dispatch.clone(),
             e.target.clone(),
             e.info.models.clone(),
-            e.info.slots,
         );
         Box::pin(async move {
-            sched.node_up(target, models, slots).await?;
+            sched.node_up(target, models, msg.figures).await?;
             Ok(true)
         })
     }
@@ -298,7 +318,7 @@ impl Handler<Unreachable> for Registry {
         // pool before its heartbeats are missed would pay a failed attempt.
         e.info.health = NodeHealth::Suspect;
         warn!(node = %msg.node_id, "dispatch could not reach the node; suspect until it heartbeats");
-        let sched = self.scheduler.clone();
+        let sched = self.dispatch.clone();
         Box::pin(async move { sched.node_down(&msg.node_id).await })
     }
 }
@@ -321,7 +341,7 @@ impl Handler<Revoke> for Registry {
             None => false,
         };
         warn!(node = %msg.node_id, "node revoked");
-        let sched = self.scheduler.clone();
+        let sched = self.dispatch.clone();
         Box::pin(async move {
             sched.node_down(&msg.node_id).await?;
             Ok(known)
@@ -364,23 +384,16 @@ impl RegistryHandle {
         self.heartbeat
     }
 
-    pub async fn register(
-        &self,
-        name: String,
-        pool_url: String,
-        slots: u32,
-        models: Vec<String>,
-        dispatch_key: Secret,
-        node_id: Option<String>,
-    ) -> Result<Registered, Error> {
+    pub async fn register(&self, node: NewNode) -> Result<Registered, Error> {
         self.addr
             .send(Register {
-                name,
-                pool_url,
-                slots,
-                models,
-                dispatch_key,
-                node_id,
+                name: node.name,
+                pool_url: node.pool_url,
+                slots: node.slots,
+                models: node.models,
+                dispatch_key: node.dispatch_key,
+                node_id: node.node_id,
+                figures: node.figures,
             })
             .await?
     }
@@ -392,6 +405,7 @@ impl RegistryHandle {
         free_slots: u32,
         models: Vec<String>,
         inventory: Option<skep_proto::v1::Inventory>,
+        figures: Vec<(String, Figures)>,
     ) -> Result<bool, Error> {
         self.addr
             .send(Heartbeat {
@@ -399,6 +413,7 @@ impl RegistryHandle {
                 free_slots,
                 models,
                 inventory,
+                figures,
             })
             .await?
     }

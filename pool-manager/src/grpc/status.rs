@@ -1,24 +1,37 @@
-//! The one place pool-manager errors become gRPC statuses.
-use tonic::Status;
+//! The one place pool-manager errors become gRPC status codes (statuses and `JobFailed.code`).
+use tonic::{Code, Status};
 
 use crate::Error;
 
+/// The gRPC code for an error.
+pub(crate) fn code(e: &Error) -> Code {
+    use skep_common::auth::AuthError;
+    match e {
+        Error::Auth(AuthError::InsecureBind(_)) => Code::FailedPrecondition,
+        Error::Auth(_) => Code::Unauthenticated,
+        Error::Deadline(_)
+        | Error::Invalid(_)
+        | Error::ReservedHandle
+        | Error::DuplicateHandle(_)
+        | Error::NoSuchSlot { .. } => Code::InvalidArgument,
+        Error::NotRegistered | Error::ShuttingDown | Error::WorkerLost(_) => Code::Unavailable,
+        Error::SlotFull { .. } => Code::ResourceExhausted,
+        Error::UnknownModel(_) => Code::NotFound,
+        Error::LateArrival | Error::DeadlineExceeded | Error::Infeasible { .. } => {
+            Code::DeadlineExceeded
+        }
+        Error::Cancelled => Code::Cancelled,
+        // Passed through as the worker said it; an unknown number becomes UNKNOWN.
+        Error::Worker { code, .. } => Code::from(*code),
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
-        use skep_common::auth::AuthError;
-        let msg = e.to_string();
+        let code = code(&e);
         match e {
-            Error::Auth(AuthError::InsecureBind(_)) => Status::failed_precondition(msg),
-            Error::Auth(_) => Status::unauthenticated(msg),
-            Error::Deadline(_) | Error::Invalid(_) => Status::invalid_argument(msg),
-            Error::NotRegistered | Error::ShuttingDown => Status::unavailable(msg),
-            Error::Busy { .. } => Status::resource_exhausted(msg),
-            Error::UnknownModel(_) => Status::not_found(msg),
-            Error::LateArrival | Error::DeadlineExceeded | Error::Infeasible { .. } => {
-                Status::deadline_exceeded(msg)
-            }
-            Error::Worker { code, message } => Status::new(tonic::Code::from(code), message),
-            Error::WorkerLost(_) => Status::unavailable(msg),
+            Error::Worker { message, .. } => Status::new(code, message),
+            e => Status::new(code, e.to_string()),
         }
     }
 }

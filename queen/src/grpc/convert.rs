@@ -75,9 +75,15 @@ pub fn event(job_id: &str, ev: Event) -> Vec<Result<pb::JobEvent, tonic::Status>
         })
     };
     match ev {
-        Event::Accepted { budget, estimate } => vec![wrap(Kind::Accepted(pb::Accepted {
+        Event::Accepted {
+            budget,
+            estimate,
+            node_id,
+        } => vec![wrap(Kind::Accepted(pb::Accepted {
             deadline_ms: micros(budget) / 1000,
             estimate_ms: micros(estimate) / 1000,
+            predicted_finish_ms: micros(estimate) / 1000,
+            node_id,
         }))],
         Event::Queued { position } => vec![wrap(Kind::Queued(pb::Queued {
             position: u32::try_from(position).unwrap_or(u32::MAX),

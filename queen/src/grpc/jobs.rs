@@ -1,6 +1,7 @@
 //! `skep.v1.Jobs`: submit, follow, inspect and cancel jobs.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
@@ -20,6 +21,7 @@ use crate::Error;
 use crate::audit::events;
 use crate::auth::Role;
 use crate::job::{self, EVENT_BUFFER, NewJob, Services};
+use crate::model::{JobRecord, JobState, unix_ms};
 use skep_audit::Fields;
 
 /// Most jobs `List` returns.
@@ -34,10 +36,7 @@ impl JobsService {
         JobsService { svc }
     }
 
-    async fn submit(
-        &self,
-        req: Request<SubmitRequest>,
-    ) -> Result<(String, ReceiverStream<job::Event>), Error> {
+    async fn submit(&self, req: Request<SubmitRequest>) -> Result<(String, EventStream), Error> {
         let arrived = Instant::now();
         let who = require(&req, Role::Submit)?;
         let audit = &self.svc.audit;
@@ -55,53 +54,84 @@ impl JobsService {
         })?;
         let r = req.into_inner();
         let id = uuid::Uuid::new_v4().to_string();
-        let rejected = |e: &Error| {
-            let why = Fields::new()
-                .job(&id)
-                .model(&r.model)
-                .reason(&e.to_string());
-            audit.record(events::JOB_REJECTED, &who.fingerprint, why);
+        let prompt: Arc<str> = Arc::from(r.prompt);
+        let job = NewJob {
+            id: id.clone(),
+            model: r.model,
+            prompt: Arc::clone(&prompt),
+            max_tokens,
+            budget,
+            arrived,
+            caller: who.fingerprint.clone(),
         };
-        let load = self.svc.scheduler.load(&r.model, arrived + budget).await?;
-        let admitted = self
+        // The stream holds a whole job, so a pool session never waits on a slow reader.
+        let (tx, rx) = mpsc::channel(max_tokens as usize + EVENT_BUFFER);
+        // One message in, one decision out: admitted with a reservation (and possibly already
+        // on its way to the pool), or refused.
+        let (_, decision) = self
             .svc
-            .admission
-            .admit(&id, &r.model, max_tokens, budget, load)
+            .dispatch
+            .submit(job.clone(), tx)
             .await
-            .inspect_err(rejected)?;
-        // Take a place in the queue before answering, so a full queue is a clean rejection.
-        let enqueued = match self.svc.scheduler.enqueue(&r.model, arrived + budget).await {
-            Ok(e) => e,
-            Err(e) => {
-                rejected(&e);
-                let _ = self.svc.admission.finished(&id, &r.model, None).await;
-                return Err(e);
-            }
+            .inspect_err(|e| {
+                let why = Fields::new()
+                    .job(&id)
+                    .model(&job.model)
+                    .reason(&e.to_string());
+                audit.record(events::JOB_REJECTED, &who.fingerprint, why);
+            })?;
+        // The accepted record commits while the job is being dispatched; `Accepted` goes out
+        // only once it has: a crash before then means the job was never accepted.
+        let record = JobRecord {
+            id: id.clone(),
+            model: job.model.clone(),
+            state: JobState::Queued,
+            created_unix_ms: unix_ms(),
+            finished_unix_ms: 0,
+            deadline_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+            max_tokens,
+            tokens: 0,
+            node_id: String::new(),
+            error: String::new(),
+            timings: Default::default(),
         };
-        info!(job = %id, caller = %who.fingerprint, model = %r.model, max_tokens, budget_ms = budget.as_millis() as u64, "job admitted");
+        if let Err(e) = self.svc.store.insert(record, &prompt, &job.caller).await {
+            let _ = self.svc.dispatch.cancel(&id).await;
+            return Err(e);
+        }
+        info!(job = %id, caller = %who.fingerprint, model = %job.model, max_tokens, budget_ms = budget.as_millis() as u64, node = %decision.node, "job admitted");
         let submitted = Fields::new()
             .job(&id)
-            .model(&r.model)
-            .prompt(&r.prompt)
+            .model(&job.model)
+            .prompt(&prompt)
             .num("max_tokens", u64::from(max_tokens))
             .num(
                 "budget_ms",
                 u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
             );
         audit.record(events::JOB_SUBMITTED, &who.fingerprint, submitted);
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let new = NewJob {
-            id: id.clone(),
-            model: r.model,
-            prompt: r.prompt,
-            max_tokens,
+        let mut first = vec![job::Event::Accepted {
             budget,
-            arrived,
-            caller: who.fingerprint.clone(),
-        };
-        let start = job::Start::Enqueued(enqueued);
-        tokio::spawn(job::run(self.svc.clone(), new, admitted, start, tx));
-        Ok((id, ReceiverStream::new(rx)))
+            estimate: decision.predicted_finish,
+            node_id: decision.node,
+        }];
+        if decision.position > 0 {
+            first.push(job::Event::Queued {
+                position: decision.position,
+            });
+        }
+        let events = futures_util::stream::iter(first).chain(ReceiverStream::new(rx));
+        let wire_id = id.clone();
+        // The stream ends with the job's terminal event, whatever still holds a sender.
+        let mut ended = false;
+        let stream = events
+            .take_while(move |ev| {
+                let go = !ended;
+                ended |= ev.is_terminal();
+                futures_util::future::ready(go)
+            })
+            .flat_map(move |ev| futures_util::stream::iter(convert::event(&wire_id, ev)));
+        Ok((id, Box::pin(stream)))
     }
 }
 
@@ -112,21 +142,25 @@ impl Jobs for JobsService {
     type SubmitStream = EventStream;
 
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<EventStream>, Status> {
-        let (id, events) = JobsService::submit(self, req).await?;
-        let stream = events.flat_map(move |ev| futures_util::stream::iter(convert::event(&id, ev)));
-        Ok(Response::new(Box::pin(stream)))
+        let (_, stream) = JobsService::submit(self, req).await?;
+        Ok(Response::new(stream))
     }
 
     async fn get(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         require(&req, Role::Submit)?;
         let id = req.into_inner().job_id;
         validate::identifier("job_id", &id).map_err(Error::from)?;
-        let job = self
+        let mut job = self
             .svc
             .store
             .get(&id)
             .await?
-            .ok_or(Error::JobNotFound(id))?;
+            .ok_or_else(|| Error::JobNotFound(id.clone()))?;
+        // No `running` row update is written (it would sit on the hot path); the live state
+        // comes from the dispatch actor instead.
+        if job.state == JobState::Queued && self.svc.dispatch.state(&id).await? == Some(true) {
+            job.state = JobState::Running;
+        }
         Ok(Response::new(convert::job(job)))
     }
 
@@ -137,7 +171,7 @@ impl Jobs for JobsService {
         require(&req, Role::Submit)?;
         let id = req.into_inner().job_id;
         validate::identifier("job_id", &id).map_err(Error::from)?;
-        if self.svc.admission.cancel(&id).await? {
+        if self.svc.dispatch.cancel(&id).await? {
             return Ok(Response::new(CancelJobResponse {
                 state: PbState::Cancelled as i32,
             }));

@@ -184,7 +184,15 @@ impl Nodes for NodesService {
         let reg = self
             .svc
             .registry
-            .register(r.name, r.pool_url, r.slots, r.models, key, node_id)
+            .register(crate::registry::NewNode {
+                name: r.name,
+                pool_url: r.pool_url,
+                slots: r.slots,
+                models: r.models,
+                dispatch_key: key,
+                node_id,
+                figures: checked_figures(&r.figures)?,
+            })
             .await?;
         Ok(Response::new(RegisterResponse {
             node_id: reg.node_id,
@@ -251,6 +259,7 @@ impl Nodes for NodesService {
                 r.free_slots,
                 r.models,
                 checked_inventory(r.inventory)?,
+                checked_figures(&r.figures)?,
             )
             .await?;
         Ok(Response::new(HeartbeatResponse { known }))
@@ -262,7 +271,7 @@ impl Nodes for NodesService {
     ) -> Result<Response<ListNodesResponse>, Status> {
         require(&req, Role::Admin)?;
         let nodes = self.svc.registry.list().await?;
-        let running = self.svc.scheduler.running().await?;
+        let running = self.svc.dispatch.running().await?;
         let nodes = nodes
             .into_iter()
             .map(|n| {
@@ -272,4 +281,37 @@ impl Nodes for NodesService {
             .collect();
         Ok(Response::new(ListNodesResponse { nodes }))
     }
+}
+
+/// Engine figures a pool measured, checked like any other input: known model names, and times
+/// that are neither zero nor absurd.
+fn checked_figures(
+    figures: &[skep_proto::v1::EngineFigures],
+) -> Result<Vec<(String, crate::dispatch::Figures)>, Status> {
+    const MAX_FIGURES: usize = 64;
+    const MAX_US: u64 = 3_600_000_000;
+    if figures.len() > MAX_FIGURES {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_FIGURES} engine figures"
+        )));
+    }
+    figures
+        .iter()
+        .map(|f| {
+            validate::model_name(&f.model).map_err(Error::from)?;
+            let ok = |v: u64| (1..=MAX_US).contains(&v);
+            if !ok(f.first_token_us) || !ok(f.per_token_us) {
+                return Err(Status::invalid_argument(
+                    "engine figures must be between 1us and 1h",
+                ));
+            }
+            Ok((
+                f.model.clone(),
+                crate::dispatch::Figures {
+                    first_token_us: f.first_token_us,
+                    per_token_us: f.per_token_us,
+                },
+            ))
+        })
+        .collect()
 }

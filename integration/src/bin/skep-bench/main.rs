@@ -1,14 +1,20 @@
 //! `skep-bench`: measures skep against baselines taken in the same run and writes the report.
 //!
-//! Run through `scripts/bench.sh` (release build). Sections:
-//! - round trip: a 1-token synthetic job client → queen → pool → worker → back, against a bare
-//!   tonic unary echo on loopback.
-//! - deadline soak: thousands of jobs with mixed deadlines against a small pool; outcome shares,
-//!   late completions (must be 0) and admission overhead.
-//! - chaos load: thousands of jobs over three pools while one is SIGKILLed and restarted, against
+//! Run through `scripts/bench.sh` (release build); `--only a,b` runs some sections and replaces
+//! just those in the report. Sections:
+//! - `round-trip`: a 1-token synthetic job client → queen → pool → worker → back, against a bare
+//!   tonic unary echo and a bare two-hop tonic streaming relay on loopback.
+//! - `lanes`, `constant-time`, `audit`: SHM lanes, token comparison, audit log appends.
+//! - `deadline-soak`: thousands of jobs with mixed deadlines from closed-loop clients against a
+//!   small pool; outcome shares, late completions (must be 0) and admission overhead.
+//! - `chaos`: thousands of jobs over three pools while one is SIGKILLed and restarted, against
 //!   the same load without the kill; accepted, completed, retried, lost (must be 0).
-//! - real models: load time, peak RSS, prompt and generation speed of SmolLM2 and Gemma 3,
-//!   skep end to end vs the engine alone vs llama.cpp.
+//! - `models`: load time, peak RSS, prompt and generation speed of SmolLM2 and Gemma 3, skep end
+//!   to end vs the engine alone vs llama.cpp.
+//! - `throughput`, `paced`, `soak-oracle`, `admission-time`: open-loop load from `skep-load`
+//!   (see `load_sections.rs`).
+
+mod load_sections;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,6 +25,8 @@ use skep_integration::report::{self, Figure, Samples, Section};
 use skep_integration::{Cluster, PoolOpts};
 use skep_proto::v1::echo_client::EchoClient;
 use skep_proto::v1::echo_server::{Echo, EchoServer};
+use skep_proto::v1::stream_echo_client::StreamEchoClient;
+use skep_proto::v1::stream_echo_server::{StreamEcho, StreamEchoServer};
 use skep_proto::v1::{EchoMessage, SubmitRequest, job_event};
 use tonic::{Request, Response, Status};
 
@@ -42,7 +50,32 @@ struct Args {
     /// llama.cpp reference tool (`scripts/llama-cpp/build.sh` prints its path).
     #[arg(long)]
     llama_ref: Option<PathBuf>,
+    /// Sections to run, comma separated (default: all). A partial run replaces only its own
+    /// sections of the report and keeps the others.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Bench>,
+    #[command(flatten)]
+    open: load_sections::OpenLoopArgs,
 }
+
+/// The sections of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Bench {
+    RoundTrip,
+    Lanes,
+    ConstantTime,
+    Audit,
+    DeadlineSoak,
+    Chaos,
+    Models,
+    Throughput,
+    Paced,
+    SoakOracle,
+    AdmissionTime,
+}
+
+/// Warm-up calls before every round-trip measurement, skep's and the baselines' alike.
+const WARM_UP: usize = 200;
 
 struct EchoService;
 
@@ -59,17 +92,49 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let machine = machine();
-    let (round_trip, job_p50_us) = rt.block_on(round_trip(args.iterations))?;
-    let sections = vec![
-        round_trip,
-        lanes(20_000)?,
-        constant_time(200_000),
-        audit_append(20_000, job_p50_us)?,
-        rt.block_on(deadline_soak(args.soak_jobs))?,
-        chaos_load(args.load_jobs),
-        models(args.llama_ref.as_deref(), &rt),
-    ];
-    report::write(&args.out, &args.date, &machine, &sections)?;
+    let want = |b: Bench| args.only.is_empty() || args.only.contains(&b);
+    let mut sections = Vec::new();
+    let mut job_p50_us = None;
+    if want(Bench::RoundTrip) {
+        let (section, p50) = rt.block_on(round_trip(args.iterations))?;
+        sections.push(section);
+        job_p50_us = Some(p50);
+    }
+    if want(Bench::Lanes) {
+        sections.push(lanes(20_000)?);
+    }
+    if want(Bench::ConstantTime) {
+        sections.push(constant_time(200_000));
+    }
+    if want(Bench::Audit) {
+        sections.push(audit_append(20_000, job_p50_us)?);
+    }
+    if want(Bench::DeadlineSoak) {
+        sections.push(rt.block_on(deadline_soak(args.soak_jobs))?);
+    }
+    if want(Bench::Chaos) {
+        sections.push(chaos_load(args.load_jobs));
+    }
+    if want(Bench::Models) {
+        sections.push(models(args.llama_ref.as_deref(), &rt));
+    }
+    if want(Bench::Throughput) {
+        sections.push(load_sections::throughput(&args.open)?);
+    }
+    if want(Bench::Paced) {
+        sections.push(load_sections::paced(&args.open)?);
+    }
+    if want(Bench::SoakOracle) {
+        sections.push(load_sections::soak_oracle(&args.open)?);
+    }
+    if want(Bench::AdmissionTime) {
+        sections.push(rt.block_on(load_sections::admission_time(args.iterations))?);
+    }
+    if args.only.is_empty() {
+        report::write(&args.out, &args.date, &machine, &sections)?;
+    } else {
+        report::update(&args.out, &args.date, &machine, &sections)?;
+    }
     println!(
         "wrote {}/BENCHMARKS.md and benchmarks.json",
         args.out.display()
@@ -104,53 +169,158 @@ async fn echo_baseline(n: usize) -> anyhow::Result<Samples> {
     let msg = || EchoMessage {
         payload: vec![b'x'; 8],
     };
-    for _ in 0..200 {
-        client.echo(msg()).await?;
+    for _ in 0..WARM_UP {
+        let back = client.echo(msg()).await?.into_inner();
+        anyhow::ensure!(back == msg(), "echo answered {back:?}");
     }
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        client.echo(msg()).await?;
+        let back = client.echo(msg()).await?.into_inner();
+        anyhow::ensure!(back.payload.len() == 8, "echo answered {back:?}");
         v.push(t.elapsed());
     }
     Ok(Samples::new(v))
 }
 
 async fn skep_round_trips(cluster: &Cluster, n: usize) -> anyhow::Result<Samples> {
-    let mut client = cluster.jobs_client().await;
-    let one = |client: &mut skep_proto::v1::jobs_client::JobsClient<_>| {
-        let mut req = cluster.authed(SubmitRequest {
+    let client = cluster.jobs_client().await;
+    // The header is built once: reading the token file per call would be timed with the job.
+    let bearer: tonic::metadata::MetadataValue<_> = cluster
+        .authed(())
+        .metadata()
+        .get("authorization")
+        .context("no authorization header")?
+        .clone();
+    let one = |client: &skep_proto::v1::jobs_client::JobsClient<_>| {
+        let mut req = Request::new(SubmitRequest {
             model: "synthetic".into(),
             prompt: "ping".into(),
             max_tokens: 1,
             deadline_ms: 10_000,
         });
+        req.metadata_mut().insert("authorization", bearer.clone());
         req.set_timeout(Duration::from_secs(10));
         let mut client = Clone::clone(client);
         async move {
             let mut s = client.submit(req).await?.into_inner();
             while let Some(ev) = s.message().await? {
-                if let Some(job_event::Kind::Done(_)) = ev.kind {
+                if let Some(job_event::Kind::Done(d)) = ev.kind {
+                    // The same work as the baselines: one answer, checked.
+                    if d.tokens != 1 {
+                        return Err(Status::internal(format!("{} tokens, not 1", d.tokens)));
+                    }
                     return Ok::<_, Status>(());
                 }
             }
             Err(Status::internal("stream ended without done"))
         }
     };
-    for _ in 0..200 {
-        one(&mut client).await?;
+    for _ in 0..WARM_UP {
+        one(&client).await?;
     }
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        one(&mut client).await?;
+        one(&client).await?;
+        v.push(t.elapsed());
+    }
+    Ok(Samples::new(v))
+}
+
+/// The backend of the two-hop baseline: one message back, on a server stream.
+struct StreamBackend;
+
+type EchoStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<EchoMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StreamEcho for StreamBackend {
+    type StreamStream = EchoStream;
+
+    async fn stream(
+        &self,
+        req: Request<EchoMessage>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(
+            req.into_inner()
+        )))))
+    }
+}
+
+/// The relay of the two-hop baseline: calls the backend over one connection and forwards its
+/// stream as it comes, as the queen forwards a pool's.
+struct StreamRelay {
+    backend: StreamEchoClient<tonic::transport::Channel>,
+}
+
+#[tonic::async_trait]
+impl StreamEcho for StreamRelay {
+    type StreamStream = EchoStream;
+
+    async fn stream(
+        &self,
+        req: Request<EchoMessage>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut backend = self.backend.clone();
+        let upstream = backend.stream(req.into_inner()).await?.into_inner();
+        Ok(Response::new(Box::pin(upstream)))
+    }
+}
+
+/// client → relay → backend, one server-streaming call of one 8-byte message each, sequential
+/// on one connection, timed until the message arrives (as skep's is until `done`).
+async fn relay_baseline(n: usize) -> anyhow::Result<Samples> {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let backend_addr = backend.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(StreamEchoServer::new(StreamBackend))
+            .serve_with_incoming(skep_common::daemon::incoming(backend)),
+    );
+    let upstream = tonic::transport::Endpoint::from_shared(format!("http://{backend_addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let relay_addr = relay.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(StreamEchoServer::new(StreamRelay {
+                backend: StreamEchoClient::new(upstream),
+            }))
+            .serve_with_incoming(skep_common::daemon::incoming(relay)),
+    );
+    let client = StreamEchoClient::connect(format!("http://{relay_addr}")).await?;
+    let payload = vec![b'x'; 8];
+    let one = |client: &StreamEchoClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        let msg = EchoMessage {
+            payload: payload.clone(),
+        };
+        let want = payload.clone();
+        async move {
+            let mut s = client.stream(msg).await?.into_inner();
+            match s.message().await? {
+                Some(m) if m.payload == want => Ok(()),
+                other => Err(anyhow::anyhow!("relay answered {other:?}")),
+            }
+        }
+    };
+    for _ in 0..WARM_UP {
+        one(&client).await?;
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        one(&client).await?;
         v.push(t.elapsed());
     }
     Ok(Samples::new(v))
 }
 
 async fn round_trip(n: usize) -> anyhow::Result<(Section, f64)> {
-    let echo = echo_baseline(n).await.context("echo baseline")?;
+    // The cluster is up (idle) while the baselines run, so all three share the machine's load.
     let cluster = tokio::task::spawn_blocking(|| {
         Cluster::start(PoolOpts {
             workers: 1,
@@ -160,30 +330,64 @@ async fn round_trip(n: usize) -> anyhow::Result<(Section, f64)> {
         })
     })
     .await?;
+    let echo = echo_baseline(n).await.context("echo baseline")?;
+    let relay = relay_baseline(n).await.context("relay baseline")?;
     let skep = skep_round_trips(&cluster, n)
         .await
         .context("skep round trips")?;
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
-    let fig = |name: &str, p: f64, base: &str| Figure {
+    let fig = |name: &str, p: f64, base: &str, b: &Samples| Figure {
         name: name.into(),
         value: skep.pct_us(p),
         unit: "µs".into(),
         baseline: base.into(),
-        baseline_value: echo.pct_us(p),
+        baseline_value: b.pct_us(p),
     };
     let job_p50_us = skep.pct_us(50.0);
+    let target = if skep.pct_us(50.0) <= 3.0 * echo.pct_us(50.0) {
+        "met"
+    } else {
+        "**not met**"
+    };
     let section = Section {
         title: "Round trip of a 1-token job".into(),
         method: format!(
-            "{n} sequential 1-token jobs on the synthetic engine (no think time) through the real \
-             binaries: client → queen (auth, admission, SQLite insert + updates, scheduling) → pool \
-             manager (auth, SHM request lane) → worker → SHM response lane → back, timed from \
-             Submit to the `done` event. Baseline: a bare tonic unary echo (8-byte payload) on \
-             loopback in the same process run. 200 warm-up iterations each."
+            "{n} sequential 1-token jobs on the synthetic engine (unpaced: no time to first token, \
+             no token pace) through the real binaries: client → queen (auth, admission, \
+             persistence, scheduling) → pool manager (auth, SHM request lane) → worker → SHM \
+             response lane → back, timed from Submit to the `done` event. Baselines, in the same \
+             run with the cluster up and idle, same client shape (one connection, sequential \
+             calls, {WARM_UP} warm-up calls each): a bare tonic unary echo (8-byte payload), and \
+             a bare two-hop tonic streaming relay (client → relay → backend, the backend's \
+             server stream of one 8-byte message forwarded by the relay as it comes, timed until \
+             the message arrives; relay and backend in the bench process). Every answer is \
+             checked (1 token; the payload back). Target: p50 ≤ 3× the echo ({target})."
         ),
         figures: vec![
-            fig("job_round_trip_1_token_p50", 50.0, "tonic_unary_echo_p50"),
-            fig("job_round_trip_1_token_p99", 99.0, "tonic_unary_echo_p99"),
+            fig(
+                "job_round_trip_1_token_p50",
+                50.0,
+                "tonic_unary_echo_p50",
+                &echo,
+            ),
+            fig(
+                "job_round_trip_1_token_p99",
+                99.0,
+                "tonic_unary_echo_p99",
+                &echo,
+            ),
+            fig(
+                "job_round_trip_1_token_p50",
+                50.0,
+                "tonic_two_hop_stream_relay_p50",
+                &relay,
+            ),
+            fig(
+                "job_round_trip_1_token_p99",
+                99.0,
+                "tonic_two_hop_stream_relay_p99",
+                &relay,
+            ),
         ],
         notes: vec![],
     };
@@ -298,7 +502,7 @@ where
 }
 
 /// Audit append throughput against a plain line append, and what it adds to a job.
-fn audit_append(n: usize, job_p50_us: f64) -> anyhow::Result<Section> {
+fn audit_append(n: usize, job_p50_us: Option<f64>) -> anyhow::Result<Section> {
     use skep_audit::{AuditKey, AuditLog, AuditOptions, Fields, FsyncPolicy};
     use std::io::Write;
     let dir = std::env::temp_dir().join(format!("skep-bench-audit-{}", std::process::id()));
@@ -332,6 +536,23 @@ fn audit_append(n: usize, job_p50_us: f64) -> anyhow::Result<Section> {
     let plain_s = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&dir);
     let per_event_us = audit_s * 1e6 / n as f64;
+    let mut figures = vec![Figure {
+        name: "audit_append_throughput".into(),
+        value: n as f64 / audit_s,
+        unit: "events/s".into(),
+        baseline: "plain_line_append_throughput".into(),
+        baseline_value: n as f64 / plain_s,
+    }];
+    // Only against a round trip measured in this run; a partial run without it leaves it out.
+    if let Some(job_p50_us) = job_p50_us {
+        figures.push(Figure {
+            name: "audit_cost_per_job".into(),
+            value: 3.0 * per_event_us,
+            unit: "µs".into(),
+            baseline: "job_round_trip_1_token_p50".into(),
+            baseline_value: job_p50_us,
+        });
+    }
     Ok(Section {
         title: "Audit log".into(),
         method: format!(
@@ -339,24 +560,9 @@ fn audit_append(n: usize, job_p50_us: f64) -> anyhow::Result<Section> {
              (fsync policy `Never`, as fsyncs are batched with checkpoints in the queen), against \
              appending the same JSON line to a plain file with a flush per line, in the same run. \
              A job writes 3 audit entries (submitted, dispatched, completed); their cost is \
-             compared with the 1-token job round trip measured above."
+             compared with the 1-token job round trip measured in the same run (when it is run)."
         ),
-        figures: vec![
-            Figure {
-                name: "audit_append_throughput".into(),
-                value: n as f64 / audit_s,
-                unit: "events/s".into(),
-                baseline: "plain_line_append_throughput".into(),
-                baseline_value: n as f64 / plain_s,
-            },
-            Figure {
-                name: "audit_cost_per_job".into(),
-                value: 3.0 * per_event_us,
-                unit: "µs".into(),
-                baseline: "job_round_trip_1_token_p50".into(),
-                baseline_value: job_p50_us,
-            },
-        ],
+        figures,
         notes: vec![],
     })
 }

@@ -1,0 +1,386 @@
+//! Frame validation, refusal codes, event conversion and the outbound batching, without tonic
+//! transport or workers.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tonic::Code;
+
+use super::*;
+
+fn frame() -> JobFrame {
+    JobFrame {
+        handle: 1,
+        job_id: "job-1".into(),
+        model: "synthetic".into(),
+        prompt: "hello".into(),
+        max_tokens: 8,
+        budget_us: 5_000_000,
+        slot: 0,
+        order: 0,
+    }
+}
+
+fn models() -> Vec<String> {
+    vec!["synthetic".into()]
+}
+
+/// The gRPC code a frame is refused with, or `None` if accepted.
+fn refusal(f: JobFrame, first_token: Duration) -> Option<Code> {
+    check_frame(&f, Instant::now(), 2, &models(), first_token)
+        .err()
+        .map(|e| status::code(&e))
+}
+
+#[test]
+fn a_valid_frame_gets_its_budget_from_its_arrival() {
+    let arrived = Instant::now();
+    let deadline = check_frame(&frame(), arrived, 2, &models(), Duration::ZERO).unwrap();
+    assert_eq!(
+        deadline.instant(),
+        arrived + Duration::from_micros(5_000_000)
+    );
+}
+
+#[test]
+fn a_huge_budget_is_capped_not_overflowed() {
+    let f = JobFrame {
+        budget_us: u64::MAX,
+        ..frame()
+    };
+    let arrived = Instant::now();
+    let deadline = check_frame(&f, arrived, 2, &models(), Duration::ZERO).unwrap();
+    assert_eq!(
+        deadline.instant(),
+        arrived + skep_common::deadline::MAX_BUDGET
+    );
+}
+
+#[test]
+fn bad_frames_are_refused_with_the_matching_code() {
+    let none = Duration::ZERO;
+    let cases: Vec<(&str, JobFrame, Code)> = vec![
+        (
+            "reserved handle",
+            JobFrame {
+                handle: 0,
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "bad job id",
+            JobFrame {
+                job_id: "../x".into(),
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "empty job id",
+            JobFrame {
+                job_id: String::new(),
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "bad model name",
+            JobFrame {
+                model: "a b".into(),
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "empty prompt",
+            JobFrame {
+                prompt: String::new(),
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "NUL in prompt",
+            JobFrame {
+                prompt: "a\0b".into(),
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "oversized prompt",
+            JobFrame {
+                prompt: "x".repeat(validate::MAX_PROMPT_BYTES + 1),
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "zero max_tokens",
+            JobFrame {
+                max_tokens: 0,
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "too many tokens",
+            JobFrame {
+                max_tokens: validate::MAX_TOKENS + 1,
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "missing slot",
+            JobFrame { slot: 2, ..frame() },
+            Code::InvalidArgument,
+        ),
+        (
+            "model not served",
+            JobFrame {
+                model: "llama".into(),
+                ..frame()
+            },
+            Code::NotFound,
+        ),
+        (
+            "no budget",
+            JobFrame {
+                budget_us: 0,
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, f, code) in cases {
+        assert_eq!(refusal(f, none), Some(code), "{what}");
+    }
+    assert_eq!(refusal(frame(), none), None);
+}
+
+#[test]
+fn a_budget_shorter_than_the_first_token_is_refused_deadline_exceeded() {
+    // Workers take about an hour to say anything; five seconds cannot be enough.
+    let slow = Duration::from_secs(3600);
+    assert_eq!(refusal(frame(), slow), Some(Code::DeadlineExceeded));
+}
+
+fn failed(error: Error) -> JobFailed {
+    match pool_event((9, Event::Failed { error, tokens: 3 })) {
+        PoolEvent {
+            handle: 9,
+            kind: Some(pool_event::Kind::Failed(f)),
+        } => f,
+        other => panic!("not a JobFailed: {other:?}"),
+    }
+}
+
+#[test]
+fn failures_carry_grpc_codes_as_numbers() {
+    let full = failed(Error::SlotFull { slot: 0, limit: 3 });
+    assert_eq!((full.code, full.tokens), (8, 3));
+    assert_eq!(failed(Error::Cancelled).code, 1);
+    assert_eq!(failed(Error::LateArrival).code, 4);
+    assert_eq!(failed(Error::UnknownModel("m".into())).code, 5);
+    assert_eq!(failed(Error::ShuttingDown).code, 14);
+    let lost = failed(Error::WorkerLost("worker exited".into()));
+    assert_eq!(lost.code, 14);
+    assert!(lost.message.contains("restarted"), "{}", lost.message);
+    // A worker's own status passes through untouched.
+    let worker = failed(Error::Worker {
+        code: 4,
+        message: "deadline exceeded during generation".into(),
+    });
+    assert_eq!(worker.code, 4);
+    assert_eq!(worker.message, "deadline exceeded during generation");
+}
+
+#[test]
+fn job_events_keep_their_handle_and_fields() {
+    let started = pool_event((
+        4,
+        Event::Started {
+            slot: 1,
+            generation: 2,
+            pool_us: 30,
+        },
+    ));
+    assert_eq!(started.handle, 4);
+    assert_eq!(
+        started.kind,
+        Some(pool_event::Kind::Started(WorkerStarted {
+            slot: 1,
+            generation: 2,
+            pool_us: 30
+        }))
+    );
+    let finished = pool_event((
+        4,
+        Event::Finished {
+            tokens: 5,
+            pool_us: 30,
+            first_token_us: 700,
+            generation_us: 900,
+        },
+    ));
+    assert_eq!(
+        finished.kind,
+        Some(pool_event::Kind::Finished(WorkerFinished {
+            tokens: 5,
+            pool_us: 30,
+            worker_first_token_us: 700,
+            generation_us: 900,
+        }))
+    );
+}
+
+fn token(handle: u64, index: u32) -> (u64, Event) {
+    (
+        handle,
+        Event::Token {
+            index,
+            text: format!("t{index}"),
+        },
+    )
+}
+
+#[tokio::test]
+async fn events_ready_together_travel_in_one_frame() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tx.send(token(1, 0)).unwrap();
+    tx.send(token(2, 0)).unwrap();
+    tx.send(token(1, 1)).unwrap();
+    let frame = next_frame(&mut rx).await.unwrap();
+    let got: Vec<u64> = frame.events.iter().map(|e| e.handle).collect();
+    assert_eq!(got, [1, 2, 1], "one frame, in the order sent");
+    tx.send(token(1, 2)).unwrap();
+    assert_eq!(next_frame(&mut rx).await.unwrap().events.len(), 1);
+    drop(tx);
+    assert!(next_frame(&mut rx).await.is_none());
+}
+
+#[tokio::test]
+async fn a_frame_holds_at_most_max_batch_events() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for i in 0..(MAX_BATCH + 10) as u32 {
+        tx.send(token(1, i)).unwrap();
+    }
+    assert_eq!(next_frame(&mut rx).await.unwrap().events.len(), MAX_BATCH);
+    assert_eq!(next_frame(&mut rx).await.unwrap().events.len(), 10);
+}
+
+fn credit() -> PoolEvent {
+    PoolEvent {
+        handle: 0,
+        kind: Some(pool_event::Kind::Credit(Credit {
+            slots: 2,
+            per_slot: 2,
+        })),
+    }
+}
+
+#[tokio::test]
+async fn the_outbound_stream_opens_with_credit_and_closes_on_a_key_change() {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (close_tx, close_rx) = oneshot::channel();
+    tx.send(token(3, 0)).unwrap();
+    let mut out = Box::pin(outbound(credit(), rx, close_rx));
+    let first = out.next().await.unwrap().unwrap();
+    assert_eq!(first.events, [credit()], "the credit comes first, alone");
+    let second = out.next().await.unwrap().unwrap();
+    assert_eq!(second.events[0].handle, 3);
+    close_tx.send(Close::KeyChanged).unwrap();
+    let status = out.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(out.next().await.is_none());
+    drop(tx);
+}
+
+#[tokio::test]
+async fn the_outbound_stream_ends_quietly_when_the_queen_is_gone() {
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let (close_tx, close_rx) = oneshot::channel();
+    let mut out = Box::pin(outbound(credit(), rx, close_rx));
+    out.next().await.unwrap().unwrap();
+    close_tx.send(Close::QueenGone).unwrap();
+    assert!(out.next().await.is_none());
+}
+
+fn session(slots: &Arc<Slots>) -> (Session, mpsc::UnboundedReceiver<(u64, Event)>) {
+    let (events, rx) = mpsc::unbounded_channel();
+    let s = Session {
+        id: 1,
+        slots: Arc::clone(slots),
+        models: models(),
+        speed: Arc::new(Speed::default()),
+        events,
+    };
+    (s, rx)
+}
+
+fn job_frame(handle: u64, slot: u32) -> QueenFrame {
+    QueenFrame {
+        kind: Some(queen_frame::Kind::Job(JobFrame {
+            handle,
+            slot,
+            ..frame()
+        })),
+    }
+}
+
+/// Each refusal the session answered: (handle, gRPC code).
+fn refusals(rx: &mut mpsc::UnboundedReceiver<(u64, Event)>) -> Vec<(u64, i32)> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|e| match pool_event(e) {
+            PoolEvent {
+                handle,
+                kind: Some(pool_event::Kind::Failed(f)),
+            } => (handle, f.code),
+            other => panic!("unexpected event {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_frame_beyond_the_slots_credits_is_answered_resource_exhausted() {
+    let slots = Slots::new(2, 2);
+    let (s, mut rx) = session(&slots);
+    for handle in 1..=3 {
+        s.on_frame(job_frame(handle, 0), Instant::now());
+    }
+    assert_eq!(refusals(&mut rx), [], "1 running + 2 credits fit");
+    s.on_frame(job_frame(4, 0), Instant::now());
+    s.on_frame(job_frame(5, 1), Instant::now());
+    assert_eq!(refusals(&mut rx), [(4, 8)]);
+    assert_eq!(slots.idle(), 0);
+}
+
+#[test]
+fn refused_frames_and_cancels_are_answered_on_the_session() {
+    let slots = Slots::new(1, 2);
+    let (s, mut rx) = session(&slots);
+    s.on_frame(job_frame(1, 7), Instant::now());
+    s.on_frame(job_frame(2, 0), Instant::now());
+    s.on_frame(
+        QueenFrame {
+            kind: Some(queen_frame::Kind::Cancel(skep_proto::v1::CancelFrame {
+                handle: 2,
+            })),
+        },
+        Instant::now(),
+    );
+    // An empty frame and a cancel for an unknown handle are ignored, not fatal.
+    s.on_frame(QueenFrame { kind: None }, Instant::now());
+    s.on_frame(
+        QueenFrame {
+            kind: Some(queen_frame::Kind::Cancel(skep_proto::v1::CancelFrame {
+                handle: 99,
+            })),
+        },
+        Instant::now(),
+    );
+    assert_eq!(refusals(&mut rx), [(1, 3), (2, 1)]);
+    assert_eq!(slots.idle(), 1, "the cancelled job left its slot");
+}

@@ -1,0 +1,1190 @@
+//! The dispatch core: admission, per-slot reservation ledgers, EDF order and the live-job table,
+//! as one deterministic state machine with no I/O and no clock of its own.
+//!
+//! Every input (a submit, a pool's report, a cancel, a node joining or leaving, a clock tick)
+//! is one method call that runs to completion and leaves its consequences in `actions`: jobs to
+//! send to a pool, cancels to send, and terminal outcomes. Time is passed in as microseconds on
+//! the caller's monotonic clock, so the property tests drive it on a simulated clock.
+//!
+//! **The ledger.** Every job holds a reservation on one slot of one pool. A slot's jobs run in a
+//! known order: first those already sent to the pool (the pool runs a slot's jobs in the order it
+//! received them), then the ones still waiting here, earliest deadline first. With the cost model
+//! (`cost.rs`) that order predicts when each job finishes. A job is admitted only if, on the slot
+//! where it would finish earliest, it finishes by its deadline and no job that was predicted on
+//! time becomes late; the reservation is made in the same call. At most `1 + credits` jobs of a
+//! slot are at the pool at once, so the worker starts its next job without a round trip while
+//! the queen keeps the freedom to order the rest.
+//!
+//! **Invariants** (checked by the property tests in `core/tests.rs`): an admitted job's
+//! predicted finish is within its deadline when it is admitted; no admission makes a job that
+//! was predicted on time predicted late; a job whose predicted finish is past its deadline is
+//! never sent; every admitted job ends in exactly one `Action::End`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use super::cost::{Cost, Figures, Sample};
+
+/// Microseconds on the caller's monotonic clock.
+pub type Micros = u64;
+/// A job's identity inside the core; also its handle on the pool session.
+pub type JobKey = u64;
+
+/// gRPC codes the core interprets in pool reports.
+const CODE_CANCELLED: i32 = 1;
+const CODE_DEADLINE_EXCEEDED: i32 = 4;
+const CODE_UNAVAILABLE: i32 = 14;
+
+/// How jobs are admitted and ordered. `Reserve` is skep's; the other two exist so that the
+/// benchmarks can compare against plain EDF and FCFS without admission in the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Admission by reservation, EDF order.
+    Reserve,
+    /// EDF order, no feasibility check at admission.
+    Edf,
+    /// Arrival order, no feasibility check at admission.
+    Fcfs,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reserve" => Ok(Policy::Reserve),
+            "edf" => Ok(Policy::Edf),
+            "fcfs" => Ok(Policy::Fcfs),
+            _ => Err(format!(
+                "unknown admission policy {s:?}: use reserve, edf or fcfs"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub policy: Policy,
+    /// Jobs admitted and not yet ended.
+    pub max_live: usize,
+    /// Jobs admitted and not yet sent to a pool.
+    pub max_queued: usize,
+    /// Tail quantile of the cost model (e.g. 0.95).
+    pub quantile: f64,
+    /// Attempts per job, the first included.
+    pub max_attempts: u32,
+    /// How long past its deadline a sent job may stay unanswered before the core gives up on it.
+    pub hung_grace: Micros,
+    /// Retry hint when the queen is full.
+    pub retry_after: Micros,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policy: Policy::Reserve,
+            max_live: 1024,
+            max_queued: 256,
+            quantile: 0.95,
+            max_attempts: 3,
+            hung_grace: 2_000_000,
+            retry_after: 500_000,
+        }
+    }
+}
+
+/// What admission needs to know of a job.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub model: String,
+    pub max_tokens: u32,
+    /// Absolute deadline on the core's clock.
+    pub deadline: Micros,
+}
+
+/// Progress of a sent job, written by the session that streams its events and read by the core
+/// when it predicts the job's end: token progress updates the ledger without a message per
+/// token. Times are stored plus one, so that zero means "not yet".
+#[derive(Debug, Default)]
+pub struct Progress {
+    started: AtomicU64,
+    first_token: AtomicU64,
+    last_token: AtomicU64,
+    tokens: AtomicU32,
+}
+
+impl Progress {
+    pub fn started(&self, at: Micros) {
+        self.started.store(at + 1, Relaxed);
+    }
+    pub fn token(&self, at: Micros) {
+        let n = self.tokens.fetch_add(1, Relaxed);
+        if n == 0 {
+            self.first_token.store(at + 1, Relaxed);
+        }
+        self.last_token.store(at + 1, Relaxed);
+    }
+    fn get(v: &AtomicU64) -> Option<Micros> {
+        v.load(Relaxed).checked_sub(1)
+    }
+    pub fn tokens(&self) -> u32 {
+        self.tokens.load(Relaxed)
+    }
+    pub fn started_at(&self) -> Option<Micros> {
+        Self::get(&self.started)
+    }
+}
+
+/// A pool's report on a sent job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    Finished {
+        worker_first_token_us: u64,
+        generation_us: u64,
+        tokens: u32,
+    },
+    /// The pool ended the job without finishing it (gRPC code and message).
+    Failed { code: i32, message: String },
+    /// The pool's session broke: the job's fate there is unknown and it will not finish there.
+    Lost { message: String },
+}
+
+/// How an admitted job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// The deadline was or would have been missed; says where.
+    Missed {
+        reason: String,
+    },
+    Cancelled,
+    Failed {
+        code: i32,
+        message: String,
+    },
+}
+
+/// What the core asks its I/O layer to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send the job to `slot` of `node` with `remaining` µs of budget.
+    Send {
+        key: JobKey,
+        node: String,
+        slot: u32,
+        attempt: u32,
+        remaining: Micros,
+        /// The policy's sort key: the pool starts a slot's waiting job with the smallest.
+        order: u64,
+    },
+    /// Tell `node` to stop the job (it stays on its slot's ledger until the pool says it ended).
+    Cancel { key: JobKey, node: String },
+    /// The job has ended for its client; exactly one per admitted job.
+    End { key: JobKey, outcome: Outcome },
+}
+
+/// An admission decision that took a reservation.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub key: JobKey,
+    pub node: String,
+    pub slot: u32,
+    pub predicted_finish: Micros,
+    pub progress: Arc<Progress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No slot can finish the job by its deadline without making another job late.
+    /// `best_finish` is the earliest finish any slot offered.
+    Infeasible {
+        best_finish: Option<Micros>,
+    },
+    NoPool,
+    QueueFull {
+        retry_after: Micros,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Pending {
+        slot: u32,
+    },
+    Sent {
+        slot: u32,
+        sent_at: Micros,
+    },
+    /// Waiting for a pool serving its model (after a queen restart or a lost pool).
+    Parked,
+}
+
+#[derive(Debug)]
+struct Live {
+    spec: JobSpec,
+    node: String,
+    place: Place,
+    attempt: u32,
+    avoid: Vec<String>,
+    progress: Arc<Progress>,
+    /// Ended for the client while still at a pool: it keeps its slot until the pool answers.
+    zombie: bool,
+    /// Admission order, for FCFS and ties.
+    seq: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Slot {
+    /// At the pool, in the order sent; the first is running (or about to).
+    sent: VecDeque<JobKey>,
+    /// Waiting here, in policy order: (order key, job).
+    pending: BTreeSet<(u64, JobKey)>,
+    /// When the slot's last job ended: the next one began no earlier.
+    last_end: Micros,
+}
+
+#[derive(Debug)]
+struct Node {
+    up: bool,
+    models: Vec<String>,
+    credits: u32,
+    slots: Vec<Slot>,
+    costs: HashMap<String, Cost>,
+    figures: HashMap<String, Figures>,
+}
+
+/// The dispatch core. See the module docs.
+pub struct Core {
+    cfg: Config,
+    nodes: BTreeMap<String, Node>,
+    jobs: HashMap<JobKey, Live>,
+    parked: BTreeSet<JobKey>,
+    queued: usize,
+    next_key: JobKey,
+    actions: Vec<Action>,
+}
+
+/// The key under which `predict` reports a job that is only being considered.
+const EXTRA: JobKey = JobKey::MAX;
+
+/// A job being considered for a slot: its policy order, deadline and cost.
+#[derive(Debug, Clone, Copy)]
+struct Extra {
+    order: u64,
+    deadline: Micros,
+    cost: Micros,
+}
+
+/// One job's predicted finish on a slot.
+#[derive(Debug, Clone, Copy)]
+struct Predicted {
+    key: JobKey,
+    finish: Micros,
+    deadline: Micros,
+}
+
+impl Core {
+    pub fn new(cfg: Config) -> Core {
+        Core {
+            cfg,
+            nodes: BTreeMap::new(),
+            jobs: HashMap::new(),
+            parked: BTreeSet::new(),
+            queued: 0,
+            next_key: 1,
+            actions: Vec::new(),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.cfg.policy
+    }
+
+    /// The actions accumulated since the last call, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    pub fn live(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Jobs waiting here (not yet at a pool), parked ones included.
+    pub fn queued(&self) -> usize {
+        self.queued + self.parked.len()
+    }
+
+    /// Jobs at a pool, per node.
+    pub fn running(&self) -> HashMap<String, u32> {
+        self.nodes
+            .iter()
+            .map(|(id, n)| {
+                (
+                    id.clone(),
+                    n.slots.iter().map(|s| s.sent.len() as u32).sum(),
+                )
+            })
+            .collect()
+    }
+
+    /// The node a live job is placed on (empty while parked).
+    pub fn node_of(&self, key: JobKey) -> Option<&str> {
+        self.jobs.get(&key).map(|j| j.node.as_str())
+    }
+
+    /// Jobs ahead of a job on its slot, at the pool or here (0: it runs now).
+    pub fn position(&self, key: JobKey) -> usize {
+        let Some(job) = self.jobs.get(&key) else {
+            return 0;
+        };
+        let (Place::Pending { slot } | Place::Sent { slot, .. }) = job.place else {
+            return 0;
+        };
+        let Some(s) = self
+            .nodes
+            .get(&job.node)
+            .and_then(|n| n.slots.get(slot as usize))
+        else {
+            return 0;
+        };
+        match s.sent.iter().position(|k| *k == key) {
+            Some(i) => i,
+            None => s.sent.len() + s.pending.iter().take_while(|(_, k)| *k != key).count(),
+        }
+    }
+
+    /// True once the job has been sent to a pool.
+    pub fn is_sent(&self, key: JobKey) -> bool {
+        self.jobs
+            .get(&key)
+            .is_some_and(|j| matches!(j.place, Place::Sent { .. }))
+    }
+
+    /// Tail cost of a job on a node, as admission sees it.
+    pub fn cost_of(&self, node: &str, model: &str, max_tokens: u32) -> Option<Micros> {
+        let n = self.nodes.get(node)?;
+        Some(self.cost(n, model).job(max_tokens))
+    }
+
+    // --- inputs -------------------------------------------------------------------------------
+
+    /// Admits a new job and reserves its slot, or refuses it. Never leaves a partial reservation.
+    pub fn submit(&mut self, now: Micros, spec: JobSpec) -> Result<Admitted, Refusal> {
+        if self.jobs.len() >= self.cfg.max_live {
+            return Err(Refusal::QueueFull {
+                retry_after: self.cfg.retry_after,
+            });
+        }
+        let (node, slot, finish) = self.choose(now, &spec, &[], None)?;
+        let to_pending = self.nodes[&node].slots[slot as usize].sent.len()
+            > self.nodes[&node].credits as usize
+            || !self.nodes[&node].slots[slot as usize].pending.is_empty();
+        if to_pending && self.queued >= self.cfg.max_queued {
+            return Err(Refusal::QueueFull {
+                retry_after: self.cfg.retry_after,
+            });
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let progress = Arc::new(Progress::default());
+        self.jobs.insert(
+            key,
+            Live {
+                spec,
+                node: node.clone(),
+                place: Place::Parked,
+                attempt: 1,
+                avoid: Vec::new(),
+                progress: Arc::clone(&progress),
+                zombie: false,
+                seq: key,
+            },
+        );
+        self.enqueue(key, &node, slot);
+        self.pump(now, &node, slot);
+        Ok(Admitted {
+            key,
+            node,
+            slot,
+            predicted_finish: finish,
+            progress,
+        })
+    }
+
+    /// Takes a job the previous queen process accepted: placed like a new one if some slot can
+    /// still finish it in time, parked until a pool serving its model joins otherwise.
+    pub fn resume(&mut self, now: Micros, spec: JobSpec) -> (JobKey, Arc<Progress>) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let progress = Arc::new(Progress::default());
+        self.jobs.insert(
+            key,
+            Live {
+                spec,
+                node: String::new(),
+                place: Place::Parked,
+                attempt: 1,
+                avoid: Vec::new(),
+                progress: Arc::clone(&progress),
+                zombie: false,
+                seq: key,
+            },
+        );
+        self.parked.insert(key);
+        self.unpark(now);
+        (key, progress)
+    }
+
+    /// A pool reported the end of a sent job.
+    pub fn ended(&mut self, now: Micros, key: JobKey, node: &str, report: Report) {
+        let Some(job) = self.jobs.get(&key) else {
+            return;
+        };
+        // A report from a pool the job has already left (failed over) is stale.
+        if job.node != node {
+            return;
+        }
+        let Place::Sent { slot, sent_at } = job.place else {
+            return;
+        };
+        let node_id = job.node.clone();
+        self.learn(now, key, slot, sent_at, &report);
+        if let Some(s) = self
+            .nodes
+            .get_mut(&node_id)
+            .and_then(|n| n.slots.get_mut(slot as usize))
+        {
+            s.sent.retain(|k| *k != key);
+            s.last_end = now;
+        }
+        let job = self.jobs.get_mut(&key).expect("checked above");
+        if job.zombie {
+            self.jobs.remove(&key);
+        } else {
+            let deadline = job.spec.deadline;
+            match report {
+                Report::Finished { .. } if now > deadline => self.end(
+                    key,
+                    Outcome::Missed {
+                        reason: "the result arrived after the deadline".into(),
+                    },
+                ),
+                Report::Finished { .. } => self.end(key, Outcome::Done),
+                Report::Failed { code, message } if code == CODE_DEADLINE_EXCEEDED => {
+                    self.end(key, Outcome::Missed { reason: message })
+                }
+                Report::Failed { code, .. } if code == CODE_CANCELLED => {
+                    self.end(key, Outcome::Cancelled)
+                }
+                Report::Failed { code, message } if code == CODE_UNAVAILABLE => {
+                    self.retry(now, key, CODE_UNAVAILABLE, message)
+                }
+                Report::Lost { message } => self.retry(now, key, CODE_UNAVAILABLE, message),
+                Report::Failed { code, message } => {
+                    self.end(key, Outcome::Failed { code, message })
+                }
+            }
+        }
+        self.pump(now, &node_id, slot);
+    }
+
+    /// Stops a job for its client. False if it is not live (unknown, or already ended).
+    pub fn cancel(&mut self, now: Micros, key: JobKey) -> bool {
+        let Some(job) = self.jobs.get_mut(&key) else {
+            return false;
+        };
+        if job.zombie {
+            return false;
+        }
+        match job.place {
+            Place::Sent { .. } => {
+                job.zombie = true;
+                let node = job.node.clone();
+                self.actions.push(Action::Cancel { key, node });
+                self.actions.push(Action::End {
+                    key,
+                    outcome: Outcome::Cancelled,
+                });
+            }
+            Place::Pending { slot } => {
+                let node = job.node.clone();
+                self.unqueue(key);
+                self.end(key, Outcome::Cancelled);
+                self.pump(now, &node, slot);
+            }
+            Place::Parked => {
+                self.parked.remove(&key);
+                self.end(key, Outcome::Cancelled);
+            }
+        }
+        true
+    }
+
+    /// A pool's session is ready: `slots` worker slots, `credits` waiting jobs per slot.
+    pub fn node_up(
+        &mut self,
+        now: Micros,
+        id: &str,
+        slots: u32,
+        credits: u32,
+        models: Vec<String>,
+    ) {
+        let quantile = self.cfg.quantile;
+        let node = self.nodes.entry(id.to_owned()).or_insert_with(|| Node {
+            up: false,
+            models: Vec::new(),
+            credits,
+            slots: Vec::new(),
+            costs: HashMap::new(),
+            figures: HashMap::new(),
+        });
+        if node.up && node.slots.len() == slots as usize {
+            node.models = models;
+            node.credits = credits;
+        } else {
+            if node.up {
+                self.node_down(now, id);
+            }
+            let node = self.nodes.get_mut(id).expect("inserted above");
+            node.up = true;
+            node.models = models;
+            node.credits = credits;
+            node.slots = vec![Slot::default(); slots as usize];
+        }
+        let node = self.nodes.get_mut(id).expect("inserted above");
+        for m in node.models.clone() {
+            node.costs.entry(m).or_insert_with(|| Cost::new(quantile));
+        }
+        self.unpark(now);
+        for s in 0..slots {
+            self.pump(now, id, s);
+        }
+    }
+
+    /// The speed a pool measured at warm-up; stands in until the queen has measured its own.
+    pub fn figures(&mut self, id: &str, model: &str, f: Figures) {
+        let quantile = self.cfg.quantile;
+        if let Some(node) = self.nodes.get_mut(id) {
+            node.figures.insert(model.to_owned(), f);
+            node.costs
+                .entry(model.to_owned())
+                .or_insert_with(|| Cost::new(quantile))
+                .set_figures(f);
+        } else {
+            let mut costs = HashMap::new();
+            let mut c = Cost::new(quantile);
+            c.set_figures(f);
+            costs.insert(model.to_owned(), c);
+            self.nodes.insert(
+                id.to_owned(),
+                Node {
+                    up: false,
+                    models: Vec::new(),
+                    credits: 0,
+                    slots: Vec::new(),
+                    costs,
+                    figures: HashMap::from([(model.to_owned(), f)]),
+                },
+            );
+        }
+    }
+
+    /// A pool left (dead, revoked, unreachable, session closed): its jobs go elsewhere if their
+    /// deadlines allow, or wait for a pool, or end.
+    pub fn node_down(&mut self, now: Micros, id: &str) {
+        let Some(node) = self.nodes.get_mut(id) else {
+            return;
+        };
+        if !node.up {
+            return;
+        }
+        node.up = false;
+        let slots = std::mem::take(&mut node.slots);
+        for slot in slots {
+            for key in slot.sent {
+                let Some(job) = self.jobs.get_mut(&key) else {
+                    continue;
+                };
+                if job.zombie {
+                    self.jobs.remove(&key);
+                    continue;
+                }
+                // Not to the ledger: the slot is gone with the node.
+                job.place = Place::Parked;
+                self.retry(
+                    now,
+                    key,
+                    CODE_UNAVAILABLE,
+                    format!("pool {id} left the cluster"),
+                );
+            }
+            for (_, key) in slot.pending {
+                self.queued -= 1;
+                if let Some(job) = self.jobs.get_mut(&key) {
+                    job.place = Place::Parked;
+                    job.node.clear();
+                    self.parked.insert(key);
+                }
+            }
+        }
+        self.unpark(now);
+    }
+
+    /// Ends what time has made hopeless and keeps pools busy.
+    pub fn tick(&mut self, now: Micros) {
+        let mut expired = Vec::new();
+        let mut hung = Vec::new();
+        for (key, job) in &self.jobs {
+            match job.place {
+                Place::Pending { .. } | Place::Parked if job.spec.deadline <= now => {
+                    expired.push(*key)
+                }
+                Place::Sent { .. }
+                    if !job.zombie
+                        && job.spec.deadline.saturating_add(self.cfg.hung_grace) <= now =>
+                {
+                    hung.push(*key)
+                }
+                _ => {}
+            }
+        }
+        expired.sort_unstable();
+        hung.sort_unstable();
+        for key in expired {
+            let parked = self.parked.remove(&key);
+            if !parked {
+                self.unqueue(key);
+            }
+            let reason = if parked {
+                "no pool serving the model could take it before its deadline"
+            } else {
+                "its deadline passed before a slot was free"
+            };
+            self.end(
+                key,
+                Outcome::Missed {
+                    reason: reason.into(),
+                },
+            );
+        }
+        // A pool that never answers for a stopped job must not hold its slot forever.
+        let abandoned: Vec<JobKey> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.zombie
+                    && j.spec
+                        .deadline
+                        .saturating_add(self.cfg.hung_grace.saturating_mul(5))
+                        <= now
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in abandoned {
+            let job = self.jobs.remove(&key).expect("collected above");
+            if let Some(n) = self.nodes.get_mut(&job.node) {
+                for s in &mut n.slots {
+                    s.sent.retain(|k| *k != key);
+                }
+            }
+        }
+        for key in hung {
+            let job = self.jobs.get_mut(&key).expect("collected above");
+            job.zombie = true;
+            let node = job.node.clone();
+            self.actions.push(Action::Cancel { key, node });
+            self.actions.push(Action::End {
+                key,
+                outcome: Outcome::Missed {
+                    reason: "the pool did not answer by the deadline".into(),
+                },
+            });
+        }
+        let all: Vec<(String, u32)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.up)
+            .flat_map(|(id, n)| (0..n.slots.len() as u32).map(move |s| (id.clone(), s)))
+            .collect();
+        for (id, s) in all {
+            self.pump(now, &id, s);
+        }
+    }
+
+    // --- admission ----------------------------------------------------------------------------
+
+    /// The slot where `spec` would finish earliest while keeping everyone else on time (for
+    /// `Reserve`), or just earliest (other policies).
+    fn choose(
+        &self,
+        now: Micros,
+        spec: &JobSpec,
+        avoid: &[String],
+        seq: Option<u64>,
+    ) -> Result<(String, u32, Micros), Refusal> {
+        let mut best: Option<(String, u32, Micros)> = None;
+        let mut best_any: Option<Micros> = None;
+        let mut serving = false;
+        let order = self.order_key(spec.deadline, seq.unwrap_or(self.next_key));
+        for (id, node) in &self.nodes {
+            if !node.up || avoid.contains(id) || !node.models.contains(&spec.model) {
+                continue;
+            }
+            serving = true;
+            let cost = self.cost(node, &spec.model).job(spec.max_tokens);
+            for s in 0..node.slots.len() {
+                let extra = Extra {
+                    order,
+                    deadline: spec.deadline,
+                    cost,
+                };
+                let (own, fits) = self.try_slot(now, node, s, extra);
+                best_any = Some(best_any.map_or(own, |b: Micros| b.min(own)));
+                if fits && best.as_ref().is_none_or(|b| own < b.2) {
+                    best = Some((id.clone(), s as u32, own));
+                }
+            }
+        }
+        match best {
+            Some(b) => Ok(b),
+            None if !serving => Err(Refusal::NoPool),
+            None => Err(Refusal::Infeasible {
+                best_finish: best_any,
+            }),
+        }
+    }
+
+    /// When a job would finish on a slot, and whether the policy lets it go there: under
+    /// `Reserve` it must finish by its deadline and make no job late that was predicted on time.
+    fn try_slot(&self, now: Micros, node: &Node, slot: usize, extra: Extra) -> (Micros, bool) {
+        let base = self.predict(now, node, slot, None);
+        let with = self.predict(now, node, slot, Some(extra));
+        let own = with
+            .iter()
+            .find(|p| p.key == EXTRA)
+            .map_or(Micros::MAX, |p| p.finish);
+        let fits = match self.cfg.policy {
+            Policy::Reserve => {
+                own <= extra.deadline && {
+                    let before: HashMap<JobKey, bool> = base
+                        .iter()
+                        .map(|p| (p.key, p.finish <= p.deadline))
+                        .collect();
+                    !with.iter().any(|p| {
+                        p.key != EXTRA && p.finish > p.deadline && before.get(&p.key) == Some(&true)
+                    })
+                }
+            }
+            Policy::Edf | Policy::Fcfs => extra.deadline > now,
+        };
+        (own, fits)
+    }
+
+    fn order_key(&self, deadline: Micros, seq: u64) -> u64 {
+        match self.cfg.policy {
+            Policy::Reserve | Policy::Edf => deadline,
+            Policy::Fcfs => seq,
+        }
+    }
+
+    /// The order key of a live job (what the pool sorts its waiting jobs by).
+    pub fn order_of(&self, key: JobKey) -> u64 {
+        self.jobs
+            .get(&key)
+            .map_or(0, |j| self.order_key(j.spec.deadline, j.seq))
+    }
+
+    fn cost<'a>(&self, node: &'a Node, model: &str) -> std::borrow::Cow<'a, Cost> {
+        match node.costs.get(model) {
+            Some(c) => std::borrow::Cow::Borrowed(c),
+            None => std::borrow::Cow::Owned(Cost::new(self.cfg.quantile)),
+        }
+    }
+
+    /// When each job on a slot is predicted to finish, optionally with one extra job among the
+    /// waiting ones (reported under the key `EXTRA`).
+    ///
+    /// This models the slot exactly as it runs: the job the pool has started runs to its end;
+    /// whenever the slot frees, the pool starts the first (in policy order) of the jobs it
+    /// holds; and while a job runs, the queen tops the pool's hold up to `credits` from its own
+    /// queue, in policy order. A job that arrives later with an earlier deadline can thus pass
+    /// jobs still here or in the pool's hold, but never the one running.
+    fn predict(
+        &self,
+        now: Micros,
+        node: &Node,
+        slot: usize,
+        extra: Option<Extra>,
+    ) -> Vec<Predicted> {
+        let s = &node.slots[slot];
+        let credits = node.credits as usize;
+        let mut out = Vec::with_capacity(s.sent.len() + s.pending.len() + 1);
+        let mut held: BTreeSet<(u64, JobKey)> = BTreeSet::new();
+        let mut running = None;
+        for key in &s.sent {
+            let Some(job) = self.jobs.get(key) else {
+                continue;
+            };
+            if running.is_none() && job.progress.started_at().is_some() {
+                running = Some((*key, job));
+            } else {
+                held.insert((self.order_key(job.spec.deadline, job.seq), *key));
+            }
+        }
+        // The queen's queue, with the extra job at its place.
+        let mut queue: Vec<(u64, JobKey)> = s.pending.iter().copied().collect();
+        if let Some(e) = extra {
+            let at = queue.partition_point(|q| *q < (e.order, EXTRA));
+            queue.insert(at, (e.order, EXTRA));
+        }
+        let mut queue = queue.into_iter();
+        let cost_of = |key: JobKey| -> (Micros, Micros) {
+            if key == EXTRA {
+                let e = extra.expect("extra present");
+                return (e.cost, e.deadline);
+            }
+            let job = &self.jobs[&key];
+            if job.zombie {
+                // Cancelled before it started: the pool drops it without running it.
+                return (0, job.spec.deadline);
+            }
+            (
+                self.cost(node, &job.spec.model).job(job.spec.max_tokens),
+                job.spec.deadline,
+            )
+        };
+        let refill = |held: &mut BTreeSet<(u64, JobKey)>,
+                      queue: &mut std::vec::IntoIter<(u64, JobKey)>| {
+            while held.len() < credits {
+                match queue.next() {
+                    Some(q) => {
+                        held.insert(q);
+                    }
+                    None => break,
+                }
+            }
+        };
+        let mut t = now;
+        if let Some((key, r)) = running {
+            let cost = self.cost(node, &r.spec.model);
+            t = head_end(now, r, &cost);
+            if r.zombie {
+                // Cancelled: the worker stops at its next token.
+                t = t.min(now.saturating_add(cost.per_token() + cost.overhead()));
+            }
+            out.push(Predicted {
+                key,
+                finish: t,
+                deadline: r.spec.deadline,
+            });
+            refill(&mut held, &mut queue);
+        }
+        loop {
+            let next = match held.pop_first() {
+                Some((_, k)) => k,
+                None => match queue.next() {
+                    Some((_, k)) => k,
+                    None => break,
+                },
+            };
+            refill(&mut held, &mut queue);
+            let (cost, deadline) = cost_of(next);
+            // A job sent but not yet started begins no earlier than it was sent.
+            let begin = match self.jobs.get(&next).map(|j| j.place) {
+                Some(Place::Sent { sent_at, .. }) => t.max(sent_at),
+                _ => t,
+            };
+            t = begin.saturating_add(cost);
+            out.push(Predicted {
+                key: next,
+                finish: t,
+                deadline,
+            });
+        }
+        out
+    }
+
+    // --- the ledger ---------------------------------------------------------------------------
+
+    fn enqueue(&mut self, key: JobKey, node: &str, slot: u32) {
+        let job = self.jobs.get_mut(&key).expect("enqueue of a live job");
+        job.node = node.to_owned();
+        job.place = Place::Pending { slot };
+        let order = match self.cfg.policy {
+            Policy::Reserve | Policy::Edf => job.spec.deadline,
+            Policy::Fcfs => job.seq,
+        };
+        if let Some(s) = self
+            .nodes
+            .get_mut(node)
+            .and_then(|n| n.slots.get_mut(slot as usize))
+        {
+            s.pending.insert((order, key));
+            self.queued += 1;
+        }
+    }
+
+    fn unqueue(&mut self, key: JobKey) {
+        let Some(job) = self.jobs.get(&key) else {
+            return;
+        };
+        let Place::Pending { slot } = job.place else {
+            return;
+        };
+        let order = self.order_key(job.spec.deadline, job.seq);
+        if let Some(s) = self
+            .nodes
+            .get_mut(&job.node)
+            .and_then(|n| n.slots.get_mut(slot as usize))
+            && s.pending.remove(&(order, key))
+        {
+            self.queued -= 1;
+        }
+    }
+
+    /// Sends waiting jobs to the pool while the slot has credit, dropping those that can no
+    /// longer finish in time; an idle slot takes work reserved elsewhere when that is sooner.
+    fn pump(&mut self, now: Micros, node_id: &str, slot: u32) {
+        loop {
+            let Some(node) = self.nodes.get(node_id) else {
+                return;
+            };
+            if !node.up {
+                return;
+            }
+            let Some(s) = node.slots.get(slot as usize) else {
+                return;
+            };
+            if s.sent.len() > node.credits as usize {
+                return;
+            }
+            let Some(&(order, key)) = s.pending.first() else {
+                if s.sent.len() < 1 + node.credits as usize && !self.steal(now, node_id, slot) {
+                    return;
+                }
+                continue;
+            };
+            let finish = self
+                .predict(now, node, slot as usize, None)
+                .iter()
+                .find(|p| p.key == key)
+                .map_or(Micros::MAX, |p| p.finish);
+            let deadline = self.jobs[&key].spec.deadline;
+            let s = self
+                .nodes
+                .get_mut(node_id)
+                .and_then(|n| n.slots.get_mut(slot as usize))
+                .expect("checked above");
+            s.pending.remove(&(order, key));
+            self.queued -= 1;
+            let hopeless = match self.cfg.policy {
+                Policy::Reserve => finish > deadline,
+                Policy::Edf | Policy::Fcfs => deadline <= now,
+            };
+            if hopeless {
+                self.end(
+                    key,
+                    Outcome::Missed {
+                        reason: format!(
+                            "not dispatched: predicted to finish {}ms after its deadline",
+                            finish.saturating_sub(deadline).div_ceil(1000)
+                        ),
+                    },
+                );
+                continue;
+            }
+            s.sent.push_back(key);
+            let job = self.jobs.get_mut(&key).expect("live");
+            job.place = Place::Sent { slot, sent_at: now };
+            self.actions.push(Action::Send {
+                key,
+                node: node_id.to_owned(),
+                slot,
+                attempt: job.attempt,
+                remaining: deadline.saturating_sub(now),
+                order,
+            });
+        }
+    }
+
+    /// Moves to this slot the waiting job (reserved on another slot) that would finish sooner
+    /// here, if the move keeps every job on this slot on time. Moving a job off a slot only
+    /// makes that slot's other jobs earlier.
+    fn steal(&mut self, now: Micros, node_id: &str, slot: u32) -> bool {
+        let Some(node) = self.nodes.get(node_id) else {
+            return false;
+        };
+        let mut best: Option<(Micros, JobKey)> = None;
+        for (other_id, other) in &self.nodes {
+            if !other.up {
+                continue;
+            }
+            for (si, s) in other.slots.iter().enumerate() {
+                if other_id == node_id && si == slot as usize {
+                    continue;
+                }
+                let Some(&(order, key)) = s.pending.first() else {
+                    continue;
+                };
+                let job = &self.jobs[&key];
+                if !node.models.contains(&job.spec.model) || job.avoid.iter().any(|a| a == node_id)
+                {
+                    continue;
+                }
+                let there = self
+                    .predict(now, other, si, None)
+                    .iter()
+                    .find(|p| p.key == key)
+                    .map_or(Micros::MAX, |p| p.finish);
+                let extra = Extra {
+                    order,
+                    deadline: job.spec.deadline,
+                    cost: self.cost(node, &job.spec.model).job(job.spec.max_tokens),
+                };
+                let (here, fits) = self.try_slot(now, node, slot as usize, extra);
+                if fits && here < there && best.is_none_or(|(gain, _)| there - here > gain) {
+                    best = Some((there - here, key));
+                }
+            }
+        }
+        let Some((_, key)) = best else {
+            return false;
+        };
+        self.unqueue(key);
+        self.enqueue(key, node_id, slot);
+        true
+    }
+
+    /// A job whose pool failed gets another pool, if its attempts and deadline allow.
+    fn retry(&mut self, now: Micros, key: JobKey, code: i32, message: String) {
+        let Some(job) = self.jobs.get_mut(&key) else {
+            return;
+        };
+        let failed_on = std::mem::take(&mut job.node);
+        if !failed_on.is_empty() && !job.avoid.contains(&failed_on) {
+            job.avoid.push(failed_on);
+        }
+        job.place = Place::Parked;
+        if job.attempt >= self.cfg.max_attempts || job.spec.deadline <= now {
+            return self.end(key, Outcome::Failed { code, message });
+        }
+        let spec = job.spec.clone();
+        let avoid = job.avoid.clone();
+        let seq = job.seq;
+        match self.choose(now, &spec, &avoid, Some(seq)) {
+            Ok((node, slot, _)) => {
+                let job = self.jobs.get_mut(&key).expect("live");
+                job.attempt += 1;
+                self.enqueue(key, &node, slot);
+                self.pump(now, &node, slot);
+            }
+            // Nowhere else to go in time: the job fails with what actually went wrong.
+            Err(_) => self.end(key, Outcome::Failed { code, message }),
+        }
+    }
+
+    /// Places parked jobs on pools that can still finish them in time.
+    fn unpark(&mut self, now: Micros) {
+        let parked: Vec<JobKey> = self.parked.iter().copied().collect();
+        for key in parked {
+            let job = &self.jobs[&key];
+            let (spec, avoid, seq) = (job.spec.clone(), job.avoid.clone(), job.seq);
+            match self.choose(now, &spec, &avoid, Some(seq)) {
+                Ok((node, slot, _)) => {
+                    self.parked.remove(&key);
+                    self.enqueue(key, &node, slot);
+                    self.pump(now, &node, slot);
+                }
+                // Some pool serves the model but cannot make it: it never will, as the
+                // deadline only comes closer.
+                Err(Refusal::Infeasible { .. }) if self.cfg.policy == Policy::Reserve => {
+                    self.parked.remove(&key);
+                    self.end(
+                        key,
+                        Outcome::Missed {
+                            reason: "no pool can finish it before its deadline".into(),
+                        },
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn end(&mut self, key: JobKey, outcome: Outcome) {
+        if self.jobs.remove(&key).is_some() {
+            self.actions.push(Action::End { key, outcome });
+        }
+    }
+
+    /// Feeds a sent job's measured times into its pool's cost model, on the queen's clock.
+    fn learn(&mut self, now: Micros, key: JobKey, slot: u32, sent_at: Micros, report: &Report) {
+        let job = &self.jobs[&key];
+        let Some(node) = self.nodes.get_mut(&job.node) else {
+            return;
+        };
+        let last_end = node.slots.get(slot as usize).map_or(0, |s| s.last_end);
+        let Some(cost) = node.costs.get_mut(&job.spec.model) else {
+            return;
+        };
+        let p = &job.progress;
+        let first = Progress::get(&p.first_token);
+        let last = Progress::get(&p.last_token);
+        let tokens = p.tokens();
+        let mut sample = Sample::default();
+        match report {
+            Report::Finished {
+                worker_first_token_us,
+                generation_us,
+                tokens,
+            } => {
+                // The job began when it was sent or when the slot's previous job ended.
+                let began = sent_at.max(last_end);
+                let service = now.saturating_sub(began);
+                sample.overhead_us =
+                    Some(service.saturating_sub(worker_first_token_us + generation_us));
+                sample.first_token_us = Some(*worker_first_token_us);
+                if *tokens > 1 {
+                    sample.per_token_us = Some(generation_us / u64::from(tokens - 1));
+                }
+            }
+            // A job stopped early still says how fast tokens came, on the queen's clock.
+            Report::Failed { .. } | Report::Lost { .. } => {
+                if let (Some(f), Some(l)) = (first, last)
+                    && tokens > 1
+                {
+                    sample.per_token_us = Some(l.saturating_sub(f) / u64::from(tokens - 1));
+                }
+                if let (Some(s), Some(f)) = (p.started_at(), first) {
+                    sample.first_token_us = Some(f.saturating_sub(s));
+                }
+            }
+        }
+        cost.observe(sample);
+    }
+}
+
+/// When the job at the head of a slot will end, from what its progress says.
+fn head_end(now: Micros, job: &Live, cost: &Cost) -> Micros {
+    let max = u64::from(job.spec.max_tokens);
+    let p = &job.progress;
+    let tokens = u64::from(p.tokens());
+    let end = match (p.started_at(), Progress::get(&p.last_token)) {
+        (_, Some(last)) if tokens > 0 => {
+            last.saturating_add(cost.per_token().saturating_mul(max.saturating_sub(tokens)))
+        }
+        (Some(started), _) => started
+            .saturating_add(cost.first_token())
+            .saturating_add(cost.per_token().saturating_mul(max.saturating_sub(1))),
+        _ => match job.place {
+            Place::Sent { sent_at, .. } => sent_at
+                .max(now)
+                .saturating_add(cost.job(job.spec.max_tokens)),
+            _ => now.saturating_add(cost.job(job.spec.max_tokens)),
+        },
+    };
+    end.max(now)
+}
+
+#[cfg(test)]
+mod tests;

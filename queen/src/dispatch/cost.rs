@@ -1,0 +1,215 @@
+//! Cost model: how long a job of one model takes on one pool, as a tail estimate.
+//!
+//! Admission reserves time on a slot, so an estimate that is right on average is wrong half the
+//! time. Each (pool, model) keeps recent samples of three parts of a job's service time and
+//! estimates each by a configurable tail quantile (p95 by default):
+//!
+//! - *overhead*: what the queen's clock sees beyond the worker's own time (network, pool, lane);
+//! - *first token*: the worker's time to its first token (the prompt pass);
+//! - *per token*: the worker's time per further token.
+//!
+//! Until a pool has run enough jobs, the figures it measured at warm-up (with a safety margin)
+//! stand in; without even those, a stated, conservative prior does — never zero.
+
+use std::collections::VecDeque;
+
+/// Samples kept per part: enough for a p99 to mean something, few enough to follow change.
+const WINDOW: usize = 128;
+/// Below this many samples the estimate never drops under the prior.
+const TRUST_AFTER: usize = 16;
+/// Margin on warm-up figures: one short warm-up job says little about the tail.
+const FIGURES_MARGIN: f64 = 1.5;
+
+/// The conservative prior used for a model no pool has measured yet (see docs/ARCHITECTURE.md).
+pub const PRIOR_OVERHEAD_US: u64 = 20_000;
+pub const PRIOR_FIRST_TOKEN_US: u64 = 2_000_000;
+pub const PRIOR_PER_TOKEN_US: u64 = 250_000;
+/// Overhead assumed next to warm-up figures, before the queen has measured its own.
+pub const FIGURES_OVERHEAD_US: u64 = 5_000;
+
+/// Speed measured by a pool at warm-up, per model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Figures {
+    pub first_token_us: u64,
+    pub per_token_us: u64,
+}
+
+/// What one finished (or stopped) job teaches the cost model. Parts that were not observed are
+/// `None` (a job stopped before its first token teaches nothing about per-token time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    pub overhead_us: Option<u64>,
+    pub first_token_us: Option<u64>,
+    pub per_token_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Part {
+    samples: VecDeque<u64>,
+    tail: u64,
+}
+
+impl Part {
+    fn push(&mut self, v: u64, quantile: f64) {
+        if self.samples.len() == WINDOW {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(v);
+        let mut sorted: Vec<u64> = self.samples.iter().copied().collect();
+        sorted.sort_unstable();
+        // Nearest-rank quantile: the smallest sample with at least q of them at or below it.
+        let rank = ((quantile * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        self.tail = sorted[rank - 1];
+    }
+
+    fn estimate(&self, prior: u64) -> u64 {
+        if self.samples.len() >= TRUST_AFTER {
+            self.tail
+        } else {
+            self.tail.max(prior)
+        }
+    }
+}
+
+/// Tail cost of one model on one pool.
+#[derive(Debug, Clone)]
+pub struct Cost {
+    quantile: f64,
+    figures: Option<Figures>,
+    overhead: Part,
+    first_token: Part,
+    per_token: Part,
+}
+
+impl Cost {
+    pub fn new(quantile: f64) -> Cost {
+        Cost {
+            quantile: quantile.clamp(0.5, 1.0),
+            figures: None,
+            overhead: Part::default(),
+            first_token: Part::default(),
+            per_token: Part::default(),
+        }
+    }
+
+    pub fn set_figures(&mut self, f: Figures) {
+        self.figures = Some(f);
+    }
+
+    fn priors(&self) -> (u64, u64, u64) {
+        match self.figures {
+            Some(f) => (
+                FIGURES_OVERHEAD_US,
+                (f.first_token_us as f64 * FIGURES_MARGIN) as u64,
+                (f.per_token_us as f64 * FIGURES_MARGIN) as u64,
+            ),
+            None => (PRIOR_OVERHEAD_US, PRIOR_FIRST_TOKEN_US, PRIOR_PER_TOKEN_US),
+        }
+    }
+
+    pub fn observe(&mut self, s: Sample) {
+        let q = self.quantile;
+        if let Some(v) = s.overhead_us {
+            self.overhead.push(v, q);
+        }
+        if let Some(v) = s.first_token_us {
+            self.first_token.push(v, q);
+        }
+        if let Some(v) = s.per_token_us {
+            self.per_token.push(v, q);
+        }
+    }
+
+    pub fn overhead(&self) -> u64 {
+        self.overhead.estimate(self.priors().0)
+    }
+    pub fn first_token(&self) -> u64 {
+        self.first_token.estimate(self.priors().1)
+    }
+    pub fn per_token(&self) -> u64 {
+        self.per_token.estimate(self.priors().2)
+    }
+
+    /// Whole service time of a job asking for `max_tokens`.
+    pub fn job(&self, max_tokens: u32) -> u64 {
+        self.overhead()
+            .saturating_add(self.first_token())
+            .saturating_add(
+                self.per_token()
+                    .saturating_mul(u64::from(max_tokens.saturating_sub(1))),
+            )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_figures_means_the_conservative_prior_never_zero() {
+        let c = Cost::new(0.95);
+        assert_eq!(
+            c.job(8000),
+            PRIOR_OVERHEAD_US + PRIOR_FIRST_TOKEN_US + PRIOR_PER_TOKEN_US * 7999
+        );
+        assert!(c.job(1) > 0);
+    }
+
+    #[test]
+    fn warm_up_figures_stand_in_with_a_margin() {
+        let mut c = Cost::new(0.95);
+        c.set_figures(Figures {
+            first_token_us: 20_000,
+            per_token_us: 5_000,
+        });
+        assert_eq!(c.first_token(), 30_000);
+        assert_eq!(c.per_token(), 7_500);
+        // 200 tok/s cannot produce 8000 tokens in 200 ms.
+        assert!(c.job(8000) > 200_000);
+    }
+
+    #[test]
+    fn the_tail_not_the_mean_is_reserved() {
+        let mut c = Cost::new(0.95);
+        for i in 0..100u64 {
+            // 95 fast jobs and 5 slow ones.
+            let v = if i % 20 == 0 { 10_000 } else { 1_000 };
+            c.observe(Sample {
+                overhead_us: Some(100),
+                first_token_us: Some(v),
+                per_token_us: Some(v),
+            });
+        }
+        // p95 of 100 samples is the 95th smallest: still a fast one; p99 must see a slow one.
+        assert_eq!(c.first_token(), 1_000);
+        let mut p99 = Cost::new(0.99);
+        for i in 0..100u64 {
+            let v = if i % 20 == 0 { 10_000 } else { 1_000 };
+            p99.observe(Sample {
+                overhead_us: Some(100),
+                first_token_us: Some(v),
+                per_token_us: Some(v),
+            });
+        }
+        assert_eq!(p99.first_token(), 10_000);
+    }
+
+    #[test]
+    fn few_samples_never_drop_below_the_prior() {
+        let mut c = Cost::new(0.95);
+        c.observe(Sample {
+            overhead_us: Some(1),
+            first_token_us: Some(1),
+            per_token_us: Some(1),
+        });
+        assert_eq!(c.first_token(), PRIOR_FIRST_TOKEN_US);
+        for _ in 0..TRUST_AFTER {
+            c.observe(Sample {
+                overhead_us: Some(1),
+                first_token_us: Some(1),
+                per_token_us: Some(1),
+            });
+        }
+        assert_eq!(c.first_token(), 1);
+    }
+}

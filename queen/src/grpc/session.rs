@@ -1,0 +1,265 @@
+//! The queen's side of `Pool/Session`: one long-lived stream per pool that carries every job.
+//!
+//! A session task owns the stream and a routing table from job handle to the job's client
+//! stream. Tokens go straight from the pool's frames to the clients (no actor on the per-token
+//! path; progress is published through the job's `Progress` cell for the core's predictions);
+//! a job's start and end, and the session's own life, are reported to the dispatch actor.
+//! Dropping the actor's link, revoking the node or the pool closing the stream ends the session;
+//! whatever jobs it still carried are reported lost so they fail over.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use skep_common::auth;
+use skep_common::deadline::micros;
+use skep_proto::v1::{CancelFrame, JobFrame, PoolEvent, QueenFrame, pool_event, queen_frame};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::Request;
+use tracing::{debug, warn};
+
+use crate::dispatch::actor::{AttemptTimings, Ended, SessionLost, SessionReady};
+use crate::dispatch::core::Report;
+use crate::dispatch::{DispatchHandle, Route, SessionCmd, Target};
+use crate::job::Event;
+
+/// One job in flight on this session.
+struct InFlight {
+    route: Route,
+    /// The client no longer gets this job's events (cancelled, late or gone).
+    muted: bool,
+    /// Tokens seen from the pool in this attempt.
+    seen: u32,
+    started: Option<Instant>,
+    pool_us: u64,
+}
+
+/// Runs one session until it ends, then tells the dispatch actor.
+pub async fn run(
+    target: Target,
+    generation: u64,
+    cmds: mpsc::UnboundedReceiver<SessionCmd>,
+    dispatch: DispatchHandle,
+) {
+    let node = target.node_id.clone();
+    let reason = match session(&target, generation, cmds, &dispatch).await {
+        Ok(()) => "closed".to_owned(),
+        Err(e) => e,
+    };
+    dispatch
+        .session_lost(SessionLost {
+            node,
+            generation,
+            reason,
+        })
+        .await;
+}
+
+async fn session(
+    target: &Target,
+    generation: u64,
+    mut cmds: mpsc::UnboundedReceiver<SessionCmd>,
+    dispatch: &DispatchHandle,
+) -> Result<(), String> {
+    let node = target.node_id.clone();
+    let (out, out_rx) = mpsc::unbounded_channel::<QueenFrame>();
+    let mut req = Request::new(UnboundedReceiverStream::new(out_rx));
+    let header = auth::bearer_header(&target.dispatch_key).map_err(|e| e.to_string())?;
+    req.metadata_mut().insert("authorization", header);
+    let mut client = target.client.clone();
+    let mut inbound = tokio::select! {
+        r = client.session(req) => r.map_err(|s| format!("cannot open a session: {}", s.message()))?.into_inner(),
+        _ = target.gone.cancelled() => return Ok(()),
+    };
+    let mut jobs: HashMap<u64, InFlight> = HashMap::new();
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = target.gone.cancelled() => break Ok(()),
+            cmd = cmds.recv() => match cmd {
+                None => break Ok(()),
+                Some(SessionCmd::Job { attempt, route }) => {
+                    let frame = JobFrame {
+                        handle: attempt.handle,
+                        job_id: attempt.job_id,
+                        model: attempt.model,
+                        prompt: attempt.prompt.to_string(),
+                        max_tokens: attempt.max_tokens,
+                        budget_us: micros(route.deadline.saturating_duration_since(Instant::now())),
+                        slot: attempt.slot,
+                        order: attempt.order,
+                    };
+                    let _ = route.events.try_send(Event::Dispatched {
+                        node_id: node.clone(),
+                        attempt: route.attempt,
+                    });
+                    jobs.insert(attempt.handle, InFlight { route: *route, muted: false, seen: 0, started: None, pool_us: 0 });
+                    if out.send(QueenFrame { kind: Some(queen_frame::Kind::Job(frame)) }).is_err() {
+                        break Err("session stream closed".into());
+                    }
+                }
+                Some(SessionCmd::Cancel { handle }) => {
+                    if let Some(j) = jobs.get_mut(&handle) {
+                        j.muted = true;
+                    }
+                    let _ = out.send(QueenFrame { kind: Some(queen_frame::Kind::Cancel(CancelFrame { handle })) });
+                }
+            },
+            frame = inbound.next() => match frame {
+                None => break Err("the pool closed the session".into()),
+                Some(Err(s)) => break Err(format!("session failed: {}", s.message())),
+                Some(Ok(frame)) => {
+                    for ev in frame.events {
+                        handle_event(&node, generation, ev, &mut jobs, dispatch).await;
+                    }
+                }
+            },
+        }
+    };
+    // Whatever this session still carried will not finish here.
+    let why = match &result {
+        Ok(()) => "the session to the pool closed".to_owned(),
+        Err(e) => e.clone(),
+    };
+    for (key, _) in jobs.drain() {
+        dispatch
+            .ended(Ended {
+                node: node.clone(),
+                generation,
+                key,
+                report: Report::Lost {
+                    message: why.clone(),
+                },
+                timings: None,
+            })
+            .await;
+    }
+    result
+}
+
+async fn handle_event(
+    node: &str,
+    generation: u64,
+    ev: PoolEvent,
+    jobs: &mut HashMap<u64, InFlight>,
+    dispatch: &DispatchHandle,
+) {
+    let Some(kind) = ev.kind else {
+        return;
+    };
+    if let pool_event::Kind::Credit(c) = kind {
+        dispatch
+            .session_ready(SessionReady {
+                node: node.to_owned(),
+                generation,
+                slots: c.slots,
+                credits: c.per_slot,
+            })
+            .await;
+        return;
+    }
+    let Some(job) = jobs.get_mut(&ev.handle) else {
+        debug!(
+            node,
+            handle = ev.handle,
+            "event for a job this session does not carry"
+        );
+        return;
+    };
+    let now = Instant::now();
+    let at = micros(now.saturating_duration_since(job.route.epoch));
+    match kind {
+        pool_event::Kind::Credit(_) => {}
+        pool_event::Kind::Started(s) => {
+            job.route.progress.started(at);
+            job.started = Some(now);
+            job.pool_us = s.pool_us;
+        }
+        pool_event::Kind::Token(t) => {
+            job.route.progress.token(at);
+            job.seen += 1;
+            // No token reaches a client after its deadline; the pool reports the miss.
+            if job.muted || now > job.route.deadline {
+                job.muted = true;
+                return;
+            }
+            // After a failover the new pool starts over; tokens the client has are skipped.
+            if t.index < job.route.delivered.load(Relaxed) {
+                return;
+            }
+            let ev = Event::Token {
+                index: t.index,
+                text: t.text,
+            };
+            match job.route.events.try_send(ev) {
+                Ok(()) => {
+                    job.route.delivered.fetch_add(1, Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    job.muted = true;
+                    dispatch.client_gone(job.route.key).await;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // The channel holds a whole job's tokens; a full one means a client that
+                    // stopped reading. Stop the job rather than the session.
+                    warn!(job = %job.route.job_id, "client is not reading its stream; cancelling");
+                    job.muted = true;
+                    dispatch.client_gone(job.route.key).await;
+                }
+            }
+        }
+        pool_event::Kind::Finished(f) => {
+            let job = jobs.remove(&ev.handle).expect("present above");
+            let timings =
+                attempt_timings(&job, f.pool_us, f.worker_first_token_us, f.generation_us);
+            dispatch
+                .ended(Ended {
+                    node: node.to_owned(),
+                    generation,
+                    key: job.route.key,
+                    report: Report::Finished {
+                        worker_first_token_us: f.worker_first_token_us,
+                        generation_us: f.generation_us,
+                        tokens: f.tokens,
+                    },
+                    timings: Some(timings),
+                })
+                .await;
+        }
+        pool_event::Kind::Failed(f) => {
+            let job = jobs.remove(&ev.handle).expect("present above");
+            let timings = attempt_timings(&job, job.pool_us, 0, 0);
+            dispatch
+                .ended(Ended {
+                    node: node.to_owned(),
+                    generation,
+                    key: job.route.key,
+                    report: Report::Failed {
+                        code: f.code,
+                        message: f.message,
+                    },
+                    timings: Some(timings),
+                })
+                .await;
+        }
+    }
+}
+
+fn attempt_timings(
+    job: &InFlight,
+    pool_us: u64,
+    first_token_us: u64,
+    generation_us: u64,
+) -> AttemptTimings {
+    let to_start = job.started.map_or(0, |s| {
+        micros(s.saturating_duration_since(job.route.sent_at))
+    });
+    AttemptTimings {
+        dispatch_us: to_start.saturating_sub(pool_us),
+        pool_us,
+        worker_first_token_us: first_token_us,
+        generation_us,
+    }
+}

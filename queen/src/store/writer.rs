@@ -1,0 +1,264 @@
+//! The writer thread: the only connection that writes, committing everything pending as one
+//! transaction (group commit), and the checkpointer thread that folds the WAL back into the
+//! database off the writer's path.
+//!
+//! A commit costs the same whether it carries one command or hundreds, so under load the writer
+//! takes whatever has queued while it was committing and commits it together. Each command runs
+//! in its own savepoint so that one that fails is undone alone; callers are acknowledged only
+//! once the transaction holding their command has committed.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+
+use rusqlite::Connection;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+use super::{Durability, StoreError};
+
+/// Most commands in one transaction: bounds how long the first command of a batch waits for the
+/// last one to run, and the size of a transaction a failure would refuse.
+const BATCH: usize = 512;
+/// Commands waiting for the writer before their senders wait too (backpressure, bounded memory).
+const QUEUE: usize = 4096;
+/// Transactions between nudges to the checkpointer. Each transaction appends a few pages to the
+/// WAL, so this keeps the WAL around a few hundred pages to a few MiB under load.
+const CHECKPOINT_EVERY: u64 = 64;
+/// SQLite's own checkpoint on commit, left only as a backstop (in pages) for when the
+/// checkpointer cannot keep up: it would run on the writer, fsyncs included.
+const AUTOCHECKPOINT_BACKSTOP: u32 = 10_000;
+
+/// Counts of what the writer committed; read with `StoreHandle::stats`.
+#[derive(Default)]
+pub(super) struct Stats {
+    pub(super) transactions: AtomicU64,
+    pub(super) commands: AtomicU64,
+}
+
+/// One queued write, with its typed result kept until the batch's fate is known.
+trait Pending: Send {
+    /// Runs the command in its own savepoint. `Err` means the surrounding transaction cannot go
+    /// on (SQLite rolled it back, or the savepoint could not be undone): the whole batch fails.
+    fn run(&mut self, conn: &Connection) -> Result<(), String>;
+    /// Sends the caller its result: the command's own, or the batch's failure.
+    fn ack(self: Box<Self>, batch: Result<(), &str>);
+}
+
+struct Typed<T, F> {
+    f: Option<F>,
+    result: Option<Result<T, StoreError>>,
+    ack: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Pending for Typed<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> Result<(), String> {
+        let Some(f) = self.f.take() else {
+            return Ok(());
+        };
+        exec(conn, "SAVEPOINT cmd").map_err(|e| e.to_string())?;
+        let result = f(conn).and_then(|v| {
+            exec(conn, "RELEASE cmd")?;
+            Ok(v)
+        });
+        let mut poisoned = Ok(());
+        if let Err(e) = &result {
+            if conn.is_autocommit() {
+                // Some errors (I/O, full disk) make SQLite roll back the whole transaction:
+                // the commands before this one are gone with it.
+                poisoned = Err(format!("transaction rolled back: {e}"));
+            } else if let Err(undo) =
+                exec(conn, "ROLLBACK TO cmd").and_then(|()| exec(conn, "RELEASE cmd"))
+            {
+                // The failed command's partial writes could not be undone: committing the batch
+                // would commit them.
+                poisoned = Err(format!("cannot undo a failed command: {undo}"));
+            }
+        }
+        self.result = Some(result);
+        poisoned
+    }
+
+    fn ack(self: Box<Self>, batch: Result<(), &str>) {
+        let result = match (self.result, batch) {
+            // Its own failure stands whatever became of the batch.
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (_, Err(why)) => Err(StoreError::Batch(why.to_owned())),
+            (None, Ok(())) => Err(StoreError::Batch("command was not run".to_owned())),
+        };
+        // The caller may have stopped waiting (the auditor does not wait): nothing to tell.
+        let _ = self.ack.send(result);
+    }
+}
+
+struct Command {
+    pending: Box<dyn Pending>,
+    durability: Durability,
+}
+
+/// The queue into the writer thread.
+#[derive(Clone)]
+pub(super) struct Writer {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Writer {
+    /// Queues `f` to run on the write connection. The command is queued before this returns
+    /// (unless the queue is full: then when the future is first polled), so a caller that does
+    /// not await the future still has its write committed, in call order. The future resolves
+    /// once the transaction holding the command has committed (and, for `Synced`, reached the
+    /// disk).
+    pub(super) fn submit<T, F>(
+        &self,
+        durability: Durability,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (ack, done) = oneshot::channel();
+        let cmd = Command {
+            pending: Box::new(Typed {
+                f: Some(f),
+                result: None,
+                ack,
+            }),
+            durability,
+        };
+        let queued = match self.tx.try_send(cmd) {
+            Ok(()) => Ok(None),
+            Err(TrySendError::Full(cmd)) => Ok(Some((self.tx.clone(), cmd))),
+            Err(TrySendError::Closed(_)) => Err(StoreError::Stopped),
+        };
+        async move {
+            if let Some((tx, cmd)) = queued? {
+                tx.send(cmd).await.map_err(|_| StoreError::Stopped)?;
+            }
+            done.await.map_err(|_| StoreError::Stopped)?
+        }
+    }
+
+    /// Commands queued and not yet taken by the writer.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Configures the write connection and starts the writer and checkpointer threads.
+pub(super) fn start(
+    conn: Connection,
+    checkpoint_conn: Connection,
+    stats: Arc<Stats>,
+) -> Result<Writer, StoreError> {
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_BACKSTOP)?;
+    checkpoint_conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    // One slot: nudges that arrive while a checkpoint is pending or running merge into it.
+    let (nudge, nudges) = std_mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("skep-store-ckpt".into())
+        .spawn(move || checkpointer(&checkpoint_conn, &nudges))?;
+    std::thread::Builder::new()
+        .name("skep-store-write".into())
+        .spawn(move || run(&conn, rx, &stats, &nudge))?;
+    Ok(Writer { tx })
+}
+
+/// The writer loop: block for the first command, take whatever else is already queued, commit
+/// it all at once, acknowledge. Ends when every `Writer` is gone and the queue is empty.
+fn run(
+    conn: &Connection,
+    mut rx: mpsc::Receiver<Command>,
+    stats: &Stats,
+    nudge: &std_mpsc::SyncSender<()>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut since_nudge = 0;
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let outcome = commit(conn, &mut batch);
+        match &outcome {
+            Ok(()) => {
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .commands
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => error!(error = %e, commands = batch.len(), "store batch failed"),
+        }
+        let outcome = outcome.as_ref().map(|_| ()).map_err(String::as_str);
+        for cmd in batch.drain(..) {
+            cmd.pending.ack(outcome);
+        }
+        since_nudge += 1;
+        if since_nudge >= CHECKPOINT_EVERY {
+            since_nudge = 0;
+            // Full means a nudge is already waiting: this one adds nothing.
+            let _ = nudge.try_send(());
+        }
+    }
+}
+
+/// Runs the batch in one transaction. A failing command has already been undone in its own
+/// savepoint; `Err` here means nothing in the batch was committed.
+fn commit(conn: &Connection, batch: &mut [Command]) -> Result<(), String> {
+    let synced = batch.iter().any(|c| c.durability == Durability::Synced);
+    if synced {
+        // In WAL mode, FULL fsyncs the WAL at commit; that covers every earlier transaction
+        // too, since they sit before this one in the same file. Set per batch, not per
+        // connection: only a shutdown flush asks for it. A PRAGMA acts when prepared, so it is
+        // not a cached statement.
+        conn.execute_batch("PRAGMA synchronous = FULL")
+            .map_err(|e| e.to_string())?;
+    }
+    let result = (|| {
+        exec(conn, "BEGIN IMMEDIATE").map_err(|e| e.to_string())?;
+        for cmd in batch.iter_mut() {
+            cmd.pending.run(conn)?;
+        }
+        exec(conn, "COMMIT").map_err(|e| e.to_string())
+    })();
+    if result.is_err()
+        && !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        error!(error = %e, "store rollback failed");
+    }
+    if synced && let Err(e) = conn.execute_batch("PRAGMA synchronous = NORMAL") {
+        // Safe (every commit synced), only slower: say so.
+        warn!(error = %e, "store stays at synchronous=FULL");
+    }
+    result
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Copies committed pages from the WAL into the database file, fsyncs included, so the writer
+/// never has to. PASSIVE: it neither waits for nor blocks the writer or the readers, and
+/// whatever it could not copy this time, the next nudge will.
+fn checkpointer(conn: &Connection, nudges: &std_mpsc::Receiver<()>) {
+    while nudges.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
+    }
+}
