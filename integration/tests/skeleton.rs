@@ -45,11 +45,16 @@ fn job_streams_every_token_in_order_and_ends_done() {
 
 #[test]
 fn job_longer_than_its_deadline_ends_deadline_exceeded_with_exit_3() {
-    // 20 tokens/s: 100 tokens need ~5s, far more than the 600ms deadline.
-    let cluster = Cluster::start(PoolOpts {
-        tps: 20.0,
-        ..PoolOpts::default()
-    });
+    // 20 tokens/s: 100 tokens need ~5s, far more than the 600ms deadline. Admission by
+    // reservation would refuse it at once (tests/deadlines.rs); without it (`edf`) the job runs
+    // and every hop must stop it at the deadline.
+    let cluster = Cluster::start_with(
+        &["--admission", "edf"],
+        PoolOpts {
+            tps: 20.0,
+            ..PoolOpts::default()
+        },
+    );
     let out = cluster.submit("synthetic", "600ms", 100, "slow job");
     assert_eq!(
         out.status.code(),
