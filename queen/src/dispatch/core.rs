@@ -257,12 +257,33 @@ struct Node {
 pub struct Core {
     cfg: Config,
     nodes: BTreeMap<String, Node>,
-    jobs: HashMap<JobKey, Live>,
+    jobs: HashMap<JobKey, Live, KeyHash>,
     parked: BTreeSet<JobKey>,
     queued: usize,
     next_key: JobKey,
     actions: Vec<Action>,
 }
+
+/// Job keys are consecutive integers: a multiplicative hash spreads them for the hash table at
+/// a fraction of SipHash's cost (they are not attacker-chosen).
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
 
 /// The key under which `predict` reports a job that is only being considered.
 const EXTRA: JobKey = JobKey::MAX;
@@ -288,7 +309,7 @@ impl Core {
         Core {
             cfg,
             nodes: BTreeMap::new(),
-            jobs: HashMap::new(),
+            jobs: HashMap::default(),
             parked: BTreeSet::new(),
             queued: 0,
             next_key: 1,
@@ -757,6 +778,16 @@ impl Core {
     /// When a job would finish on a slot, and whether the policy lets it go there: under
     /// `Reserve` it must finish by its deadline and make no job late that was predicted on time.
     fn try_slot(&self, now: Micros, node: &Node, slot: usize, extra: Extra) -> (Micros, bool) {
+        let s = &node.slots[slot];
+        if s.sent.is_empty() && s.pending.is_empty() {
+            // An idle slot: the job starts now and delays nobody.
+            let own = now.saturating_add(extra.cost);
+            let fits = match self.cfg.policy {
+                Policy::Reserve => own <= extra.deadline,
+                Policy::Edf | Policy::Fcfs => extra.deadline > now,
+            };
+            return (own, fits);
+        }
         let base = self.predict(now, node, slot, None);
         let with = self.predict(now, node, slot, Some(extra));
         let own = with
@@ -766,13 +797,19 @@ impl Core {
         let fits = match self.cfg.policy {
             Policy::Reserve => {
                 own <= extra.deadline && {
-                    let before: HashMap<JobKey, bool> = base
+                    let mut before: Vec<(JobKey, bool)> = base
                         .iter()
                         .map(|p| (p.key, p.finish <= p.deadline))
                         .collect();
-                    !with.iter().any(|p| {
-                        p.key != EXTRA && p.finish > p.deadline && before.get(&p.key) == Some(&true)
-                    })
+                    before.sort_unstable();
+                    let was_on_time = |key| {
+                        before
+                            .binary_search_by_key(&key, |b| b.0)
+                            .is_ok_and(|i| before[i].1)
+                    };
+                    !with
+                        .iter()
+                        .any(|p| p.key != EXTRA && p.finish > p.deadline && was_on_time(p.key))
                 }
             }
             Policy::Edf | Policy::Fcfs => extra.deadline > now,
