@@ -25,7 +25,7 @@ pub enum AuthError {
     #[error("invalid token")]
     Invalid,
     #[error(
-        "refusing to listen on non-loopback address {0} without authentication; bind to 127.0.0.1 or configure tokens"
+        "refusing to serve plaintext on non-loopback address {0}: tokens, keys and prompts would cross the network in clear; serve TLS, bind to 127.0.0.1, or pass --insecure-plaintext to accept that"
     )]
     InsecureBind(SocketAddr),
 }
@@ -121,13 +121,22 @@ pub fn bearer_header(token: &Secret) -> Result<MetadataValue<tonic::metadata::As
         .map_err(|_| AuthError::Malformed)
 }
 
-/// Bind policy: listening anywhere but loopback requires authentication to be configured.
-pub fn check_bind(addr: SocketAddr, auth_configured: bool) -> Result<(), AuthError> {
-    if addr.ip().is_loopback() || auth_configured {
-        Ok(())
-    } else {
-        Err(AuthError::InsecureBind(addr))
+/// Bind policy: a daemon serving `plaintext` may listen only on loopback, where sniffing already
+/// takes root. Anywhere else bearer tokens, keys and prompts would cross the network in clear, so
+/// it is refused unless the operator said `--insecure-plaintext` (`insecure_ok`), and then warned
+/// about loudly. Returns whether the listener is exposed in clear (the warning was logged).
+pub fn check_bind(addr: SocketAddr, plaintext: bool, insecure_ok: bool) -> Result<bool, AuthError> {
+    if addr.ip().is_loopback() || !plaintext {
+        return Ok(false);
     }
+    if !insecure_ok {
+        return Err(AuthError::InsecureBind(addr));
+    }
+    tracing::warn!(
+        listen = %addr,
+        "--insecure-plaintext: serving WITHOUT TLS on a non-loopback address; bearer tokens, keys and prompts cross the network in clear"
+    );
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -11,6 +11,45 @@ pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 pub const MAX_TOKENS: u32 = 8192;
 /// What a job gets when it does not say.
 pub const DEFAULT_MAX_TOKENS: u32 = 64;
+/// Bytes of the session MAC (HMAC-SHA256) every lane request carries.
+pub const LANE_MAC_BYTES: usize = 32;
+/// Largest encoded `LaneRequest` (the pool → worker lane entry) any request that passes these
+/// checks can produce: a job id and a model name of `MAX_ID_LEN`, a prompt of
+/// `MAX_PROMPT_BYTES`, and every integer at its widest. The pool refuses to start with a lane
+/// whose `max_entry` is below this, so a valid job never overflows a worker's lane.
+pub const MAX_LANE_REQUEST_BYTES: usize =
+    lane_request_len(MAX_ID_LEN, MAX_ID_LEN, MAX_PROMPT_BYTES);
+
+/// Bytes of a protobuf varint holding `v`.
+const fn varint_len(v: u64) -> usize {
+    let mut n = 1;
+    let mut v = v >> 7;
+    while v != 0 {
+        n += 1;
+        v >>= 7;
+    }
+    n
+}
+
+/// Bytes of a length-delimited protobuf field (field numbers below 16: a one-byte tag).
+const fn bytes_field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// Upper bound of an encoded `LaneRequest` (`proto/skep/v1/lane.proto`) with strings of these
+/// lengths: `seq`, `deadline_mono_ns` and `max_tokens` are counted at their widest varints,
+/// and every field as present (proto3 leaves empty ones out, which is only shorter).
+pub const fn lane_request_len(job_id: usize, model: usize, prompt: usize) -> usize {
+    let seq = 1 + varint_len(u64::MAX);
+    let max_tokens = 1 + varint_len(u32::MAX as u64);
+    let deadline = 1 + varint_len(u64::MAX);
+    seq + bytes_field_len(job_id)
+        + bytes_field_len(model)
+        + bytes_field_len(prompt)
+        + max_tokens
+        + deadline
+        + bytes_field_len(LANE_MAC_BYTES)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
@@ -26,6 +65,8 @@ pub enum ValidationError {
     Nul,
     #[error("max_tokens must be between 1 and {MAX_TOKENS}")]
     MaxTokens,
+    #[error("the request would take more than {max} bytes on a worker's lane")]
+    LaneRequestTooLarge { max: usize },
 }
 
 /// Identifiers: `[A-Za-z0-9._-]{1,64}`, no `..`, not starting with `.` or `-`.
@@ -68,6 +109,22 @@ pub fn prompt(s: &str) -> Result<(), ValidationError> {
     }
     if s.contains('\0') {
         return Err(ValidationError::Nul);
+    }
+    Ok(())
+}
+
+/// Checks that a job whose job id, model name and prompt have these lengths (in bytes) fits in
+/// a lane entry of `max_entry` bytes (`MAX_LANE_REQUEST_BYTES`: what every pool's lanes hold).
+/// Every job that passes the other checks fits; this keeps a mismatch between the limits from
+/// ever reaching a worker.
+pub fn lane_request(
+    job_id: usize,
+    model: usize,
+    prompt: usize,
+    max_entry: usize,
+) -> Result<(), ValidationError> {
+    if lane_request_len(job_id, model, prompt) > max_entry {
+        return Err(ValidationError::LaneRequestTooLarge { max: max_entry });
     }
     Ok(())
 }

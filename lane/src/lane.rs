@@ -32,11 +32,19 @@ pub struct LaneConfig {
     pub max_entry: u32,
 }
 
+/// Ring size of `LaneConfig::default()`.
+pub const DEFAULT_CAPACITY: u32 = 1 << 20;
+/// Largest payload of `LaneConfig::default()`: a maximal prompt (64 KiB) plus 4 KiB for the
+/// rest of a request (ids, model name, integers, MAC). The pool manager checks at compile time
+/// and at start that the largest request its validation admits fits (`skep_common::validate::
+/// MAX_LANE_REQUEST_BYTES`); this crate knows nothing of requests.
+pub const DEFAULT_MAX_ENTRY: u32 = 64 * 1024 + 4096;
+
 impl Default for LaneConfig {
     fn default() -> Self {
         LaneConfig {
-            capacity: 1 << 20,
-            max_entry: 64 * 1024,
+            capacity: DEFAULT_CAPACITY,
+            max_entry: DEFAULT_MAX_ENTRY,
         }
     }
 }

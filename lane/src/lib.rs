@@ -41,5 +41,5 @@ pub mod layout;
 mod sys;
 
 pub use error::LaneError;
-pub use lane::{Lane, LaneConfig};
+pub use lane::{DEFAULT_CAPACITY, DEFAULT_MAX_ENTRY, Lane, LaneConfig};
 pub use sys::monotonic_ns;

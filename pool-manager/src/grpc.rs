@@ -37,6 +37,9 @@ use skep_audit::Fields;
 
 /// Largest request accepted: a maximal prompt plus room for the other fields.
 const MAX_MESSAGE: usize = validate::MAX_PROMPT_BYTES + 4096;
+// A frame carrying the largest valid job (the lane request's fields, plus handle, budget, slot,
+// order and the frame's own tag) must get through.
+const _: () = assert!(validate::MAX_LANE_REQUEST_BYTES + 64 <= MAX_MESSAGE);
 /// Most events in one outbound frame: keeps a frame far below the queen's message limit.
 const MAX_BATCH: usize = 256;
 
@@ -98,6 +101,16 @@ impl PoolService {
 }
 
 fn authorize<T>(key: &DispatchKey, req: &Request<T>) -> Result<(), Error> {
+    // Two `authorization` headers are ambiguous: refuse them rather than let the first win.
+    if req
+        .metadata()
+        .get_all("authorization")
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(Error::Auth(auth::AuthError::Malformed));
+    }
     let presented = auth::bearer_digest(req.metadata())?;
     let expected = (*key.borrow()).ok_or(Error::NotRegistered)?;
     if presented.ct_eq(&expected) {
@@ -191,6 +204,14 @@ fn check_frame(
     validate::identifier("job_id", &job.job_id)?;
     validate::model_name(&job.model)?;
     validate::prompt(&job.prompt)?;
+    // Sized so that it cannot fail once the fields above are valid (the slots refuse to start
+    // on a smaller lane); kept so a mismatch is refused here rather than lose a worker.
+    validate::lane_request(
+        job.job_id.len(),
+        job.model.len(),
+        job.prompt.len(),
+        validate::MAX_LANE_REQUEST_BYTES,
+    )?;
     if job.max_tokens == 0 {
         // 0 means "default" for clients; the queen always resolves it, so 0 here is a bug.
         validate::max_tokens(u32::MAX)?;

@@ -77,6 +77,11 @@ struct Args {
     /// Worker binary (default: skep-worker next to this binary).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// Allow a non-loopback `--listen` while the queen URL is plaintext `http://` (so this pool
+    /// serves plaintext too). Keys and prompts then cross the network in clear; without this
+    /// flag the pool refuses to start so.
+    #[arg(long)]
+    insecure_plaintext: bool,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -91,7 +96,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // This pool serves TLS exactly when its queen URL is https (see `membership::queen_ca`);
+    // plaintext off loopback is refused unless --insecure-plaintext, before anything is created.
+    let plaintext = !args.queen.starts_with("https://");
+    auth::check_bind(args.listen, plaintext, args.insecure_plaintext)?;
     daemon::create_private_dir(&args.data_dir)?;
+    // One pool manager per data dir, for the life of the process, before anything writes there:
+    // two would fork the audit chain and share lanes and keys.
+    let _lock = daemon::DataDirLock::acquire(&args.data_dir)?;
     let lane_dir = args.data_dir.join("lanes");
     daemon::create_private_dir(&lane_dir)?;
     let token_path = skep_common::secret::credential_path("pool-token", &args.token_file);
@@ -113,8 +125,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    // The pool always authenticates its caller (the dispatch key), so any bind is allowed.
-    auth::check_bind(args.listen, true)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -31,6 +31,7 @@ use prost::Message;
 use skep_common::deadline::{Deadline, micros};
 use skep_common::secret::Secret;
 use skep_common::session;
+use skep_common::validate;
 use skep_lane::{Lane, LaneConfig, LaneError, monotonic_ns};
 use skep_proto::v1::{LaneRequest, LaneResponse, lane_response};
 use tracing::{debug, error, info, warn};
@@ -61,6 +62,27 @@ const WARM_UP_TOKENS: u32 = 8;
 const WARM_UP_DEADLINE: Duration = Duration::from_secs(120);
 /// Warm-ups tried (one per worker generation) before slot 0 gives up measuring.
 const WARM_UP_ATTEMPTS: u32 = 3;
+
+// Every request that passes validation fits the default lane entry; `spawn_slots` checks the
+// lane the pool was actually given.
+const _: () = assert!(
+    validate::MAX_LANE_REQUEST_BYTES <= skep_lane::DEFAULT_MAX_ENTRY as usize,
+    "the default lane entry cannot hold the largest valid request"
+);
+
+/// Checks that a lane of `cfg` is well formed and holds the largest request validation admits:
+/// a smaller one would turn a valid job into a lost worker.
+pub fn check_lane_config(cfg: &LaneConfig) -> Result<(), String> {
+    cfg.validate().map_err(|e| e.to_string())?;
+    if (cfg.max_entry as usize) < validate::MAX_LANE_REQUEST_BYTES {
+        return Err(format!(
+            "lane max_entry {} is below the largest valid request ({} bytes)",
+            cfg.max_entry,
+            validate::MAX_LANE_REQUEST_BYTES
+        ));
+    }
+    Ok(())
+}
 
 /// How to start a worker process. Engine flags only: secrets never go through argv.
 #[derive(Debug, Clone)]
@@ -384,6 +406,8 @@ pub fn spawn_slots(
     speed: Arc<Speed>,
     audit: Audit,
 ) -> std::io::Result<Supervisor> {
+    check_lane_config(&spec.lane)
+        .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
     let mut threads = Vec::with_capacity(slots.count());
     for slot in 0..slots.count() as u32 {
         let thread = SlotThread {
@@ -766,10 +790,15 @@ impl Worker {
             };
             Outcome::Failed { error, tokens }
         };
-        if let Err(e) = self
-            .requests
-            .push_timeout(&lane_req.encode_to_vec(), CANCEL_GRACE)
-        {
+        let entry = lane_req.encode_to_vec();
+        if entry.len() > self.requests.max_entry() as usize {
+            // Cannot happen while `check_lane_config` holds; refused without touching the
+            // worker, which stays up.
+            let max = self.requests.max_entry() as usize;
+            let error = Error::Invalid(validate::ValidationError::LaneRequestTooLarge { max });
+            return (failed(error, 0, None), None);
+        }
+        if let Err(e) = self.requests.push_timeout(&entry, CANCEL_GRACE) {
             let why = e.to_string();
             return (
                 failed(Error::WorkerLost(why.clone()), 0, None),

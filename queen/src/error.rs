@@ -33,6 +33,8 @@ pub enum Error {
     BadPoolUrl(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("node {0} is revoked; enroll it again")]
+    NodeRevoked(String),
     #[error("node {0} not found")]
     NodeNotFound(String),
     #[error("job {0} not found")]

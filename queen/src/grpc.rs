@@ -88,7 +88,20 @@ fn admit_call(
             .check_peer(ip)
             .map_err(|r| Error::RateLimited { retry_after: r.0 })?;
     }
-    let identity = match authenticator.check(req.metadata(), unix_ms()) {
+    // Two `authorization` headers are ambiguous (which one is the caller?): refuse them rather
+    // than let the first win.
+    let checked = if req
+        .metadata()
+        .get_all("authorization")
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        Err(skep_common::auth::AuthError::Malformed)
+    } else {
+        authenticator.check(req.metadata(), unix_ms())
+    };
+    let identity = match checked {
         Ok(id) => id,
         Err(e) => {
             debug!(error = %e, "rejected call");

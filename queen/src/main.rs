@@ -62,6 +62,10 @@ struct Args {
     /// `localhost` and the listen address. skep's own clients always check `queen.skep`.
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
+    /// Allow `--tls off` on a non-loopback address. Bearer tokens, pool keys and prompts then
+    /// cross the network in clear; without this flag the queen refuses to start so.
+    #[arg(long)]
+    insecure_plaintext: bool,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -103,16 +107,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Plaintext off loopback is refused (or, with --insecure-plaintext, warned about) before
+    // anything is created.
+    let plaintext = !args.tls.enabled(args.listen);
+    auth::check_bind(args.listen, plaintext, args.insecure_plaintext)?;
     daemon::create_private_dir(&args.data_dir)?;
+    // One queen per data dir, held for the life of the process and taken before anything writes
+    // there: two would fork the audit chain and fight over the database.
+    let _lock = daemon::DataDirLock::acquire(&args.data_dir)?;
     let token_path = credential_path("admin-token", &args.data_dir.join("admin.token"));
     let admin = Secret::load_or_create(&token_path)?;
     let admin_digest = TokenDigest::of(admin.expose());
     drop(admin);
     info!(file = %token_path.display(), fingerprint = %admin_digest.fingerprint(), "admin token ready");
-    // Every RPC is authenticated, so the bind policy is satisfied; keep the check wired anyway.
-    auth::check_bind(args.listen, true)?;
 
-    let tls = if args.tls.enabled(args.listen) {
+    let tls = if !plaintext {
         let mut names = args.tls_names.clone();
         if !args.listen.ip().is_unspecified() {
             names.push(args.listen.ip().to_string());
@@ -122,9 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!(ca = %args.data_dir.join("tls").join("ca.pem").display(), ca_fingerprint = %tls.ca.fingerprint, "serving TLS");
         Some(Arc::new(tls))
     } else {
-        if !args.listen.ip().is_loopback() {
-            tracing::warn!(listen = %args.listen, "TLS is off on a non-loopback address: tokens, keys and prompts cross the network in clear");
-        }
+        // Off loopback only with --insecure-plaintext, warned about by `check_bind`.
         None
     };
     let store = store::start(&args.data_dir.join("queen.db")).context("opening the state store")?;

@@ -213,7 +213,7 @@ impl Handler<Register> for Registry {
             }
         }
         if self.revoked.contains(&node_id) {
-            return Box::pin(async { Err(Error::PermissionDenied("a node that is not revoked")) });
+            return Box::pin(async { Err(Error::NodeRevoked(node_id)) });
         }
         let target = Target {
             node_id: node_id.clone(),

@@ -161,8 +161,21 @@ impl StoreHandle {
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, Error> {
-        let id = id.to_owned();
-        Ok(self.readers.read(move |c| sql::get(c, &id)).await?)
+        self.get_owned(id, None).await
+    }
+
+    /// The job `id` if `caller` (a token fingerprint) submitted it; `None` means any caller
+    /// (an admin). A job of another caller is `None`, exactly like a missing one.
+    pub async fn get_owned(
+        &self,
+        id: &str,
+        caller: Option<&str>,
+    ) -> Result<Option<JobRecord>, Error> {
+        let (id, caller) = (id.to_owned(), caller.map(str::to_owned));
+        Ok(self
+            .readers
+            .read(move |c| sql::get(c, &id, caller.as_deref()))
+            .await?)
     }
 
     /// At start: the jobs the previous run left queued or running, now marked queued again,
@@ -200,7 +213,20 @@ impl StoreHandle {
     }
 
     pub async fn list(&self, limit: u32) -> Result<Vec<JobRecord>, Error> {
-        Ok(self.readers.read(move |c| sql::list(c, limit)).await?)
+        self.list_owned(limit, None).await
+    }
+
+    /// The newest `limit` jobs `caller` submitted; `None` means everyone's (an admin).
+    pub async fn list_owned(
+        &self,
+        limit: u32,
+        caller: Option<&str>,
+    ) -> Result<Vec<JobRecord>, Error> {
+        let caller = caller.map(str::to_owned);
+        Ok(self
+            .readers
+            .read(move |c| sql::list(c, limit, caller.as_deref()))
+            .await?)
     }
 
     /// Stores an audit checkpoint through the writer. The command is queued before this

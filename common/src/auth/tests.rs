@@ -71,11 +71,22 @@ fn missing_header_is_missing() {
 
 #[test]
 fn bind_policy() {
-    assert!(check_bind("127.0.0.1:1".parse().unwrap(), false).is_ok());
-    assert!(check_bind("[::1]:1".parse().unwrap(), false).is_ok());
-    assert!(check_bind("0.0.0.0:1".parse().unwrap(), true).is_ok());
-    assert!(matches!(
-        check_bind("0.0.0.0:1".parse().unwrap(), false),
-        Err(AuthError::InsecureBind(_))
-    ));
+    let (lo4, lo6) = ("127.0.0.1:1".parse().unwrap(), "[::1]:1".parse().unwrap());
+    let (any4, any6) = ("0.0.0.0:1".parse().unwrap(), "[::]:1".parse().unwrap());
+    let lan = "10.1.2.3:7700".parse().unwrap();
+    // Loopback: plaintext is fine, with or without the flag, and is not "exposed".
+    assert_eq!(check_bind(lo4, true, false), Ok(false));
+    assert_eq!(check_bind(lo6, true, false), Ok(false));
+    for addr in [lo4, lo6, any4, any6, lan] {
+        // TLS: any address.
+        assert_eq!(check_bind(addr, false, false), Ok(false));
+    }
+    for addr in [any4, any6, lan] {
+        // Plaintext off loopback: refused, naming the escape hatch...
+        let err = check_bind(addr, true, false).unwrap_err();
+        assert_eq!(err, AuthError::InsecureBind(addr));
+        assert!(err.to_string().contains("--insecure-plaintext"), "{err}");
+        // ...unless the operator insists, and then it is reported as exposed (warned).
+        assert_eq!(check_bind(addr, true, true), Ok(true));
+    }
 }

@@ -60,3 +60,34 @@ proptest! {
         let _ = prompt(&s);
     }
 }
+
+#[test]
+fn lane_request_bound() {
+    // seq 11 + job id 66 + model 66 + prompt 1+3+64 KiB + max_tokens 6 + deadline 11 + mac 34.
+    assert_eq!(
+        MAX_LANE_REQUEST_BYTES,
+        11 + 66 + 66 + 4 + MAX_PROMPT_BYTES + 6 + 11 + 34
+    );
+    let id = "j".repeat(MAX_ID_LEN);
+    let model = "m".repeat(MAX_ID_LEN);
+    let longest = "p".repeat(MAX_PROMPT_BYTES);
+    assert!(prompt(&longest).is_ok());
+    assert!(lane_request(id.len(), model.len(), longest.len(), MAX_LANE_REQUEST_BYTES).is_ok());
+    // A lane sized by the prompt limit alone (the old 64 KiB) cannot hold a valid request.
+    assert_eq!(
+        lane_request(id.len(), model.len(), longest.len(), MAX_PROMPT_BYTES),
+        Err(ValidationError::LaneRequestTooLarge {
+            max: MAX_PROMPT_BYTES
+        })
+    );
+    assert!(lane_request(1, 1, 1, MAX_LANE_REQUEST_BYTES).is_ok());
+    assert!(
+        lane_request(
+            MAX_ID_LEN,
+            MAX_ID_LEN,
+            MAX_PROMPT_BYTES + 1,
+            MAX_LANE_REQUEST_BYTES
+        )
+        .is_err()
+    );
+}

@@ -57,7 +57,7 @@ fn lane_is_send_and_sync() {
 fn default_config_is_valid() {
     let cfg = LaneConfig::default();
     assert_eq!(cfg.capacity, 1 << 20);
-    assert_eq!(cfg.max_entry, 64 * 1024);
+    assert_eq!(cfg.max_entry, 64 * 1024 + 4096);
     cfg.validate().unwrap();
 }
 

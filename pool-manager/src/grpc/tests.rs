@@ -384,3 +384,20 @@ fn refused_frames_and_cancels_are_answered_on_the_session() {
     assert_eq!(refusals(&mut rx), [(1, 3), (2, 1)]);
     assert_eq!(slots.idle(), 1, "the cancelled job left its slot");
 }
+
+#[test]
+fn a_maximal_job_is_admitted_and_one_byte_more_is_refused() {
+    use prost::Message as _;
+    let longest = JobFrame {
+        job_id: "j".repeat(validate::MAX_ID_LEN),
+        prompt: "p".repeat(validate::MAX_PROMPT_BYTES),
+        ..frame()
+    };
+    assert!(longest.encoded_len() + 8 <= MAX_MESSAGE);
+    assert_eq!(refusal(longest.clone(), Duration::ZERO), None);
+    let over = JobFrame {
+        prompt: "p".repeat(validate::MAX_PROMPT_BYTES + 1),
+        ..longest
+    };
+    assert_eq!(refusal(over, Duration::ZERO), Some(Code::InvalidArgument));
+}

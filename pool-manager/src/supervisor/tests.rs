@@ -471,3 +471,53 @@ fn jobs_on_a_slot_whose_worker_cannot_start_fail_unavailable() {
         Err(Error::ShuttingDown)
     ));
 }
+
+/// The largest request validation admits, encoded as the worker's lane carries it, is exactly
+/// the bound the lane is sized by, and fits the default lane.
+#[test]
+fn the_largest_valid_request_fits_the_lane() {
+    let job_id = "j".repeat(validate::MAX_ID_LEN);
+    let prompt = "p".repeat(validate::MAX_PROMPT_BYTES);
+    validate::identifier("job_id", &job_id).unwrap();
+    validate::prompt(&prompt).unwrap();
+    let secret = Secret::generate();
+    let mac = session::request_mac(&secret, u64::MAX, &job_id, u64::MAX, &prompt);
+    assert_eq!(mac.len(), validate::LANE_MAC_BYTES);
+    let req = LaneRequest {
+        seq: u64::MAX,
+        job_id,
+        model: "m".repeat(validate::MAX_ID_LEN),
+        prompt,
+        max_tokens: u32::MAX,
+        deadline_mono_ns: u64::MAX,
+        mac: mac.to_vec(),
+    };
+    assert_eq!(req.encoded_len(), validate::MAX_LANE_REQUEST_BYTES);
+    let cfg = LaneConfig::default();
+    assert!(req.encoded_len() <= cfg.max_entry as usize);
+    check_lane_config(&cfg).unwrap();
+    let tmp = TempLane::new();
+    assert!(tmp.lane.push(&req.encode_to_vec()).is_ok());
+}
+
+/// A pool given a lane too small for a valid request does not start its slots.
+#[test]
+fn a_lane_too_small_for_a_valid_request_is_refused_at_start() {
+    let small = LaneConfig {
+        capacity: 1 << 20,
+        max_entry: 64 * 1024,
+    };
+    small.validate().unwrap();
+    assert!(check_lane_config(&small).is_err());
+    let tmp = TempLane::new();
+    let spec = Arc::new(WorkerSpec {
+        program: tmp.dir.join("no-such-worker"),
+        args: Vec::new(),
+        lane_dir: tmp.dir.clone(),
+        lane: small,
+        model: "synthetic".into(),
+    });
+    let audit = Audit::start(&tmp.dir).unwrap();
+    let refused = spawn_slots(spec, Slots::new(1, 2), Arc::new(Speed::default()), audit);
+    assert!(refused.is_err());
+}

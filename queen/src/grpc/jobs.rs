@@ -19,7 +19,7 @@ use tracing::info;
 use super::{convert, require};
 use crate::Error;
 use crate::audit::events;
-use crate::auth::Role;
+use crate::auth::{Identity, Role};
 use crate::job::{self, EVENT_BUFFER, NewJob, Services};
 use crate::model::{JobRecord, JobState, unix_ms};
 use skep_audit::Fields;
@@ -45,6 +45,13 @@ impl JobsService {
             let header = deadline::from_metadata(req.metadata())?;
             validate::model_name(&r.model)?;
             validate::prompt(&r.prompt)?;
+            // Whatever id the job gets (at most MAX_ID_LEN), it fits any pool's lanes.
+            validate::lane_request(
+                validate::MAX_ID_LEN,
+                r.model.len(),
+                r.prompt.len(),
+                validate::MAX_LANE_REQUEST_BYTES,
+            )?;
             let max_tokens = validate::max_tokens(r.max_tokens)?;
             Ok::<_, Error>((max_tokens, deadline::budget(header, r.deadline_ms)?))
         })();
@@ -147,13 +154,14 @@ impl Jobs for JobsService {
     }
 
     async fn get(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        require(&req, Role::Submit)?;
+        let who = require(&req, Role::Submit)?;
         let id = req.into_inner().job_id;
         validate::identifier("job_id", &id).map_err(Error::from)?;
+        // Someone else's job answers exactly as a missing one, so ids cannot be probed.
         let mut job = self
             .svc
             .store
-            .get(&id)
+            .get_owned(&id, owner_filter(&who))
             .await?
             .ok_or_else(|| Error::JobNotFound(id.clone()))?;
         // No `running` row update is written (it would sit on the hot path); the live state
@@ -168,38 +176,51 @@ impl Jobs for JobsService {
         &self,
         req: Request<CancelJobRequest>,
     ) -> Result<Response<CancelJobResponse>, Status> {
-        require(&req, Role::Submit)?;
+        let who = require(&req, Role::Submit)?;
         let id = req.into_inner().job_id;
         validate::identifier("job_id", &id).map_err(Error::from)?;
+        let caller = owner_filter(&who);
+        // Ownership first, from the stored record (committed before the submitter ever saw
+        // the id): someone else's job is NOT_FOUND, exactly like a missing one, and untouched.
+        let Some(seen) = self.svc.store.get_owned(&id, caller).await? else {
+            return Err(Error::JobNotFound(id).into());
+        };
         if self.svc.dispatch.cancel(&id).await? {
             return Ok(Response::new(CancelJobResponse {
                 state: PbState::Cancelled as i32,
             }));
         }
-        match self.svc.store.get(&id).await? {
-            Some(j) if j.state.is_terminal() => Err(Status::failed_precondition(format!(
+        // Not live: it may have ended since the first read.
+        let job = self.svc.store.get_owned(&id, caller).await?.unwrap_or(seen);
+        if job.state.is_terminal() {
+            return Err(Status::failed_precondition(format!(
                 "job {id} already ended: {}",
-                j.state.as_str()
-            ))),
-            Some(j) => Ok(Response::new(CancelJobResponse {
-                state: convert::job_state(j.state) as i32,
-            })),
-            None => Err(Error::JobNotFound(id).into()),
+                job.state.as_str()
+            )));
         }
+        Ok(Response::new(CancelJobResponse {
+            state: convert::job_state(job.state) as i32,
+        }))
     }
 
     async fn list(
         &self,
         req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        require(&req, Role::Submit)?;
-        let limit = match req.into_inner().limit {
+        let who = require(&req, Role::Submit)?;
+        let limit = match req.get_ref().limit {
             0 => 50,
             n => n.min(MAX_LIST),
         };
-        let jobs = self.svc.store.list(limit).await?;
+        let jobs = self.svc.store.list_owned(limit, owner_filter(&who)).await?;
         Ok(Response::new(ListJobsResponse {
             jobs: jobs.into_iter().map(convert::job).collect(),
         }))
     }
+}
+
+/// Whose jobs a caller may see: an admin everyone's (`None`), anyone else only the jobs its
+/// own token submitted.
+fn owner_filter(who: &Identity) -> Option<&str> {
+    (who.role != Role::Admin).then_some(who.fingerprint.as_str())
 }

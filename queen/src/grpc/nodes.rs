@@ -131,10 +131,15 @@ impl Nodes for NodesService {
         for digest in &keys {
             self.svc.store.revoke_token(digest).await?;
         }
-        let known = self.svc.registry.revoke(&node_id).await?;
-        if !known && keys.is_empty() {
-            return Err(Error::NodeNotFound(node_id).into());
+        // An id that was never enrolled nor registered is only NOT_FOUND: it must not be
+        // blocked forever in the registry's revoked set (a later node could be given it).
+        if keys.is_empty() {
+            let registered = self.svc.registry.list().await?;
+            if !registered.iter().any(|n| n.id == node_id) {
+                return Err(Error::NodeNotFound(node_id).into());
+            }
         }
+        self.svc.registry.revoke(&node_id).await?;
         self.svc.audit.record(
             events::NODE_REVOKED,
             &who.fingerprint,

@@ -108,7 +108,11 @@ pub(super) fn insert(
 }
 
 pub(super) fn update(conn: &Connection, u: &JobUpdate) -> Result<(), StoreError> {
-    // The prompt is kept only while the job may still need to run again after a restart.
+    // The prompt is kept only while the job may still need to run again after a restart; once
+    // cleared, the WAL that still holds its old pages is scrubbed after the commit.
+    if u.state.is_terminal() {
+        super::writer::scrub_after_commit();
+    }
     conn.prepare_cached(
         "UPDATE jobs SET state = ?2, tokens = ?3, node_id = ?4, error = ?5, timings = ?6,
                          finished_unix_ms = ?7,
@@ -214,17 +218,32 @@ macro_rules! select_jobs {
     };
 }
 
-pub(super) fn get(conn: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
+/// The job `id`; with a `caller`, only if that caller submitted it (a job of someone else reads
+/// as missing).
+pub(super) fn get(
+    conn: &Connection,
+    id: &str,
+    caller: Option<&str>,
+) -> Result<Option<JobRecord>, StoreError> {
     let row = conn
-        .prepare_cached(select_jobs!("WHERE id = ?1"))?
-        .query_row([id], row_to_raw)
+        .prepare_cached(select_jobs!(
+            "WHERE id = ?1 AND (?2 IS NULL OR caller = ?2)"
+        ))?
+        .query_row(params![id, caller], row_to_raw)
         .optional()?;
     row.map(decode).transpose()
 }
 
-pub(super) fn list(conn: &Connection, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(select_jobs!("ORDER BY created_unix_ms DESC LIMIT ?1"))?;
-    let rows = stmt.query_map([limit], row_to_raw)?;
+/// The newest `limit` jobs; with a `caller`, only those it submitted.
+pub(super) fn list(
+    conn: &Connection,
+    limit: u32,
+    caller: Option<&str>,
+) -> Result<Vec<JobRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(select_jobs!(
+        "WHERE (?2 IS NULL OR caller = ?2) ORDER BY created_unix_ms DESC LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map(params![limit, caller], row_to_raw)?;
     rows.map(|r| decode(r?)).collect()
 }
 

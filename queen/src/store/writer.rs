@@ -7,10 +7,12 @@
 //! in its own savepoint so that one that fails is undone alone; callers are acknowledged only
 //! once the transaction holding their command has committed.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::mpsc::error::TrySendError;
@@ -30,6 +32,27 @@ const CHECKPOINT_EVERY: u64 = 64;
 /// SQLite's own checkpoint on commit, left only as a backstop (in pages) for when the
 /// checkpointer cannot keep up: it would run on the writer, fsyncs included.
 const AUTOCHECKPOINT_BACKSTOP: u32 = 10_000;
+
+/// Least time between two scrubbing (TRUNCATE) checkpoints: each one blocks the writer while it
+/// copies and fsyncs, so under load they are spread out, and the nudges between merge.
+const SCRUB_SPACING: Duration = Duration::from_millis(100);
+/// Pause before retrying a scrub that readers or the writer kept from finishing.
+const SCRUB_RETRY: Duration = Duration::from_millis(50);
+/// How long a scrubbing checkpoint waits for readers to move to the latest snapshot.
+const SCRUB_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// Set on the writer thread by a command that removed private data (a prompt) from a row:
+    /// the batch holding it ends with a scrub of the WAL.
+    static SCRUB: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by a writer command that cleared a prompt: once its batch commits, the checkpointer
+/// folds the WAL into the database and truncates it, so the prompt's old page images do not
+/// outlive the job in `queen.db-wal` (`secure_delete` zeroes them in the database file).
+pub(super) fn scrub_after_commit() {
+    SCRUB.with(|s| s.set(true));
+}
 
 /// Counts of what the writer committed; read with `StoreHandle::stats`.
 #[derive(Default)]
@@ -161,27 +184,53 @@ pub(super) fn start(
 ) -> Result<Writer, StoreError> {
     conn.set_prepared_statement_cache_capacity(64);
     conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_BACKSTOP)?;
+    // Deleted and overwritten content (a cleared prompt) is zeroed in the pages written, not
+    // left in free space.
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    checkpoint_conn.pragma_update(None, "secure_delete", "ON")?;
     checkpoint_conn.pragma_update(None, "synchronous", "NORMAL")?;
+    checkpoint_conn.busy_timeout(SCRUB_BUSY_TIMEOUT)?;
     let (tx, rx) = mpsc::channel(QUEUE);
     // One slot: nudges that arrive while a checkpoint is pending or running merge into it.
     let (nudge, nudges) = std_mpsc::sync_channel(1);
+    let nudge = Nudge {
+        tx: nudge,
+        scrub: Arc::new(AtomicBool::new(false)),
+    };
+    let ckpt = nudge.clone();
     std::thread::Builder::new()
         .name("skep-store-ckpt".into())
-        .spawn(move || checkpointer(&checkpoint_conn, &nudges))?;
+        .spawn(move || checkpointer(&checkpoint_conn, &nudges, &ckpt))?;
     std::thread::Builder::new()
         .name("skep-store-write".into())
         .spawn(move || run(&conn, rx, &stats, &nudge))?;
     Ok(Writer { tx })
 }
 
+/// The writer's (and the checkpointer's own) way to wake the checkpointer.
+#[derive(Clone)]
+struct Nudge {
+    tx: std_mpsc::SyncSender<()>,
+    /// Set when the next checkpoint must also truncate the WAL (a prompt was cleared).
+    scrub: Arc<AtomicBool>,
+}
+
+impl Nudge {
+    fn checkpoint(&self) {
+        // Full means a nudge is already waiting: this one adds nothing.
+        let _ = self.tx.try_send(());
+    }
+
+    fn scrub(&self) {
+        // Set before the nudge, so the checkpoint it wakes (or the one waiting) sees it.
+        self.scrub.store(true, Ordering::Release);
+        self.checkpoint();
+    }
+}
+
 /// The writer loop: block for the first command, take whatever else is already queued, commit
 /// it all at once, acknowledge. Ends when every `Writer` is gone and the queue is empty.
-fn run(
-    conn: &Connection,
-    mut rx: mpsc::Receiver<Command>,
-    stats: &Stats,
-    nudge: &std_mpsc::SyncSender<()>,
-) {
+fn run(conn: &Connection, mut rx: mpsc::Receiver<Command>, stats: &Stats, nudge: &Nudge) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut since_nudge = 0;
     while let Some(first) = rx.blocking_recv() {
@@ -192,7 +241,9 @@ fn run(
                 Err(_) => break,
             }
         }
+        SCRUB.with(|s| s.set(false));
         let outcome = commit(conn, &mut batch);
+        let scrub = SCRUB.with(|s| s.replace(false));
         match &outcome {
             Ok(()) => {
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
@@ -207,10 +258,12 @@ fn run(
             cmd.pending.ack(outcome);
         }
         since_nudge += 1;
-        if since_nudge >= CHECKPOINT_EVERY {
+        if scrub && outcome.is_ok() {
             since_nudge = 0;
-            // Full means a nudge is already waiting: this one adds nothing.
-            let _ = nudge.try_send(());
+            nudge.scrub();
+        } else if since_nudge >= CHECKPOINT_EVERY {
+            since_nudge = 0;
+            nudge.checkpoint();
         }
     }
 }
@@ -255,10 +308,113 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 /// Copies committed pages from the WAL into the database file, fsyncs included, so the writer
 /// never has to. PASSIVE: it neither waits for nor blocks the writer or the readers, and
 /// whatever it could not copy this time, the next nudge will.
-fn checkpointer(conn: &Connection, nudges: &std_mpsc::Receiver<()>) {
+///
+/// A scrub (after a batch that cleared a prompt) first copies what it can PASSIVEly, then runs
+/// a TRUNCATE checkpoint, which waits briefly for readers, blocks the writer only for the rest
+/// of the copy, and empties `queen.db-wal`, taking the prompt's old page images with it. Scrubs
+/// are at least `SCRUB_SPACING` apart; one that could not finish is tried again.
+fn checkpointer(conn: &Connection, nudges: &std_mpsc::Receiver<()>, nudge: &Nudge) {
+    let mut last_scrub: Option<Instant> = None;
     while nudges.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        if let Err(e) = checkpoint(conn, "PASSIVE") {
             warn!(error = %e, "WAL checkpoint failed; will retry");
         }
+        if !nudge.scrub.swap(false, Ordering::AcqRel) {
+            continue;
+        }
+        if let Some(wait) = last_scrub.and_then(|t| SCRUB_SPACING.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        last_scrub = Some(Instant::now());
+        match checkpoint(conn, "TRUNCATE") {
+            Ok(true) => {}
+            outcome => {
+                if let Err(e) = outcome {
+                    warn!(error = %e, "WAL scrub failed; will retry");
+                }
+                // Busy (a reader on an old snapshot, or the writer mid-batch): try again soon.
+                std::thread::sleep(SCRUB_RETRY);
+                nudge.scrub();
+            }
+        }
+    }
+}
+
+/// Runs one checkpoint in `mode`; true when it completed (SQLite reported it not busy).
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<bool> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok(r.get::<_, i64>(0)? == 0)
+    })
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use std::time::{Duration, Instant};
+
+    use crate::model::{JobRecord, JobState, Timings};
+    use crate::store::{JobUpdate, start};
+
+    fn holds(path: &std::path::Path, needle: &[u8]) -> bool {
+        std::fs::read(path)
+            .map(|b| b.windows(needle.len()).any(|w| w == needle))
+            .unwrap_or(false)
+    }
+
+    /// A terminal update clears the prompt, and the checkpointer then removes its bytes from
+    /// the WAL and the database file, short prompts (in the row) and long ones (overflow pages).
+    #[test]
+    fn a_cleared_prompt_leaves_the_database_files() {
+        let dir = std::env::temp_dir().join(format!("skep-store-scrub-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("q.db");
+        let marker = "okapi-prompt-7f3a9c";
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = start(&db).unwrap();
+            let long = format!("{marker} ").repeat(1000);
+            for (id, prompt) in [("short", marker.to_owned()), ("long", long)] {
+                let job = JobRecord {
+                    id: id.into(),
+                    model: "m".into(),
+                    state: JobState::Queued,
+                    created_unix_ms: 1,
+                    finished_unix_ms: 0,
+                    deadline_ms: 1000,
+                    max_tokens: 1,
+                    tokens: 0,
+                    node_id: String::new(),
+                    error: String::new(),
+                    timings: Timings::default(),
+                };
+                store.insert(job, &prompt, "caller").await.unwrap();
+            }
+            assert!(holds(&dir.join("q.db-wal"), marker.as_bytes()));
+            for id in ["short", "long"] {
+                let done = JobUpdate {
+                    id: id.into(),
+                    state: JobState::Done,
+                    tokens: 1,
+                    node_id: String::new(),
+                    error: String::new(),
+                    timings: Timings::default(),
+                    finished_unix_ms: 2,
+                };
+                store.update(done).await.unwrap();
+            }
+            let until = Instant::now() + Duration::from_secs(20);
+            let files = ["q.db", "q.db-wal", "q.db-shm"];
+            while files.iter().any(|f| holds(&dir.join(f), marker.as_bytes())) {
+                assert!(
+                    Instant::now() < until,
+                    "the cleared prompt is still on disk"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
