@@ -35,6 +35,11 @@ pub enum Error {
     Tls(String),
     #[error("node {0} is revoked; enroll it again")]
     NodeRevoked(String),
+    #[error(
+        "pool URL {url} is registered by another node ({holder}); a node may only replace its \
+         own registration: give this pool its own --advertise URL"
+    )]
+    UrlTaken { url: String, holder: String },
     #[error("node {0} not found")]
     NodeNotFound(String),
     #[error("job {0} not found")]

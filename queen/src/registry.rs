@@ -200,20 +200,41 @@ impl Handler<Register> for Registry {
             Ok(e) => e,
             Err(e) => return Box::pin(async { Err(e) }),
         };
+        // Checked before anything changes: a refused registration must not disturb anyone.
+        if self.revoked.contains(&node_id) {
+            return Box::pin(async { Err(Error::NodeRevoked(node_id)) });
+        }
+        // A node may only replace its own registration: another live node's URL is not up for
+        // grabs (it would evict that node and fail its jobs). A dead holder is forgotten.
+        let holder = self
+            .nodes
+            .iter()
+            .find(|(id, e)| {
+                **id != node_id
+                    && e.info.pool_url == msg.pool_url
+                    && e.info.health != NodeHealth::Dead
+            })
+            .map(|(id, _)| id.clone());
+        if let Some(holder) = holder {
+            warn!(node = %node_id, %holder, url = %msg.pool_url, "registration refused: the pool URL belongs to another node");
+            return Box::pin(async move {
+                Err(Error::UrlTaken {
+                    url: msg.pool_url,
+                    holder,
+                })
+            });
+        }
         // A pool that registers again (e.g. after restarting) replaces its old entry.
         let stale: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, e)| e.info.pool_url == msg.pool_url)
+            .filter(|(id, e)| e.info.pool_url == msg.pool_url || **id == node_id)
             .map(|(id, _)| id.clone())
             .collect();
-        for id in stale.iter().chain(std::iter::once(&node_id)) {
+        for id in &stale {
             if let Some(old) = self.nodes.remove(id) {
                 old.target.gone.cancel();
             }
-        }
-        if self.revoked.contains(&node_id) {
-            return Box::pin(async { Err(Error::NodeRevoked(node_id)) });
         }
         let target = Target {
             node_id: node_id.clone(),

@@ -198,7 +198,17 @@ impl Nodes for NodesService {
                 node_id,
                 figures: checked_figures(&r.figures)?,
             })
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if let Error::UrlTaken { holder, .. } = e {
+                    let fields = Fields::new().node(&who.node_id).reason(&e.to_string());
+                    self.svc.audit.record(
+                        "node.url_conflict",
+                        &who.fingerprint,
+                        fields.str("holder", holder),
+                    );
+                }
+            })?;
         Ok(Response::new(RegisterResponse {
             node_id: reg.node_id,
             heartbeat_interval_ms: u32::try_from(
