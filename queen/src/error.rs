@@ -36,8 +36,8 @@ pub enum Error {
     #[error("node {0} is revoked; enroll it again")]
     NodeRevoked(String),
     #[error(
-        "pool URL {url} is registered by another node ({holder}); a node may only replace its \
-         own registration: give this pool its own --advertise URL"
+        "pool URL {url} is registered by another node ({holder}) that is alive; a node may only \
+         replace its own registration: give this pool its own --advertise URL, or stop the other"
     )]
     UrlTaken { url: String, holder: String },
     #[error("node {0} not found")]

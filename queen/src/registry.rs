@@ -204,15 +204,16 @@ impl Handler<Register> for Registry {
         if self.revoked.contains(&node_id) {
             return Box::pin(async { Err(Error::NodeRevoked(node_id)) });
         }
-        // A node may only replace its own registration: another live node's URL is not up for
-        // grabs (it would evict that node and fail its jobs). A dead holder is forgotten.
+        // A node may only replace its own registration: a healthy node's URL is not up for
+        // grabs (it would evict that node and fail its jobs). A holder that stopped heartbeating
+        // (suspect or dead: a machine whose pool was replaced) gives its URL up.
         let holder = self
             .nodes
             .iter()
             .find(|(id, e)| {
                 **id != node_id
                     && e.info.pool_url == msg.pool_url
-                    && e.info.health != NodeHealth::Dead
+                    && e.info.health == NodeHealth::Healthy
             })
             .map(|(id, _)| id.clone());
         if let Some(holder) = holder {

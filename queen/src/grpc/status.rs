@@ -15,9 +15,9 @@ impl From<Error> for Status {
         match e {
             Error::Auth(AuthError::InsecureBind(_)) => Status::failed_precondition(msg),
             Error::Auth(_) => Status::unauthenticated(msg),
-            Error::PermissionDenied(_) | Error::NodeRevoked(_) | Error::UrlTaken { .. } => {
-                Status::permission_denied(msg)
-            }
+            Error::PermissionDenied(_) | Error::NodeRevoked(_) => Status::permission_denied(msg),
+            // Not permanent: the pool retries, and gets in once the holder stops heartbeating.
+            Error::UrlTaken { .. } => Status::failed_precondition(msg),
             Error::Invalid(_) | Error::BadDeadline(_) | Error::BadPoolUrl(_) => {
                 Status::invalid_argument(msg)
             }
