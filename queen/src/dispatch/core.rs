@@ -250,7 +250,19 @@ struct Node {
     credits: u32,
     slots: Vec<Slot>,
     costs: HashMap<String, Cost>,
-    figures: HashMap<String, Figures>,
+}
+
+impl Node {
+    /// A node known (by its figures or an earlier session) but not serving.
+    fn down() -> Node {
+        Node {
+            up: false,
+            models: Vec::new(),
+            credits: 0,
+            slots: Vec::new(),
+            costs: HashMap::new(),
+        }
+    }
 }
 
 /// The dispatch core. See the module docs.
@@ -405,22 +417,7 @@ impl Core {
                 retry_after: self.cfg.retry_after,
             });
         }
-        let key = self.next_key;
-        self.next_key += 1;
-        let progress = Arc::new(Progress::default());
-        self.jobs.insert(
-            key,
-            Live {
-                spec,
-                node: node.clone(),
-                place: Place::Parked,
-                attempt: 1,
-                avoid: Vec::new(),
-                progress: Arc::clone(&progress),
-                zombie: false,
-                seq: key,
-            },
-        );
+        let (key, progress) = self.track(spec);
         self.enqueue(key, &node, slot);
         self.pump(now, &node, slot);
         Ok(Admitted {
@@ -435,6 +432,14 @@ impl Core {
     /// Takes a job the previous queen process accepted: placed like a new one if some slot can
     /// still finish it in time, parked until a pool serving its model joins otherwise.
     pub fn resume(&mut self, now: Micros, spec: JobSpec) -> (JobKey, Arc<Progress>) {
+        let (key, progress) = self.track(spec);
+        self.parked.insert(key);
+        self.unpark(now);
+        (key, progress)
+    }
+
+    /// Enters a new job in the live table, not yet placed.
+    fn track(&mut self, spec: JobSpec) -> (JobKey, Arc<Progress>) {
         let key = self.next_key;
         self.next_key += 1;
         let progress = Arc::new(Progress::default());
@@ -451,8 +456,6 @@ impl Core {
                 seq: key,
             },
         );
-        self.parked.insert(key);
-        self.unpark(now);
         (key, progress)
     }
 
@@ -551,14 +554,7 @@ impl Core {
         models: Vec<String>,
     ) {
         let quantile = self.cfg.quantile;
-        let node = self.nodes.entry(id.to_owned()).or_insert_with(|| Node {
-            up: false,
-            models: Vec::new(),
-            credits,
-            slots: Vec::new(),
-            costs: HashMap::new(),
-            figures: HashMap::new(),
-        });
+        let node = self.nodes.entry(id.to_owned()).or_insert_with(Node::down);
         if node.up && node.slots.len() == slots as usize {
             node.models = models;
             node.credits = credits;
@@ -585,29 +581,11 @@ impl Core {
     /// The speed a pool measured at warm-up; stands in until the queen has measured its own.
     pub fn figures(&mut self, id: &str, model: &str, f: Figures) {
         let quantile = self.cfg.quantile;
-        if let Some(node) = self.nodes.get_mut(id) {
-            node.figures.insert(model.to_owned(), f);
-            node.costs
-                .entry(model.to_owned())
-                .or_insert_with(|| Cost::new(quantile))
-                .set_figures(f);
-        } else {
-            let mut costs = HashMap::new();
-            let mut c = Cost::new(quantile);
-            c.set_figures(f);
-            costs.insert(model.to_owned(), c);
-            self.nodes.insert(
-                id.to_owned(),
-                Node {
-                    up: false,
-                    models: Vec::new(),
-                    credits: 0,
-                    slots: Vec::new(),
-                    costs,
-                    figures: HashMap::from([(model.to_owned(), f)]),
-                },
-            );
-        }
+        let node = self.nodes.entry(id.to_owned()).or_insert_with(Node::down);
+        node.costs
+            .entry(model.to_owned())
+            .or_insert_with(|| Cost::new(quantile))
+            .set_figures(f);
     }
 
     /// A pool left (dead, revoked, unreachable, session closed): its jobs go elsewhere if their
