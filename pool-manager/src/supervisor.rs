@@ -541,22 +541,7 @@ impl SlotThread {
             deadline: job.deadline,
             arrived: job.arrived,
         };
-        let (outcome, death) = w.run(seq, &req, cancelled, &mut emit);
-        let terminal = match outcome {
-            Outcome::Finished {
-                tokens,
-                pool_us,
-                first_token_us,
-                generation_us,
-            } => Event::Finished {
-                tokens,
-                pool_us,
-                first_token_us,
-                generation_us,
-            },
-            Outcome::Failed { error, tokens } => Event::Failed { error, tokens },
-        };
-        (terminal, death)
+        w.run(seq, &req, cancelled, &mut emit)
     }
 
     /// Replaces a broken worker: audits lane corruption and fails the jobs queued behind it
@@ -603,7 +588,7 @@ fn warm_up(w: &mut Worker, model: &str, closed: &AtomicBool) -> (Option<Figures>
     };
     let (outcome, death) = w.run(seq, &req, closed, &mut |_| true);
     match outcome {
-        Outcome::Finished {
+        Event::Finished {
             tokens,
             first_token_us,
             generation_us,
@@ -612,10 +597,12 @@ fn warm_up(w: &mut Worker, model: &str, closed: &AtomicBool) -> (Option<Figures>
             let figures = figures(tokens, first_token_us, generation_us);
             (Some(figures), death)
         }
-        Outcome::Failed { error, tokens } => {
+        Event::Failed { error, tokens } => {
             warn!(error = %error, tokens, "warm-up job failed");
             (None, death)
         }
+        // `run` ends with a terminal event only.
+        Event::Started { .. } | Event::Token { .. } => (None, death),
     }
 }
 
@@ -635,20 +622,6 @@ struct LaneJob<'a> {
     max_tokens: u32,
     deadline: Deadline,
     arrived: Instant,
-}
-
-/// How a job ended on the worker.
-enum Outcome {
-    Finished {
-        tokens: u32,
-        pool_us: u64,
-        first_token_us: u64,
-        generation_us: u64,
-    },
-    Failed {
-        error: Error,
-        tokens: u32,
-    },
 }
 
 struct Worker {
@@ -763,7 +736,7 @@ impl Worker {
         job: &LaneJob<'_>,
         cancelled: &AtomicBool,
         emit: &mut dyn FnMut(Event) -> bool,
-    ) -> (Outcome, Option<Death>) {
+    ) -> (Event, Option<Death>) {
         let remaining = u64::try_from(job.deadline.remaining().as_nanos()).unwrap_or(u64::MAX);
         let deadline_ns = monotonic_ns().saturating_add(remaining);
         let mac = session::request_mac(&self.session, seq, job.job_id, deadline_ns, job.prompt);
@@ -788,7 +761,7 @@ impl Worker {
             } else {
                 error
             };
-            Outcome::Failed { error, tokens }
+            Event::Failed { error, tokens }
         };
         let entry = lane_req.encode_to_vec();
         if entry.len() > self.requests.max_entry() as usize {
@@ -882,7 +855,7 @@ impl Worker {
                     if cancelled_at.is_some() || cancelled.load(Ordering::Acquire) {
                         return (failed(Error::Cancelled, d.tokens, cancelled_at), None);
                     }
-                    let done = Outcome::Finished {
+                    let done = Event::Finished {
                         tokens: d.tokens,
                         pool_us,
                         first_token_us: d.first_token_us,
