@@ -29,7 +29,7 @@ export SKEP_MODEL_PATH
 scripts/fetch-model.sh gemma3 >/dev/null
 
 step "tests"
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 
 step "lane checks under valgrind"
 scripts/lane-valgrind.sh
