@@ -5,6 +5,8 @@ set -euo pipefail
 need=()
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
+# `systemd-analyze verify` checks the shipped units (integration/tests/systemd.rs).
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # `ip` is for scripts/netns-cluster.sh, which needs root anyway: without root it is skipped, not
 # a reason to fail here.
 if ! command -v ip >/dev/null && [ "$(id -u)" -eq 0 ]; then need+=(iproute2); fi

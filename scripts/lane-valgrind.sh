@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs skep-lane's hostile-peer tests under valgrind (memcheck) as a stand-in for miri/ASan,
+# Runs skep-lane's unit, hostile-peer and sealed-lane tests under valgrind (memcheck) as a stand-in for miri/ASan,
 # which need a nightly toolchain we do not have. Any invalid read/write, use of
 # uninitialised memory or panic fails the script. Bounded to ~2 minutes.
 #
@@ -20,11 +20,12 @@ if [[ "$(uname -m)" == x86_64 ]]; then
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/valgrind"
 fi
 
-mapfile -t bins < <(cargo test -j"${JOBS:-2}" -p skep-lane --lib --test hostile --no-run \
+# `sealed` covers the memfd lanes and the fd hand-over to a child (its pre_exec hook).
+mapfile -t bins < <(cargo test -j"${JOBS:-2}" -p skep-lane --lib --test hostile --test sealed --no-run \
     --message-format=json \
   | grep '"reason":"compiler-artifact"' \
   | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
-[ "${#bins[@]}" -eq 2 ] || { echo "expected 2 test binaries, got: ${bins[*]:-none}" >&2; exit 2; }
+[ "${#bins[@]}" -eq 3 ] || { echo "expected 3 test binaries, got: ${bins[*]:-none}" >&2; exit 2; }
 
 for bin in "${bins[@]}"; do
   echo "valgrind: $bin"

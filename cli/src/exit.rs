@@ -47,6 +47,12 @@ impl Failure {
         }
     }
 
+    /// What would be printed, for tests that check which failure it is.
+    #[cfg(test)]
+    pub fn text(&self) -> (u8, &str) {
+        (self.code, self.message.as_deref().unwrap_or(""))
+    }
+
     pub fn report(self) -> ExitCode {
         if let Some(m) = self.message {
             eprintln!("error: {m}");

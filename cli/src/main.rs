@@ -4,9 +4,11 @@
 //! 3 deadline exceeded, 4 rejected for capacity or rate limit, 5 unauthenticated or permission
 //! denied, 6 unavailable, 1 anything else.
 
+mod approve;
 mod audit;
 mod exit;
 mod models;
+mod prompt;
 mod render;
 
 use std::io::Write;
@@ -75,7 +77,11 @@ enum Command {
         /// Print one JSON object per event instead of the text.
         #[arg(long)]
         json: bool,
-        prompt: String,
+        /// Read the prompt from this file instead of the argument.
+        #[arg(long, value_name = "FILE")]
+        prompt_file: Option<PathBuf>,
+        /// The prompt; `-` reads it from stdin.
+        prompt: Option<String>,
     },
     /// Inspect jobs.
     Jobs {
@@ -102,6 +108,24 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Approver keys for governed actions (offline).
+    Approver {
+        #[command(subcommand)]
+        command: approve::ApproverCommand,
+    },
+    /// Sign an approval credential for one governed action (offline; see docs/APPROVALS.md).
+    Approve(approve::ApproveArgs),
+    /// The cluster itself.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Print the queen's cluster id: the environment approvals name (admin).
+    Id,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +144,10 @@ enum TokenCommand {
         /// A name for operators.
         #[arg(long, default_value = "")]
         label: String,
+        /// Jobs this token may have queued or running at once (default: the queen's
+        /// --max-jobs-per-caller).
+        #[arg(long)]
+        max_jobs: Option<u32>,
         /// Write the token to this new file (mode 0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -130,7 +158,13 @@ enum TokenCommand {
         json: bool,
     },
     /// Revoke a token by its fingerprint.
-    Revoke { fingerprint: String },
+    Revoke {
+        fingerprint: String,
+        /// An approval credential (`skep approve token.revoke_last_admin`), needed to revoke
+        /// the last admin token where the queen requires one.
+        #[arg(long)]
+        approval: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,12 +209,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    // The audit commands work offline on files: no token, no queen.
+    // The audit and approval commands work offline on files: no token, no queen.
     let cli = match Cli::parse() {
         Cli {
             command: Command::Audit { command },
             ..
         } => return audit::run(command),
+        Cli {
+            command: Command::Approver { command },
+            ..
+        } => return approve::init(command),
+        Cli {
+            command: Command::Approve(args),
+            ..
+        } => return approve::approve(args),
         cli => cli,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -252,8 +294,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             deadline,
             max_tokens,
             json,
+            prompt_file,
             prompt,
         } => {
+            let prompt = prompt::resolve(prompt, prompt_file.as_deref())?;
             submit(
                 &queen,
                 model,
@@ -294,7 +338,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Token { command } => token(&queen, command).await,
         Command::Model { command } => models::run(&queen, command).await,
-        Command::Audit { .. } => Ok(()),
+        Command::Audit { .. } | Command::Approver { .. } | Command::Approve(_) => Ok(()),
+        Command::Cluster {
+            command: ClusterCommand::Id,
+        } => {
+            let list = TokensClient::new(queen.channel.clone())
+                .list(queen.request(ListTokensRequest {}))
+                .await?
+                .into_inner();
+            println!("{}", list.cluster_id);
+            Ok(())
+        }
         Command::Nodes { command } => {
             let mut client = NodesClient::new(queen.channel.clone());
             match command {
@@ -327,6 +381,7 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
             enroll,
             ttl,
             label,
+            max_jobs,
             out,
         } => {
             let role = if enroll { "enroll".to_owned() } else { role };
@@ -337,6 +392,7 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
                     role,
                     ttl_ms,
                     label,
+                    max_jobs: max_jobs.unwrap_or(0),
                 }))
                 .await?
                 .into_inner();
@@ -380,10 +436,15 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
                 .into_inner();
             render::tokens(&list.tokens, json);
         }
-        TokenCommand::Revoke { fingerprint } => {
+        TokenCommand::Revoke {
+            fingerprint,
+            approval,
+        } => {
+            let approval = approve::read_approval(approval.as_deref())?;
             client
                 .revoke(queen.request(RevokeTokenRequest {
                     fingerprint: fingerprint.clone(),
+                    approval,
                 }))
                 .await?;
             println!("token {fingerprint} revoked");
@@ -481,6 +542,15 @@ async fn submit(
             Some(job_event::Kind::Token(t)) if !json => {
                 let _ = write!(out, "{}", t.text);
                 let _ = out.flush();
+            }
+            Some(job_event::Kind::Restarted(r)) if !json => {
+                // What was printed came from a pool that failed; the new one's output differs.
+                let _ = writeln!(out);
+                let _ = out.flush();
+                eprintln!(
+                    "[restarted on node {} (attempt {}): {}; the output starts again]",
+                    r.node_id, r.attempt, r.reason
+                );
             }
             Some(job_event::Kind::Done(d)) => {
                 if !json {

@@ -23,6 +23,10 @@ pub enum ModelCommand {
         file: PathBuf,
         #[arg(long, default_value = "gguf")]
         format: String,
+        /// An approval credential for model.add over this file's SHA-256 (`skep approve`),
+        /// where the queen requires one.
+        #[arg(long)]
+        approval: Option<PathBuf>,
     },
     /// List the catalogue.
     List {
@@ -48,7 +52,13 @@ fn digest(path: &Path) -> std::io::Result<(String, u64)> {
 pub async fn run(queen: &Queen, command: ModelCommand) -> Result<(), Failure> {
     let mut client = ModelsClient::new(queen.channel.clone());
     match command {
-        ModelCommand::Add { name, file, format } => {
+        ModelCommand::Add {
+            name,
+            file,
+            format,
+            approval,
+        } => {
+            let approval = crate::approve::read_approval(approval.as_deref())?;
             let io = |e: std::io::Error| Failure::usage(format!("{}: {e}", file.display()));
             let (sha256, size) = digest(&file).map_err(io)?;
             eprintln!(
@@ -61,7 +71,7 @@ pub async fn run(queen: &Queen, command: ModelCommand) -> Result<(), Failure> {
             let (meta_name, meta_sha) = (name.clone(), sha256.clone());
             let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 let mut f = std::fs::File::open(&path)?;
-                let mut first = Some((meta_name, format, size, meta_sha));
+                let mut first = Some((meta_name, format, size, meta_sha, approval));
                 loop {
                     let mut buf = vec![0u8; CHUNK];
                     let n = f.read(&mut buf)?;
@@ -70,9 +80,14 @@ pub async fn run(queen: &Queen, command: ModelCommand) -> Result<(), Failure> {
                         data: buf,
                         ..ModelChunk::default()
                     };
-                    if let Some((name, format, size, sha256)) = first.take() {
-                        (chunk.name, chunk.format, chunk.size, chunk.sha256) =
-                            (name, format, size, sha256);
+                    if let Some((name, format, size, sha256, approval)) = first.take() {
+                        (
+                            chunk.name,
+                            chunk.format,
+                            chunk.size,
+                            chunk.sha256,
+                            chunk.approval,
+                        ) = (name, format, size, sha256, approval);
                     } else if n == 0 {
                         return Ok(());
                     }

@@ -146,6 +146,7 @@ pub fn tokens(tokens: &[TokenInfo], json: bool) {
                 "created_unix_ms": t.created_unix_ms,
                 "expires_unix_ms": t.expires_unix_ms,
                 "revoked": t.revoked,
+                "max_jobs": t.max_jobs,
             });
             println!("{v}");
         } else {
@@ -154,8 +155,12 @@ pub fn tokens(tokens: &[TokenInfo], json: bool) {
                 ms => format!("expires at unix ms {ms}"),
             };
             let state = if t.revoked { "revoked" } else { "active" };
+            let share = match t.max_jobs {
+                0 => String::new(),
+                n => format!("  max {n} jobs"),
+            };
             println!(
-                "{}  {}  {}  {}  {}",
+                "{}  {}  {}  {}  {}{share}",
                 t.fingerprint, t.role, t.label, state, expiry
             );
         }
@@ -176,6 +181,9 @@ pub fn event_json(ev: &JobEvent) {
         }
         Some(Kind::Token(t)) => {
             json!({"event": "token", "job_id": ev.job_id, "index": t.index, "text": t.text})
+        }
+        Some(Kind::Restarted(r)) => {
+            json!({"event": "restarted", "job_id": ev.job_id, "attempt": r.attempt, "node_id": r.node_id, "reason": r.reason})
         }
         Some(Kind::Done(d)) => {
             json!({"event": "done", "job_id": ev.job_id, "tokens": d.tokens, "timings": timings_json(&d.timings.unwrap_or_default())})

@@ -47,7 +47,8 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-fn unique_dir(tag: &str) -> PathBuf {
+/// A fresh, empty directory for one test (under the system temp dir).
+pub fn unique_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let d = std::env::temp_dir().join(format!(
         "skep-it-{tag}-{}-{}",
@@ -649,4 +650,10 @@ pub fn assert_success(out: &Output) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A fresh private directory for files a test needs before its cluster starts (e.g. keys the
+/// queen is started with). The caller removes it.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    unique_dir(tag)
 }

@@ -38,7 +38,8 @@ fn run_bounded(cmd: &mut Command, dir: &Path, name: &str) -> (Option<ExitStatus>
 fn assert_refused(status: Option<ExitStatus>, stderr: &str, what: &str) {
     match status {
         None => panic!("{what} kept running instead of refusing to start; stderr:\n{stderr}"),
-        Some(s) => assert!(!s.success(), "{what} exited 0; stderr:\n{stderr}"),
+        // Exit 1 is a start-up refusal (an error from main); a crash or a signal is not.
+        Some(s) => assert_eq!(s.code(), Some(1), "{what}: {s}; stderr:\n{stderr}"),
     }
 }
 

@@ -100,9 +100,17 @@ fn a_corrupted_transfer_is_rejected_and_no_worker_runs_on_it() {
 
     cluster.add_pool(catalogue_pool());
     let status = cluster.pools[0].child.wait().unwrap();
-    assert!(!status.success(), "the pool must not start on a bad file");
     let log = std::fs::read_to_string(cluster.dir.join("pool0.log")).unwrap();
-    assert!(log.contains("did not match the catalogue"), "{log}");
+    // The pool must not start on a bad file: an orderly refusal (main's error, exit 1) after
+    // its three attempts, not a crash, a signal or another error.
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "model \"smollm2\": 3 transfers did not match the catalogue (size {}, SHA-256 {sha})",
+            bytes.len()
+        )),
+        "{log}"
+    );
     let pool_dir = &cluster.pools[0].dir;
     // Nothing kept under any name, and no worker was ever started.
     let kept: Vec<_> = std::fs::read_dir(pool_dir.join("models"))

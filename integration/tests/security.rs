@@ -168,9 +168,10 @@ fn a_peer_repeating_bad_tokens_is_throttled() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // While penalised, the peer is turned away before its token is even looked at.
+    // The penalty is for bad tokens only: a valid caller at the same address is served
+    // (integration/tests/frontdoor.rs floods it harder).
     let out = cluster.cli().args(["jobs", "list"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(4));
+    skep_integration::assert_success(&out);
 }
 
 #[test]

@@ -181,3 +181,70 @@ fn nodes_report_their_inventory_in_heartbeats() {
             && node["inventory"]["models_loaded"][0] == "synthetic"
     });
 }
+
+#[test]
+fn the_prompt_can_come_from_stdin_or_a_file() {
+    use std::io::Write;
+    let cluster = Cluster::start(PoolOpts::default());
+    let prompt = "notes piped in\nacross two lines";
+    let expect = |out: &std::process::Output| {
+        skep_integration::assert_success(out);
+        let text: String = events(out)
+            .iter()
+            .filter(|e| e["event"] == "token")
+            .map(|e| e["text"].as_str().unwrap().to_owned())
+            .collect();
+        let want: String = (0..4).map(|i| SyntheticEngine::token(prompt, i)).collect();
+        assert_eq!(text, want, "the job ran on another prompt");
+    };
+    let mut child = cluster
+        .cli()
+        .args([
+            "submit",
+            "--json",
+            "--model",
+            "synthetic",
+            "--deadline",
+            "30s",
+        ])
+        .args(["--max-tokens", "4", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(prompt.as_bytes())
+        .unwrap();
+    expect(&child.wait_with_output().unwrap());
+
+    let file = cluster.dir.join("prompt.txt");
+    std::fs::write(&file, prompt).unwrap();
+    let out = cluster
+        .cli()
+        .args([
+            "submit",
+            "--json",
+            "--model",
+            "synthetic",
+            "--deadline",
+            "30s",
+        ])
+        .args(["--max-tokens", "4", "--prompt-file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    expect(&out);
+
+    // Neither source: a usage error (exit 2) that says how to give one.
+    let out = cluster
+        .cli()
+        .args(["submit", "--model", "synthetic", "--deadline", "30s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`-` to read stdin"));
+}

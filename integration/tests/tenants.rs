@@ -242,3 +242,145 @@ fn a_revoked_node_is_told_so_plainly() {
         );
     });
 }
+
+#[test]
+fn one_tenant_holding_500_unread_streams_cannot_starve_another() {
+    // The rate limit is raised so that only the per-caller share stands between tenant A and
+    // the whole queue (256 waiting jobs by default).
+    let cluster = Cluster::start_with(
+        &["--rate-limit", "2000/1s"],
+        PoolOpts {
+            tps: 20.0,
+            ..PoolOpts::default()
+        },
+    );
+    let a = create_token(&cluster, "submit", "a.token");
+    let b = create_token(&cluster, "submit", "b.token");
+    let rt = runtime();
+    rt.block_on(async {
+        // A opens 500 job streams over a few connections and never reads one of them.
+        let mut held = Vec::new();
+        let mut refused = Vec::new();
+        for conn in 0..5 {
+            let mut jobs = cluster.jobs_client().await;
+            for i in 0..100 {
+                let req = SubmitRequest {
+                    model: "synthetic".into(),
+                    prompt: format!("A's job {conn}/{i}"),
+                    // 10 s each: none of A's jobs ends while A is still submitting, so exactly
+                    // its share is admitted.
+                    max_tokens: 200,
+                    deadline_ms: 3_600_000,
+                };
+                match jobs.submit(as_caller(&a, req)).await {
+                    Ok(stream) => held.push(stream.into_inner()),
+                    Err(status) => refused.push(status),
+                }
+            }
+        }
+        // B is admitted and its job finishes while A's streams sit unread.
+        let mut jobs = cluster.jobs_client().await;
+        let mut stream = jobs
+            .submit(as_caller(
+                &b,
+                SubmitRequest {
+                    model: "synthetic".into(),
+                    prompt: "B's job".into(),
+                    max_tokens: 2,
+                    deadline_ms: 120_000,
+                },
+            ))
+            .await
+            .expect("B is admitted while A holds its streams")
+            .into_inner();
+        let mut last = None;
+        while let Some(ev) = stream.message().await.expect("B's stream") {
+            last = ev.kind;
+        }
+        assert!(matches!(last, Some(Kind::Done(_))), "B's job: {last:?}");
+        // The default share is 64 live jobs per caller; the rest are refused as A's own excess.
+        assert_eq!(held.len(), 64, "A holds {} streams", held.len());
+        assert_eq!(refused.len(), 500 - 64);
+        for status in &refused {
+            assert_eq!(
+                status.code(),
+                Code::ResourceExhausted,
+                "{}",
+                status.message()
+            );
+            assert!(
+                status.message().contains("its share"),
+                "{}",
+                status.message()
+            );
+        }
+        drop(held);
+    });
+}
+
+#[test]
+fn a_token_created_with_max_jobs_has_its_own_share() {
+    let cluster = Cluster::start(PoolOpts {
+        tps: 10.0,
+        ..PoolOpts::default()
+    });
+    let path = cluster.dir.join("small.token");
+    let out = cluster
+        .cli()
+        .args(["token", "create", "--role", "submit", "--max-jobs", "2"])
+        .args(["--label", "small", "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    skep_integration::assert_success(&out);
+    let small = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    let listed = cluster
+        .cli()
+        .args(["token", "list", "--json"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("\"label\":\"small\"") && l.contains("\"max_jobs\":2")),
+        "{listed}"
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let mut jobs = cluster.jobs_client().await;
+        let req = || SubmitRequest {
+            model: "synthetic".into(),
+            prompt: "a long story".into(),
+            max_tokens: 100,
+            deadline_ms: 600_000,
+        };
+        let _first = jobs.submit(as_caller(&small, req())).await.expect("first");
+        let _second = jobs.submit(as_caller(&small, req())).await.expect("second");
+        let third = jobs.submit(as_caller(&small, req())).await.unwrap_err();
+        assert_eq!(third.code(), Code::ResourceExhausted, "{}", third.message());
+        assert!(
+            third.message().contains("already has 2 jobs"),
+            "{}",
+            third.message()
+        );
+    });
+    // A share beyond what a queen can hold, or on an enrollment token, is refused.
+    for args in [
+        &["--role", "submit", "--max-jobs", "5000"][..],
+        &["--enroll", "--max-jobs", "3"][..],
+    ] {
+        let out = cluster
+            .cli()
+            .args(["token", "create"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("max_jobs"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -32,3 +32,22 @@ pub enum KernelError {
         got: usize,
     },
 }
+
+/// Called first by the tests that compare an AVX2 kernel with its portable twin. The AVX2
+/// kernels exist only in builds that target AVX2 and FMA (`safe_arch` gates them at compile
+/// time), so without this such a test would have nothing to compare and pass vacuously. On
+/// x86-64 (every CI machine has AVX2 and FMA) a build or CPU without them fails here instead.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[track_caller]
+pub(crate) fn require_avx2_fma() {
+    assert!(
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        "this CPU lacks AVX2 or FMA: the AVX2 kernels cannot be checked here"
+    );
+    #[cfg(not(all(target_feature = "avx2", target_feature = "fma")))]
+    panic!(
+        "this build does not target AVX2 and FMA (RUSTFLAGS replace .cargo/config.toml's \
+         target-cpu=native), so the AVX2 kernels were not compiled and cannot be checked; \
+         build with -C target-cpu=native or x86-64-v3"
+    );
+}

@@ -314,27 +314,32 @@ mod tests {
         check(70, 64, 5, 2, &x);
     }
 
-    /// The vector path and the portable one sum in the same order: their results are equal to
-    /// the bit (this is what makes the kernel's rounding match llama.cpp's).
+    /// The AVX2 path and the portable one sum in the same order: their results are equal to
+    /// the bit (this is what makes the kernel's rounding match llama.cpp's). Both are called by
+    /// name, so this compares two kernels even though `dot` picks one at compile time.
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn vector_and_portable_paths_agree_to_the_bit() {
-        let (w, _) = matrix(64, 576, 9);
-        let blocks = 576 / QK;
-        for seed in 0..8u32 {
-            let x: Vec<f32> = (0..576u32)
-                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-                .collect();
-            let a = Q8_1Row::quantize(&x);
-            for r in 0..64 {
-                let (s, q) = (
-                    &w.scales[r * blocks..(r + 1) * blocks],
-                    &w.qs[r * blocks..(r + 1) * blocks],
-                );
-                assert_eq!(
-                    dot(s, q, &a).to_bits(),
-                    dot_portable(s, q, &a).to_bits(),
-                    "row {r}"
-                );
+    fn avx2_and_portable_paths_agree_to_the_bit() {
+        crate::require_avx2_fma();
+        #[cfg(all(target_feature = "avx2", target_feature = "fma"))]
+        {
+            let (w, _) = matrix(64, 576, 9);
+            let blocks = 576 / QK;
+            for seed in 0..8u32 {
+                let x: Vec<f32> = (0..576u32)
+                    .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
+                let a = Q8_1Row::quantize(&x);
+                for r in 0..64 {
+                    let (s, q) = (
+                        &w.scales[r * blocks..(r + 1) * blocks],
+                        &w.qs[r * blocks..(r + 1) * blocks],
+                    );
+                    let avx2 = dot_avx2(s, q, &a);
+                    assert_eq!(avx2.to_bits(), dot_portable(s, q, &a).to_bits(), "row {r}");
+                    // And the build's dispatch runs the AVX2 kernel.
+                    assert_eq!(dot(s, q, &a).to_bits(), avx2.to_bits(), "row {r}");
+                }
             }
         }
     }

@@ -31,6 +31,10 @@ pub enum LaneError {
     )]
     FileSize { expected: u64, found: u64 },
     #[error(
+        "lane fd is not sealed against resizing (seals {found:#x}): only a lane from Lane::create_sealed can be handed between processes, because a peer could shrink any other and crash the process mapping it"
+    )]
+    NotSealed { found: u32 },
+    #[error(
         "lane belongs to generation {found} but generation {expected} was expected: it is left over from another worker incarnation; re-create it"
     )]
     GenerationMismatch { expected: u64, found: u64 },

@@ -1,8 +1,9 @@
 //! The `Lane` type: creating/opening a lane file and the SPSC push/pop protocol over it.
 
-use std::fs::{self, OpenOptions, Permissions};
-use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Mutex, MutexGuard};
@@ -17,8 +18,6 @@ use crate::sys::{futex_wait, futex_wake, monotonic_ns};
 /// How many times `pop_timeout` polls before it sleeps on the futex (a few µs of spinning;
 /// cheaper than a syscall round trip when the producer is active).
 const SPIN_POLLS: u32 = 100;
-/// Longest single futex sleep when the caller asked to wait "forever" (`Duration::MAX`).
-const MAX_WAIT_SLICE: Duration = Duration::from_secs(1);
 /// Longest nap between retries in `push_timeout` (no futex for free space: the consumer
 /// never wakes the producer, so the producer backs off instead).
 const MAX_PUSH_BACKOFF: Duration = Duration::from_millis(1);
@@ -83,6 +82,9 @@ struct Cursor {
 pub struct Lane {
     /// Raw mapping; never turned into a `&[u8]` (the peer mutates it concurrently).
     map: MmapRaw,
+    /// The file or memfd behind the mapping, kept open so a sealed lane can be handed to a
+    /// worker (`Lane::pass_to`) and its seals checked.
+    fd: OwnedFd,
     /// Validated geometry, private copies: never re-read from the mapping.
     capacity: u64,
     mask: u64,
@@ -208,7 +210,7 @@ impl Lane {
             file.set_permissions(Permissions::from_mode(0o600))?;
             file.set_len(total)?;
             let map = MmapOptions::new().len(total as usize).map_raw(&file)?;
-            let lane = Lane::from_map(map, cfg, generation);
+            let lane = Lane::from_map(map, cfg, generation, file.into());
             lane.init_header();
             fs::rename(&tmp, path)?;
             Ok(lane)
@@ -222,7 +224,12 @@ impl Lane {
     /// Opens an existing lane file and validates its header: magic, version, header
     /// length, capacity, max entry, file size and generation, each with its own error.
     pub fn open(path: &Path, expected_generation: u64) -> Result<Lane, LaneError> {
-        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Lane::open_file(file, expected_generation)
+    }
+
+    /// `open` on an already opened file or memfd; the lane keeps `file` open.
+    fn open_file(file: File, expected_generation: u64) -> Result<Lane, LaneError> {
         let meta = file.metadata()?;
         if !meta.is_file() {
             // A FIFO or device would block or misbehave under read/mmap.
@@ -241,8 +248,9 @@ impl Lane {
         }
         // Parse the header from a private copy: validation cannot be raced by the peer,
         // and after this only the validated values are used.
+        // Positional read: the file offset is shared with whoever else holds this description.
         let mut hdr = [0u8; HEADER_LEN as usize];
-        file.read_exact(&mut hdr)?;
+        file.read_exact_at(&mut hdr, 0)?;
         if u64_at(&hdr, OFF_MAGIC) != MAGIC {
             return Err(LaneError::BadMagic);
         }
@@ -282,18 +290,19 @@ impl Lane {
                 found: map.len() as u64,
             });
         }
-        Ok(Lane::from_map(map, cfg, generation))
+        Ok(Lane::from_map(map, cfg, generation, file.into()))
     }
 
     /// `map` must be exactly `HEADER_LEN + cfg.capacity` bytes and `cfg` validated; the
-    /// accessors' soundness relies on it.
-    fn from_map(map: MmapRaw, cfg: LaneConfig, generation: u64) -> Lane {
+    /// accessors' soundness relies on it. `fd` is the file or memfd behind `map`.
+    fn from_map(map: MmapRaw, cfg: LaneConfig, generation: u64, fd: OwnedFd) -> Lane {
         debug_assert_eq!(
             map.len() as u64,
             u64::from(HEADER_LEN) + u64::from(cfg.capacity)
         );
         Lane {
             map,
+            fd,
             capacity: u64::from(cfg.capacity),
             mask: u64::from(cfg.capacity) - 1,
             max_entry: cfg.max_entry,
@@ -722,12 +731,15 @@ impl Lane {
             }
             // The futex word changing (a push, wake or peer scribble) ends the sleep early;
             // the loop re-checks, so spurious wake-ups only cost a retry before the deadline.
-            futex_wait(futex, seq, (timeout - elapsed).min(MAX_WAIT_SLICE));
+            // The sleep is bounded by the caller's timeout and nothing shorter: a shorter cap
+            // would hide a lost wake-up as mere latency, here and in the tests.
+            futex_wait(futex, seq, timeout - elapsed);
         };
         waiters.store(0, Ordering::Relaxed);
         result
     }
 }
 
+mod sealed;
 #[cfg(test)]
 mod tests;

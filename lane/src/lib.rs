@@ -1,8 +1,11 @@
 //! Shared-memory single-producer/single-consumer lanes between a pool manager and one worker.
 //!
-//! A lane is a ring of variable-length entries inside a memory-mapped file. The pool
-//! manager creates the file ([`Lane::create`]); the worker opens it ([`Lane::open`]). Each
-//! worker has two lanes: requests (pool -> worker) and responses (worker -> pool).
+//! A lane is a ring of variable-length entries inside shared memory. The pool manager creates
+//! it in a sealed memfd ([`Lane::create_sealed`]) and hands the fd to the worker
+//! ([`Lane::pass_to`]), which opens it ([`Lane::open_inherited`]). The seals fix its size, so
+//! no peer can shrink the mapping under the other and kill it with SIGBUS. Lanes in named files
+//! ([`Lane::create`], [`Lane::open`]) remain for tests and tools. Each worker has two lanes:
+//! requests (pool -> worker) and responses (worker -> pool).
 //!
 //! # Threat model
 //!
@@ -24,7 +27,8 @@
 //! * `ptr::copy_nonoverlapping` to move payload bytes between the mapping and private
 //!   buffers,
 //!
-//! plus two `libc` calls (`futex`, `clock_gettime`). `unsafe_code` is denied crate-wide; the
+//! plus three `libc` calls (`futex`, `clock_gettime`, and `fcntl` in the `pre_exec` hook that
+//! lets one child inherit a lane's fd). `unsafe_code` is denied crate-wide; the
 //! handful of functions that need it opt in with `#[allow(unsafe_code)]` and carry a
 //! `// SAFETY:` comment. Every such function is sound for *any* argument value (offsets are
 //! masked or checked inside it), so soundness never depends on peer-controlled data.

@@ -192,6 +192,10 @@ fn shared_handle_across_threads() {
 
 const CHILD_ENV: &str = "SKEP_LANE_ECHO_CHILD_DIR";
 const ROUNDS: u64 = 2_000;
+/// The child sleeps far longer than the parent waits for an echo: a wake-up lost on either
+/// side leaves the parent's wait to run out, and the test fails instead of merely slowing.
+const CHILD_WAIT: Duration = Duration::from_secs(120);
+const PARENT_WAIT: Duration = Duration::from_secs(30);
 
 /// Child half of `cross_process_ping_pong`: a no-op unless the parent set `CHILD_ENV`.
 /// Echoes every request back on the response lane (open side = the worker's role).
@@ -205,7 +209,7 @@ fn echo_child_process() {
     let resp = Lane::open(&dir.join("resp"), 77).unwrap();
     let mut buf = Vec::new();
     for _ in 0..ROUNDS {
-        assert!(req.pop_timeout(&mut buf, Duration::from_secs(20)).unwrap());
+        assert!(req.pop_timeout(&mut buf, CHILD_WAIT).unwrap());
         resp.beat();
         resp.push_timeout(&buf, Duration::from_secs(20)).unwrap();
     }
@@ -233,8 +237,8 @@ fn cross_process_ping_pong() {
         let p = payload(i, (i % 300) as usize);
         req.push_timeout(&p, Duration::from_secs(20)).unwrap();
         assert!(
-            resp.pop_timeout(&mut buf, Duration::from_secs(20)).unwrap(),
-            "no echo for round {i}"
+            resp.pop_timeout(&mut buf, PARENT_WAIT).unwrap(),
+            "no echo for round {i} (a lost wake-up?)"
         );
         assert_eq!(buf, p);
     }

@@ -20,6 +20,7 @@ use std::time::Instant;
 use futures_util::Stream;
 use skep_common::auth::{self, TokenDigest};
 use skep_common::deadline::{Deadline, DeadlineError};
+use skep_common::ratelimit::RateLimits;
 use skep_common::validate;
 use skep_proto::v1::pool_server::{Pool, PoolServer};
 use skep_proto::v1::{
@@ -53,6 +54,8 @@ pub struct PoolService {
     key: DispatchKey,
     /// Session ids; 0 is never used.
     sessions: AtomicU64,
+    /// Where a frame that does not decode is recorded (set by `into_server`).
+    audit: Option<Audit>,
 }
 
 // === impl PoolService ===
@@ -70,33 +73,56 @@ impl PoolService {
             speed,
             key,
             sessions: AtomicU64::new(0),
+            audit: None,
         }
     }
 
-    /// The service behind an interceptor that refuses any caller but the queen.
+    /// The service behind an interceptor that refuses any caller but the queen. The key is
+    /// checked first, so the queen is never refused by a penalty that others earned from its
+    /// address; a caller presenting anything else is counted in `limits`' penalty box (by source
+    /// and by token fingerprint), and audited coalesced per source.
     pub fn into_server(
-        self,
+        mut self,
         audit: Audit,
+        limits: Arc<RateLimits>,
     ) -> tonic::service::interceptor::InterceptedService<
         PoolServer<PoolService>,
         impl tonic::service::Interceptor + Clone,
     > {
         let key = self.key.clone();
+        self.audit = Some(audit.clone());
         let server = PoolServer::new(self).max_decoding_message_size(MAX_MESSAGE);
         tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| {
-            authorize(&key, &req).map_err(|e| {
-                // Anyone but the queen knocking on the pool is worth an audit line.
-                let actor = auth::bearer_digest(req.metadata())
-                    .map_or_else(|_| "anonymous".to_owned(), |d| d.fingerprint());
-                let mut fields = Fields::new().reason(&e.to_string());
-                if let Some(peer) = req.remote_addr() {
-                    fields = fields.str("peer", &peer.ip().to_string());
-                }
-                audit.record(events::AUTH_FAILURE, &actor, fields);
-                Status::from(e)
-            })?;
-            Ok(req)
+            match authorize(&key, &req) {
+                Ok(()) => Ok(req),
+                Err(e) => Err(refuse(&limits, &audit, &req, e)),
+            }
         })
+    }
+}
+
+/// A caller that is not the queen: audited (coalesced per source), counted against its source
+/// and its token, and answered UNAUTHENTICATED, or RESOURCE_EXHAUSTED with a retry hint once
+/// over the bad-credential budget.
+fn refuse(limits: &RateLimits, audit: &Audit, req: &Request<()>, e: Error) -> Status {
+    let peer = req.remote_addr().map(|a| a.ip());
+    let presented = auth::bearer_digest(req.metadata())
+        .ok()
+        .map(|d| d.fingerprint());
+    let actor = presented.as_deref().unwrap_or("anonymous");
+    audit.refused(peer, actor, &e.to_string());
+    // Not registered yet is this pool's state, not a bad credential.
+    if matches!(e, Error::NotRegistered) {
+        return Status::from(e);
+    }
+    match limits.record_auth_failure(peer, presented.as_deref()) {
+        Ok(()) => Status::from(e),
+        Err(p) => {
+            if p.fresh {
+                warn!(peer = ?peer, caller = %actor, "too many bad keys; throttling them");
+            }
+            status::penalised(p.retry_after)
+        }
     }
 }
 
@@ -127,6 +153,7 @@ struct Session {
     models: Vec<String>,
     speed: Arc<Speed>,
     events: Sink,
+    audit: Option<Audit>,
 }
 
 /// Why a session ended, for its outbound stream.
@@ -136,6 +163,8 @@ enum Close {
     QueenGone,
     /// The pool registered again: the key this session was opened with is no longer valid.
     KeyChanged,
+    /// A frame did not decode (invalid UTF-8, a wrong wire type): the queen's input is wrong.
+    BadFrame,
 }
 
 // === impl Session ===
@@ -254,6 +283,14 @@ async fn read_session(
             frame = inbound.message() => match frame {
                 Ok(Some(frame)) => session.on_frame(frame, Instant::now()),
                 Ok(None) => break Close::QueenGone,
+                Err(e) if is_decode_failure(&e) => {
+                    warn!(session = session.id, "a frame does not decode; closing the session");
+                    if let Some(audit) = &session.audit {
+                        let why = Fields::new().reason("frame does not decode");
+                        audit.record(events::VALIDATION_REJECTED, "queen", why);
+                    }
+                    break Close::BadFrame;
+                }
                 Err(e) => {
                     debug!(session = session.id, error = %e, "session stream failed");
                     break Close::QueenGone;
@@ -268,6 +305,13 @@ async fn read_session(
     let cancelled = session.slots.cancel_session(session.id);
     info!(session = session.id, reason = ?why, cancelled, "session closed");
     let _ = close.send(why);
+}
+
+/// A frame the codec could not decode. tonic reports it as INTERNAL, with prost's text; the
+/// fault is the sender's, so the session answers INVALID_ARGUMENT.
+fn is_decode_failure(e: &Status) -> bool {
+    e.code() == tonic::Code::Internal
+        && e.message().starts_with("failed to decode Protobuf message")
 }
 
 /// The next outbound frame: waits for one event, then takes every other event already waiting
@@ -297,7 +341,11 @@ fn pool_event((handle, event): (u64, Event)) -> PoolEvent {
             generation,
             pool_us,
         }),
-        Event::Token { index, text } => Kind::Token(WorkerToken { index, text }),
+        Event::Token { index, text } => Kind::Token(WorkerToken {
+            index,
+            text,
+            ..WorkerToken::default()
+        }),
         Event::Finished {
             tokens,
             pool_us,
@@ -368,6 +416,10 @@ fn outbound(
                         );
                         Some((Err(s), st))
                     }
+                    Ok(Close::BadFrame) => {
+                        let s = Status::invalid_argument("a session frame does not decode");
+                        Some((Err(s), st))
+                    }
                     _ => None,
                 }
             }
@@ -407,6 +459,7 @@ impl Pool for PoolService {
             models: self.models.clone(),
             speed: Arc::clone(&self.speed),
             events,
+            audit: self.audit.clone(),
         };
         info!(session = id, "session opened");
         tokio::spawn(read_session(session, request.into_inner(), key, close_tx));

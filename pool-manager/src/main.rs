@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use skep_common::ratelimit::{DEFAULT_BAD_AUTH_QUOTA, Quota, RateLimits};
 use skep_common::secret::Secret;
 use skep_common::telemetry::{self, LogFormat};
 use skep_common::{auth, daemon, validate};
@@ -29,7 +30,7 @@ enum EngineKind {
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// State directory (lanes, keys). Created 0700 if missing.
+    /// State directory (keys, audit). Created 0700 if missing.
     #[arg(long)]
     data_dir: PathBuf,
     /// The queen's gRPC URL, e.g. http://127.0.0.1:7700, or https://HOST:7700 for a queen that
@@ -49,6 +50,10 @@ struct Args {
     /// Token file (0600) this pool presents to the queen.
     #[arg(long)]
     token_file: PathBuf,
+    /// An approval credential for `node.enroll` over the SHA-256 of this pool's --name
+    /// (`skep approve node.enroll`), where the queen requires one. Used only to enroll.
+    #[arg(long)]
+    approval: Option<PathBuf>,
     /// Number of worker processes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,
@@ -82,6 +87,19 @@ struct Args {
     /// flag the pool refuses to start so.
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Failed authentications a source address (or one presented key) may make before it is
+    /// throttled, e.g. 10/1m. The queen's own key is never throttled.
+    #[arg(long, default_value_t = DEFAULT_BAD_AUTH_QUOTA)]
+    bad_auth_limit: Quota,
+    /// Refused calls of one source are audited once, then once per this interval with a count.
+    #[arg(long, default_value = "10s", value_parser = daemon::parse_duration)]
+    refusal_audit_interval: Duration,
+    /// Most connections open at once (default: what the open-file limit allows, at most 16384).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Time a new connection has to send its HTTP/2 preface (or TLS hello) before it is closed.
+    #[arg(long, default_value = "10s", value_parser = daemon::parse_duration)]
+    preface_timeout: Duration,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -100,12 +118,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // plaintext off loopback is refused unless --insecure-plaintext, before anything is created.
     let plaintext = !args.queen.starts_with("https://");
     auth::check_bind(args.listen, plaintext, args.insecure_plaintext)?;
+    // Before anything opens files: connections are files too.
+    let fd_limit = daemon::raise_fd_limit();
+    let mut conns = daemon::ConnLimits::for_fd_limit(fd_limit);
+    conns.max = args.max_connections.unwrap_or(conns.max).max(1);
+    conns.preface_timeout = args.preface_timeout;
     daemon::create_private_dir(&args.data_dir)?;
     // One pool manager per data dir, for the life of the process, before anything writes there:
-    // two would fork the audit chain and share lanes and keys.
+    // two would fork the audit chain and share keys.
     let _lock = daemon::DataDirLock::acquire(&args.data_dir)?;
-    let lane_dir = args.data_dir.join("lanes");
-    daemon::create_private_dir(&lane_dir)?;
     let token_path = skep_common::secret::credential_path("pool-token", &args.token_file);
     // Checked now (mode, content) so a bad file fails at start, not on first enrollment.
     if !args.data_dir.join("runtime.key").exists() {
@@ -145,7 +166,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let slots = args.workers as usize;
     let work = Slots::new(slots, args.credits_per_slot);
-    let audit = Audit::start(&args.data_dir).context("starting the audit log")?;
+    let audit = Audit::start_with(&args.data_dir, args.refusal_audit_interval)
+        .context("starting the audit log")?;
     let speed = Arc::new(Speed::default());
 
     let (key_tx, key_rx) = watch::channel(None);
@@ -166,6 +188,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         models: vec![model.clone()],
         key: key_tx,
         queen_ca: queen_ca.clone(),
+        approval: args.approval.clone(),
     };
     let creds = member.join().await?;
     // A gguf model without a local file comes from the queen's catalogue, verified by hash,
@@ -183,7 +206,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let spec = Arc::new(WorkerSpec {
         program,
         args: engine_args,
-        lane_dir,
         lane: LaneConfig::default(),
         model: model.clone(),
     });
@@ -205,6 +227,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let membership = tokio::spawn(member.run(creds));
 
     let service = PoolService::new(work, vec![model.clone()], speed, key_rx);
+    // Only bad credentials are counted; the queen's key has no identity budget here.
+    let limits = Arc::new(RateLimits::new(
+        skep_common::ratelimit::DEFAULT_IDENTITY_QUOTA,
+        args.bad_auth_limit,
+    ));
+    info!(fd_limit, max_connections = conns.max, "connection limits");
     info!(%local, %pool_url, %model, workers = slots, "pool manager listening");
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -213,8 +241,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server = server
         // A dead queen connection must not pin a stream forever.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(service.into_server(audit))
-        .serve_with_incoming_shutdown(daemon::incoming(listener), daemon::shutdown_signal());
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(service.into_server(audit, limits))
+        .serve_with_incoming_shutdown(
+            daemon::incoming_with(listener, conns),
+            daemon::shutdown_signal(),
+        );
     // Serve until shut down, or until the queen refuses this node for good.
     let result = tokio::select! {
         r = server => r.map_err(anyhow::Error::from),

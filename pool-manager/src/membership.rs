@@ -59,13 +59,17 @@ pub struct Membership {
     pub key: watch::Sender<Option<TokenDigest>>,
     /// The queen's CA certificate (PEM) when the queen URL is https.
     pub queen_ca: Option<String>,
+    /// An approval credential for `node.enroll` (over the SHA-256 of `name`), sent when
+    /// enrolling where the queen requires one; used only then.
+    pub approval: Option<PathBuf>,
 }
 
 /// Failures that retrying cannot fix.
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
     #[error(
-        "the queen refused to enroll this node ({0}); create a fresh token with `skep token create --enroll`"
+        "the queen refused to enroll this node ({0}); create a fresh token with `skep token create --enroll`, \
+         and where the queen requires approval for node.enroll pass a fresh --approval"
     )]
     EnrollRefused(String),
     #[error(
@@ -313,10 +317,15 @@ impl Membership {
             .map_err(|e| Ok(e.into()))?
             .0;
         let bootstrap = Secret::from_string(token.to_owned());
+        let approval = match &self.approval {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| Ok(e.into()))?,
+            None => String::new(),
+        };
         let mut client = self.client(&bootstrap).await.map_err(Err)?;
         let enrolled = match client
             .enroll(EnrollRequest {
                 name: self.name.clone(),
+                approval,
             })
             .await
         {

@@ -10,7 +10,9 @@
 //! The thread blocks on its lane (and on the queue's condvar with a timeout when idle, so the
 //! idle worker is still health-checked every 250 ms): no async runtime, `spawn_blocking` or
 //! per-job channel on the hot path. A job's events go straight into its session's outbound
-//! `Sink`. A worker that exits, stops beating or corrupts a lane is killed and replaced by a fresh
+//! `Sink`. Lanes are sealed memfds passed to the worker by fd, so the worker cannot resize them
+//! under this process, and every lane request is MACed over all its fields with a `seq` that
+//! only rises. A worker that exits, stops beating or corrupts a lane is killed and replaced by a fresh
 //! process on a new generation, whose lanes reject anything the old incarnation wrote; the job it
 //! held and the jobs queued behind it fail UNAVAILABLE, so the queen can place them elsewhere
 //! rather than wait for a model to reload.
@@ -84,12 +86,12 @@ pub fn check_lane_config(cfg: &LaneConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// How to start a worker process. Engine flags only: secrets never go through argv.
+/// How to start a worker process. Engine flags only: secrets never go through argv. Its lanes
+/// are sealed memfds handed over by fd, so they have no path.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
     pub program: PathBuf,
     pub args: Vec<String>,
-    pub lane_dir: PathBuf,
     pub lane: LaneConfig,
     /// The model the workers serve (named in the warm-up request).
     pub model: String,
@@ -660,16 +662,22 @@ impl std::fmt::Display for Death {
 
 impl Worker {
     fn start(spec: &WorkerSpec, slot: u32, generation: u64) -> Result<Worker, LaneError> {
-        let req_path = spec.lane_dir.join(format!("slot-{slot}.req"));
-        let resp_path = spec.lane_dir.join(format!("slot-{slot}.resp"));
-        let requests = Lane::create(&req_path, spec.lane, generation)?;
-        let responses = Lane::create(&resp_path, spec.lane, generation)?;
-        let child = Command::new(&spec.program)
+        // Sealed memfds, not files: no peer (the worker included) can shrink them under this
+        // process, which would kill it with SIGBUS, and nothing else can open them by name.
+        let requests =
+            Lane::create_sealed(&format!("skep-slot-{slot}-req"), spec.lane, generation)?;
+        let responses =
+            Lane::create_sealed(&format!("skep-slot-{slot}-resp"), spec.lane, generation)?;
+        let mut command = Command::new(&spec.program);
+        // Exactly these two fds reach this worker; other slots' workers never inherit them.
+        let request_fd = requests.pass_to(&mut command);
+        let response_fd = responses.pass_to(&mut command);
+        let child = command
             .args(&spec.args)
-            .arg("--request-lane")
-            .arg(&req_path)
-            .arg("--response-lane")
-            .arg(&resp_path)
+            .arg("--request-lane-fd")
+            .arg(request_fd.to_string())
+            .arg("--response-lane-fd")
+            .arg(response_fd.to_string())
             .arg("--generation")
             .arg(generation.to_string())
             // The session secret goes down this pipe: never argv, env or a file.
@@ -739,7 +747,17 @@ impl Worker {
     ) -> (Event, Option<Death>) {
         let remaining = u64::try_from(job.deadline.remaining().as_nanos()).unwrap_or(u64::MAX);
         let deadline_ns = monotonic_ns().saturating_add(remaining);
-        let mac = session::request_mac(&self.session, seq, job.job_id, deadline_ns, job.prompt);
+        // The MAC covers every field the worker reads; `seq` rises with every request of this
+        // generation, so the worker refuses a replay.
+        let fields = session::RequestFields {
+            seq,
+            job_id: job.job_id,
+            model: job.model,
+            prompt: job.prompt,
+            max_tokens: job.max_tokens,
+            deadline_ns,
+        };
+        let mac = session::request_mac(&self.session, &fields);
         let lane_req = LaneRequest {
             seq,
             job_id: job.job_id.to_owned(),

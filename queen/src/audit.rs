@@ -29,6 +29,11 @@ const CHECKPOINT_EVERY: u64 = 32;
 
 pub use skep_audit::events;
 
+/// An approval credential was refused; `reason` says which check failed (the caller is not told).
+pub const APPROVAL_REFUSED: &str = "approval.refused";
+/// An approval credential was accepted and its nonce recorded as used.
+pub const APPROVAL_USED: &str = "approval.used";
+
 pub struct Auditor {
     log: AuditLog,
     store: StoreHandle,

@@ -56,6 +56,8 @@ pub struct TokenEntry {
     pub revoked: bool,
     /// For `Node` tokens: the node they belong to; empty otherwise.
     pub node_id: String,
+    /// Jobs the holder may have queued or running at once; 0 = the queen's default share.
+    pub max_jobs: u32,
 }
 
 impl TokenEntry {
@@ -77,6 +79,8 @@ pub struct Identity {
     pub digest: TokenDigest,
     /// For node tokens, the node they speak for.
     pub node_id: String,
+    /// The token's own share of live jobs, when it sets one.
+    pub max_jobs: Option<u32>,
 }
 
 type Snapshot = Arc<Vec<TokenEntry>>;
@@ -206,6 +210,7 @@ impl Authenticator {
             role: entry.role,
             digest: presented,
             node_id: entry.node_id.clone(),
+            max_jobs: (entry.max_jobs > 0).then_some(entry.max_jobs),
         })
     }
 }
@@ -236,6 +241,7 @@ mod tests {
             expires_unix_ms: expires,
             revoked: false,
             node_id: String::new(),
+            max_jobs: 0,
         }
     }
 

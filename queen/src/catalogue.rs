@@ -176,6 +176,17 @@ impl Drop for Incoming {
 mod tests {
     use super::*;
 
+    /// A refusal of the model itself (INVALID_ARGUMENT to the client) saying `why`: an I/O or
+    /// store failure, or a refusal for another reason, fails the test.
+    #[track_caller]
+    fn refused<T>(r: Result<T, Error>, why: &str) {
+        match r {
+            Err(Error::Model(msg)) => assert!(msg.contains(why), "{msg:?} does not say {why:?}"),
+            Err(other) => panic!("expected a model refusal saying {why:?}, got {other:?}"),
+            Ok(_) => panic!("expected a model refusal saying {why:?}, got Ok"),
+        }
+    }
+
     #[test]
     fn only_a_file_matching_its_declared_size_and_hash_is_kept() {
         let dir = std::env::temp_dir().join(format!("skep-catalogue-{}", std::process::id()));
@@ -207,15 +218,29 @@ mod tests {
             let mut flipped = data.to_vec();
             flipped[3] ^= 1;
             bad.write(&flipped).await.unwrap();
-            assert!(matches!(bad.finish().await, Err(Error::Model(_))));
-            // Too many bytes, too few, a bad hash string, an unknown format.
+            refused(bad.finish().await, "SHA-256 of what arrived is");
+            // Too many bytes, too few, a bad hash string, an unknown format, no size at all.
             let mut long = cat.begin("n", "gguf", 2, &sha).await.unwrap();
-            assert!(long.write(data).await.is_err());
+            refused(
+                long.write(data).await,
+                "more bytes than the declared size 2",
+            );
             drop(long);
             let short = cat.begin("n", "gguf", 99, &sha).await.unwrap();
-            assert!(short.finish().await.is_err());
-            assert!(cat.begin("n", "gguf", 1, "ABC").await.is_err());
-            assert!(cat.begin("n", "safetensors", 1, &sha).await.is_err());
+            refused(short.finish().await, "received 0 bytes, declared 99");
+            refused(cat.begin("n", "gguf", 1, "ABC").await, "64 lower-case hex");
+            refused(
+                cat.begin("n", "gguf", 1, &sha.to_uppercase()).await,
+                "64 lower-case hex",
+            );
+            refused(
+                cat.begin("n", "safetensors", 1, &sha).await,
+                "format \"safetensors\" is not supported",
+            );
+            refused(
+                cat.begin("n", "gguf", 0, &sha).await,
+                "size must be between",
+            );
             let files: Vec<_> = std::fs::read_dir(dir.join("models")).unwrap().collect();
             assert_eq!(files.len(), 1, "only the verified file is kept");
             assert_eq!(cat.list().await.unwrap().len(), 1);

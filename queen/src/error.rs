@@ -8,6 +8,9 @@ pub enum Error {
     Auth(#[from] skep_common::auth::AuthError),
     #[error("this operation needs the {0} role")]
     PermissionDenied(&'static str),
+    /// A governed action without a valid approval credential (see `approval`).
+    #[error("{0}")]
+    ApprovalRefused(String),
     #[error("{0}")]
     Invalid(#[from] skep_common::validate::ValidationError),
     #[error("{0}")]
@@ -27,6 +30,12 @@ pub enum Error {
     DeadlineExceeded { budget: Duration, elapsed: Duration },
     #[error("queue is full; retry in {}ms", .retry_after.as_millis())]
     QueueFull { retry_after: Duration },
+    #[error(
+        "this token already has {share} jobs queued or running, its share of the queen; wait \
+         for one to end (retry in {}ms) or ask an admin for a token with a larger --max-jobs",
+        .retry_after.as_millis()
+    )]
+    CallerShare { share: u32, retry_after: Duration },
     #[error("no pool serves model {0:?}; start a pool manager with that model")]
     NoPool(String),
     #[error("pool URL refused: {0}")]

@@ -26,6 +26,10 @@ pub struct Services {
     /// The queen's TLS material when it serves TLS: its CA signs pools' certificates.
     pub tls: Option<Arc<skep_tls::QueenTls>>,
     pub catalogue: crate::catalogue::Catalogue,
+    /// Which actions need an approval credential, and who may approve them.
+    pub approvals: crate::approval::Approvals,
+    /// The queen's Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// A validated job request.
@@ -38,8 +42,10 @@ pub struct NewJob {
     pub budget: Duration,
     /// When the request reached the queen: the budget runs from here.
     pub arrived: Instant,
-    /// Fingerprint of the submitter's token, for the audit trail.
+    /// Fingerprint of the submitter's token, for the audit trail and the per-caller share.
     pub caller: String,
+    /// The submitter's token's own share (jobs live at once), if it sets one.
+    pub caller_share: Option<u32>,
 }
 
 /// What the client sees of a job, in order.
@@ -60,6 +66,13 @@ pub enum Event {
     Token {
         index: u32,
         text: String,
+    },
+    /// A failover attempt did not reproduce what the client has: discard it, the output starts
+    /// again at index 0.
+    Restarted {
+        attempt: u32,
+        node_id: String,
+        reason: String,
     },
     Done {
         tokens: u32,

@@ -6,6 +6,7 @@
 //! writer thread) and `audit`. `job` holds a job's request and event types; `grpc` is the only
 //! module that speaks tonic (pool sessions included).
 
+pub mod approval;
 pub mod audit;
 pub mod auth;
 pub mod catalogue;
@@ -13,6 +14,7 @@ pub mod dispatch;
 pub mod error;
 pub mod grpc;
 pub mod job;
+pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod store;

@@ -36,6 +36,10 @@ struct Args {
     /// Jobs admitted and not yet finished.
     #[arg(long, default_value_t = 1024)]
     max_live: usize,
+    /// Jobs one caller (token) may have queued or running at once, so one tenant cannot fill
+    /// the queue; a token created with `--max-jobs` has its own share.
+    #[arg(long, default_value_t = 64)]
+    max_jobs_per_caller: u32,
     /// Admission policy: `reserve` admits a job only if it and every job already admitted still
     /// finish by their deadlines; `edf` and `fcfs` admit without that check (for comparisons).
     #[arg(long, default_value = "reserve")]
@@ -66,6 +70,21 @@ struct Args {
     /// cross the network in clear; without this flag the queen refuses to start so.
     #[arg(long)]
     insecure_plaintext: bool,
+    /// An approver's public key file (from `skep approver init`); repeatable. Approvals signed
+    /// by these keys may authorize the actions named by --require-approval.
+    #[arg(long = "approver-key")]
+    approver_keys: Vec<PathBuf>,
+    /// Governed actions that need an approval credential: model.add, node.enroll,
+    /// token.revoke_last_admin (comma-separated). See docs/APPROVALS.md.
+    #[arg(long, value_delimiter = ',')]
+    require_approval: Vec<String>,
+    /// Most client connections open at once (default: what the open-file limit allows, at most
+    /// 16384). At the cap, a connection that has not yet spoken makes room for a new one.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Time a new connection has to send its HTTP/2 preface (or TLS hello) before it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    preface_timeout: Duration,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -111,10 +130,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // anything is created.
     let plaintext = !args.tls.enabled(args.listen);
     auth::check_bind(args.listen, plaintext, args.insecure_plaintext)?;
+    // Before anything opens files: connections are files too.
+    let conns = conn_limits(args.max_connections, args.preface_timeout);
     daemon::create_private_dir(&args.data_dir)?;
     // One queen per data dir, held for the life of the process and taken before anything writes
     // there: two would fork the audit chain and fight over the database.
     let _lock = daemon::DataDirLock::acquire(&args.data_dir)?;
+    let cluster_id = skep_queen::approval::load_or_create_cluster_id(&args.data_dir)?;
+    let approvals = skep_queen::approval::Approvals::configure(
+        cluster_id,
+        &args.approver_keys,
+        &args.require_approval,
+    )?;
+    info!(cluster_id = %approvals.cluster_id(), "cluster id (the environment approvals name)");
     let token_path = credential_path("admin-token", &args.data_dir.join("admin.token"));
     let admin = Secret::load_or_create(&token_path)?;
     let admin_digest = TokenDigest::of(admin.expose());
@@ -145,12 +173,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !(0.5..=1.0).contains(&args.cost_quantile) {
         anyhow::bail!("--cost-quantile must be between 0.5 and 1.0");
     }
+    let metrics = skep_queen::metrics::Metrics::new();
     let dispatch = Dispatcher::start(
         dispatch::Config {
             policy: args.admission,
             max_live: args.max_live,
             max_queued: args.max_queued,
             quantile: args.cost_quantile,
+            caller_share: args.max_jobs_per_caller,
             ..dispatch::Config::default()
         },
         store.clone(),
@@ -172,6 +202,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         audit: audit.clone(),
         tls,
         catalogue,
+        approvals,
+        metrics,
     };
 
     tokio::spawn(prune_jobs(services.store.clone(), args.job_ttl));
@@ -187,10 +219,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     daemon::write_addr_file(&args.data_dir, local)?;
     info!(%local, "queen listening");
-    grpc::serve(listener, services, limits, daemon::shutdown_signal()).await?;
+    grpc::serve(listener, services, limits, conns, daemon::shutdown_signal()).await?;
     audit.flush().await;
     info!("queen stopped");
     Ok(())
+}
+
+/// Connection limits: the soft open-file limit is raised to the hard one first, and the default
+/// cap fits what it allows.
+fn conn_limits(max: Option<usize>, preface_timeout: Duration) -> daemon::ConnLimits {
+    let fd_limit = daemon::raise_fd_limit();
+    let mut conns = daemon::ConnLimits::for_fd_limit(fd_limit);
+    conns.max = max.unwrap_or(conns.max).max(1);
+    conns.preface_timeout = preface_timeout;
+    info!(fd_limit, max_connections = conns.max, "connection limits");
+    conns
 }
 
 /// The token book from the database, with the bootstrap admin token (the file in the data dir)
@@ -206,6 +249,7 @@ async fn load_tokens(store: &StoreHandle, admin: TokenDigest) -> anyhow::Result<
             expires_unix_ms: 0,
             revoked: false,
             node_id: String::new(),
+            max_jobs: 0,
         };
         store.insert_token(entry.clone()).await?;
         tokens.push(entry);

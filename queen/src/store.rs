@@ -204,6 +204,21 @@ impl StoreHandle {
         Ok(self.readers.read(sql::load_tokens).await?)
     }
 
+    /// Marks an approval's nonce used, durably (committed before this returns); `false` if it
+    /// was already used, by this run of the queen or an earlier one.
+    pub async fn use_approval_nonce(
+        &self,
+        nonce: String,
+        action: &'static str,
+        expires_unix_ms: u64,
+        now_unix_ms: u64,
+    ) -> Result<bool, Error> {
+        self.write(move |c| {
+            sql::use_approval_nonce(c, &nonce, action, expires_unix_ms, now_unix_ms)
+        })
+        .await
+    }
+
     pub async fn upsert_model(&self, model: ModelEntry) -> Result<(), Error> {
         self.write(move |c| sql::upsert_model(c, &model)).await
     }

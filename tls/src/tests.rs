@@ -32,12 +32,24 @@ fn server(chain_pem: &str, key_pem: &str) -> Arc<rustls::ServerConfig> {
     )
 }
 
-/// Handshakes a client trusting `ca_pem` with `server` for `name`, in memory.
+/// Why a client refused the server's certificate.
+#[derive(Debug, PartialEq)]
+enum Refused {
+    /// The certificate is not for the name the client asked for.
+    WrongName,
+    /// The certificate does not chain to the client's CA. Every queen's CA has the same name,
+    /// so another queen's certificate fails its signature check rather than as an unknown issuer.
+    NotOurCa,
+}
+
+/// Handshakes a client trusting `ca_pem` with `server` for `name`, in memory. A failure must be
+/// the client refusing the certificate for one of the reasons in `Refused`: anything else (a
+/// broken test server, a protocol error) fails the test instead of passing as a refusal.
 async fn handshake(
     server: Arc<rustls::ServerConfig>,
     ca_pem: &str,
     name: &str,
-) -> Result<(), String> {
+) -> Result<(), Refused> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
@@ -52,13 +64,19 @@ async fn handshake(
     let accept = tokio::spawn(async move { acceptor.accept(b).await.map(|_| ()) });
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let name = ServerName::try_from(name.to_owned()).unwrap();
-    let r = connector
-        .connect(name, a)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string());
+    let r = connector.connect(name, a).await.map(|_| ());
     let _ = accept.await;
-    r
+    let Err(e) = r else { return Ok(()) };
+    use rustls::CertificateError as C;
+    match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => Err(Refused::WrongName),
+        Some(rustls::Error::InvalidCertificate(C::BadSignature | C::UnknownIssuer)) => {
+            Err(Refused::NotOurCa)
+        }
+        _ => panic!("the handshake failed for another reason than the certificate: {e}"),
+    }
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -102,7 +120,10 @@ fn a_reloaded_ca_issues_certificates_that_chain_to_the_original() {
             .await
             .unwrap();
         // Another name is refused: certificates are bound to names.
-        assert!(handshake(s, &original_ca_pem, "other.skep").await.is_err());
+        assert_eq!(
+            handshake(s, &original_ca_pem, "other.skep").await,
+            Err(Refused::WrongName)
+        );
 
         let pool = PoolKey::generate().unwrap();
         let cert = queen.ca.issue_pool("node-1", &pool.public_key()).unwrap();
@@ -112,12 +133,14 @@ fn a_reloaded_ca_issues_certificates_that_chain_to_the_original() {
             .await
             .unwrap();
         // A pool certificate does not pass for another node, nor for the queen.
-        assert!(
-            handshake(s.clone(), &original_ca_pem, &pool_name("node-2"))
-                .await
-                .is_err()
+        assert_eq!(
+            handshake(s.clone(), &original_ca_pem, &pool_name("node-2")).await,
+            Err(Refused::WrongName)
         );
-        assert!(handshake(s, &original_ca_pem, QUEEN_NAME).await.is_err());
+        assert_eq!(
+            handshake(s, &original_ca_pem, QUEEN_NAME).await,
+            Err(Refused::WrongName)
+        );
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -130,7 +153,10 @@ fn a_certificate_from_another_ca_is_refused() {
     assert_ne!(qa.ca.fingerprint, qb.ca.fingerprint);
     rt().block_on(async {
         let s = server(&qb.chain_pem, &qb.key_pem);
-        assert!(handshake(s, &qa.ca.cert_pem, QUEEN_NAME).await.is_err());
+        assert_eq!(
+            handshake(s, &qa.ca.cert_pem, QUEEN_NAME).await,
+            Err(Refused::NotOurCa)
+        );
     });
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
@@ -166,16 +192,34 @@ fn tokens_carry_an_optional_well_formed_pin() {
     assert_eq!(split_pin("skep_abc").unwrap(), ("skep_abc", None));
     let with = format!("skep_abc@{fp}");
     assert_eq!(split_pin(&with).unwrap(), ("skep_abc", Some(fp.as_str())));
-    assert!(split_pin("skep_abc@").is_err());
-    assert!(split_pin("skep_abc@zz").is_err());
-    assert!(split_pin(&format!("skep_abc@{}", "g".repeat(64))).is_err());
+    for bad in [
+        "skep_abc@".to_owned(),
+        "skep_abc@zz".to_owned(),
+        format!("skep_abc@{}", "g".repeat(64)),
+        format!("skep_abc@{}", "0f".repeat(33)),
+    ] {
+        match split_pin(&bad) {
+            Err(TlsError::Invalid(why)) => assert!(why.contains("64 hex digits"), "{bad}: {why}"),
+            other => panic!("{bad}: expected a malformed-pin error, got {other:?}"),
+        }
+    }
 }
 
 #[test]
 fn pool_public_keys_must_be_p256_points() {
     let dir = temp_dir("pk");
     let queen = QueenTls::load_or_create(&dir, &[]).unwrap();
-    assert!(queen.ca.issue_pool("n", &[4u8; 10]).is_err());
-    assert!(queen.ca.issue_pool("n", &[3u8; 65]).is_err());
+    // Too short, and the right length without the uncompressed-point tag.
+    for key in [&[4u8; 10][..], &[3u8; 65][..]] {
+        match queen.ca.issue_pool("n", key) {
+            Err(TlsError::Invalid(why)) => {
+                assert!(why.contains("uncompressed P-256 point"), "{why}")
+            }
+            other => panic!(
+                "{} bytes: expected an invalid-key error, got {other:?}",
+                key.len()
+            ),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use skep_common::secret::Secret;
 use skep_common::telemetry::{self, LogFormat};
+use skep_lane::Lane;
 use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
 use skep_worker::engine::{Engine, SyntheticConfig, SyntheticEngine};
 use skep_worker::{ServeConfig, serve};
@@ -21,10 +22,12 @@ enum EngineKind {
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    /// Inherited fd of the request lane (a sealed memfd the pool manager created).
     #[arg(long)]
-    request_lane: PathBuf,
+    request_lane_fd: i32,
+    /// Inherited fd of the response lane.
     #[arg(long)]
-    response_lane: PathBuf,
+    response_lane_fd: i32,
     #[arg(long)]
     generation: u64,
     #[arg(long, value_enum, default_value = "synthetic")]
@@ -55,10 +58,13 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format);
     let session = read_session()?;
+    // Opened before the model loads, so heartbeats start at once. `open_inherited` refuses a
+    // lane that is not sealed against resizing, or that belongs to another generation.
     let config = ServeConfig {
-        request_lane: args.request_lane.clone(),
-        response_lane: args.response_lane.clone(),
-        generation: args.generation,
+        requests: Lane::open_inherited(args.request_lane_fd, args.generation)
+            .context("opening the request lane")?,
+        responses: Lane::open_inherited(args.response_lane_fd, args.generation)
+            .context("opening the response lane")?,
     };
     let load = || -> anyhow::Result<Box<dyn Engine>> {
         Ok(match args.engine {

@@ -1,11 +1,13 @@
 //! The worker's main loop: lane in, engine, lane out.
 //!
 //! Requests are untrusted bytes from shared memory: they are decoded from a private copy and
-//! validated before use. A corrupt lane ends the process (the pool manager restarts it on a new
-//! generation); a bad request gets an error response and the loop goes on.
+//! validated before use. Only a request whose MAC (over every field) verifies with this
+//! incarnation's session secret, and whose `seq` is greater than that of the last request
+//! accepted, runs: a scribbler can neither edit a request nor replay a captured one. A corrupt
+//! lane ends the process (the pool manager restarts it on a new generation); a bad request gets
+//! an error response and the loop goes on.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -35,10 +37,10 @@ const CODE_DEADLINE_EXCEEDED: i32 = 4;
 const CODE_INTERNAL: i32 = 13;
 const CODE_UNAUTHENTICATED: i32 = 16;
 
+/// The worker's two lanes, already opened (and their generation checked) by the caller.
 pub struct ServeConfig {
-    pub request_lane: PathBuf,
-    pub response_lane: PathBuf,
-    pub generation: u64,
+    pub requests: Lane,
+    pub responses: Lane,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +54,18 @@ pub enum ServeError {
 }
 
 /// Loads the engine with `load`, then serves jobs until the lanes die or the parent process
-/// exits. The lanes are opened and heartbeats start *before* the model loads: loading a large
-/// model takes seconds, and the pool manager must not take that for a hang.
+/// exits. Heartbeats start *before* the model loads: loading a large model takes seconds, and
+/// the pool manager must not take that for a hang.
 pub fn serve<E: std::fmt::Display>(
     config: ServeConfig,
     session: &Secret,
     load: impl FnOnce() -> Result<Box<dyn Engine>, E>,
 ) -> Result<(), ServeError> {
-    let requests = Lane::open(&config.request_lane, config.generation)?;
-    let responses = Lane::open(&config.response_lane, config.generation)?;
+    let ServeConfig {
+        requests,
+        responses,
+    } = config;
+    let generation = requests.generation();
     let parent = std::os::unix::process::parent_id();
     responses.beat();
 
@@ -77,11 +82,7 @@ pub fn serve<E: std::fmt::Display>(
         let result = load()
             .map_err(|e| ServeError::Load(e.to_string()))
             .and_then(|mut engine| {
-                info!(
-                    generation = config.generation,
-                    model = engine.model(),
-                    "worker ready"
-                );
+                info!(generation, model = engine.model(), "worker ready");
                 serve_loop(&requests, &responses, session, engine.as_mut(), parent)
             });
         stop.store(true, Ordering::Relaxed);
@@ -97,6 +98,8 @@ fn serve_loop(
     parent: u32,
 ) -> Result<(), ServeError> {
     let mut buf = Vec::new();
+    // The pool manager numbers this generation's requests from 1 upwards.
+    let mut last_accepted = 0u64;
     loop {
         if std::os::unix::process::parent_id() != parent {
             return Err(ServeError::Orphaned);
@@ -114,15 +117,7 @@ fn serve_loop(
             }
         };
         let seq = req.seq;
-        let genuine = session::verify_request(
-            session,
-            seq,
-            &req.job_id,
-            req.deadline_mono_ns,
-            &req.prompt,
-            &req.mac,
-        );
-        if !genuine {
+        if !genuine(session, &req) {
             warn!(seq, "lane request without a valid session MAC; refused");
             reply(error(
                 seq,
@@ -131,12 +126,46 @@ fn serve_loop(
             ))?;
             continue;
         }
+        // A genuine request seen before (or older than one seen): a replay from the lane.
+        if seq <= last_accepted {
+            warn!(seq, last_accepted, "replayed lane request; refused");
+            reply(error(
+                seq,
+                CODE_UNAUTHENTICATED,
+                "request replayed: its seq is not newer than the last one accepted",
+            ))?;
+            continue;
+        }
+        last_accepted = seq;
         if let Some(msg) = check(&req) {
             reply(error(seq, CODE_INVALID_ARGUMENT, msg))?;
             continue;
         }
         run_job(&req, engine, requests, responses)?;
     }
+}
+
+/// Does the MAC cover this exact request? The destructuring names every field, so a field added
+/// to `LaneRequest` fails to compile here until it is covered by the MAC too.
+fn genuine(session: &Secret, req: &LaneRequest) -> bool {
+    let LaneRequest {
+        seq,
+        job_id,
+        model,
+        prompt,
+        max_tokens,
+        deadline_mono_ns,
+        mac,
+    } = req;
+    let fields = session::RequestFields {
+        seq: *seq,
+        job_id,
+        model,
+        prompt,
+        max_tokens: *max_tokens,
+        deadline_ns: *deadline_mono_ns,
+    };
+    session::verify_request(session, &fields, mac)
 }
 
 fn check(req: &LaneRequest) -> Option<&'static str> {
@@ -256,3 +285,6 @@ fn error(seq: u64, code: i32, message: &str) -> LaneResponse {
         })),
     }
 }
+
+#[cfg(test)]
+mod tests;

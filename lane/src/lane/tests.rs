@@ -499,24 +499,71 @@ fn heartbeat_and_cancel() {
     assert!(monotonic_ns() > 0);
 }
 
+/// How long a consumer in the wake-up tests may sleep: far longer than the tests wait for it
+/// (`WAKE_BOUND`), so a consumer that returns at all within the bound was woken, and a lost
+/// wake-up fails the test instead of being hidden by a timeout.
+const SLEEP_FOR: Duration = Duration::from_secs(120);
+/// How long a wake-up test waits for the consumer before failing. Not a speed assertion: a
+/// woken consumer returns in microseconds, and a lost wake-up never returns before `SLEEP_FOR`.
+const WAKE_BOUND: Duration = Duration::from_secs(30);
+
+/// Starts `f` on a consumer thread and returns the channel its result arrives on.
+fn consumer<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::sync::mpsc::Receiver<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// Waits (bounded) until a consumer of `lane` has announced that it is about to sleep on the
+/// futex: from then on only a wake-up, not its polling, can bring it back before `SLEEP_FOR`.
+#[track_caller]
+fn wait_for_sleeper(lane: &Lane) {
+    let give_up = Instant::now() + WAKE_BOUND;
+    while lane.h32(H32::Waiters).load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < give_up, "the consumer never went to sleep");
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn pop_timeout_is_woken_by_push_from_other_thread() {
     let s = Scratch::new("wake");
     let tx = Lane::create(&s.path(), SMALL, 1).unwrap();
     let rx = Arc::new(Lane::open(&s.path(), 1).unwrap());
     let rx2 = Arc::clone(&rx);
-    let t = std::thread::spawn(move || {
+    let done = consumer(move || {
         let mut out = Vec::new();
-        let start = Instant::now();
-        let got = rx2.pop_timeout(&mut out, Duration::from_secs(10)).unwrap();
-        (got, out, start.elapsed())
+        let got = rx2.pop_timeout(&mut out, SLEEP_FOR).unwrap();
+        (got, out)
     });
-    std::thread::sleep(Duration::from_millis(50));
+    wait_for_sleeper(&tx);
+    let before = tx.h32(H32::Futex).load(Ordering::SeqCst);
     tx.push(b"ping").unwrap();
-    let (got, out, waited) = t.join().unwrap();
+    // The push saw the sleeper and bumped the futex word: that is the wake-up.
+    assert_ne!(tx.h32(H32::Futex).load(Ordering::SeqCst), before);
+    let (got, out) = done
+        .recv_timeout(WAKE_BOUND)
+        .expect("the push did not wake the sleeping consumer (lost wake-up)");
     assert!(got);
     assert_eq!(out, b"ping");
-    assert!(waited < Duration::from_secs(5));
+    assert_eq!(
+        tx.h32(H32::Waiters).load(Ordering::SeqCst),
+        0,
+        "a woken consumer clears its waiter flag"
+    );
+}
+
+#[test]
+fn push_without_a_sleeper_leaves_the_futex_word_alone() {
+    let s = Scratch::new("nowake");
+    let lane = Lane::create(&s.path(), SMALL, 1).unwrap();
+    let before = lane.h32(H32::Futex).load(Ordering::SeqCst);
+    lane.push(b"x").unwrap();
+    assert_eq!(lane.h32(H32::Futex).load(Ordering::SeqCst), before);
 }
 
 #[test]
@@ -525,19 +572,24 @@ fn wake_and_mark_dead_interrupt_a_sleeping_consumer() {
     let tx = Lane::create(&s.path(), SMALL, 1).unwrap();
     let rx = Arc::new(Lane::open(&s.path(), 1).unwrap());
     let rx2 = Arc::clone(&rx);
-    let t = std::thread::spawn(move || {
+    let done = consumer(move || {
         let mut out = Vec::new();
-        let start = Instant::now();
-        let r = rx2.pop_timeout(&mut out, Duration::from_secs(30));
-        (r.map_err(|e| e.to_string()), start.elapsed())
+        rx2.pop_timeout(&mut out, SLEEP_FOR)
+            .map_err(|e| e.to_string())
     });
-    std::thread::sleep(Duration::from_millis(50));
-    tx.wake(); // spurious wake: consumer re-checks and keeps waiting
-    std::thread::sleep(Duration::from_millis(20));
+    wait_for_sleeper(&tx);
+    // A spurious wake: the consumer re-checks, finds nothing and sleeps again.
+    tx.wake();
+    assert!(
+        done.recv_timeout(Duration::from_millis(50)).is_err(),
+        "a bare wake must not end the wait"
+    );
+    wait_for_sleeper(&tx);
     tx.mark_dead();
-    let (r, waited) = t.join().unwrap();
+    let r = done
+        .recv_timeout(WAKE_BOUND)
+        .expect("mark_dead did not wake the sleeping consumer (lost wake-up)");
     assert!(r.unwrap_err().contains("dead"));
-    assert!(waited < Duration::from_secs(10));
 }
 
 #[test]

@@ -26,6 +26,19 @@ pub(crate) fn code(e: &Error) -> Code {
     }
 }
 
+/// A caller over its bad-credential budget: RESOURCE_EXHAUSTED with the retry hint in
+/// `grpc-retry-pushback-ms`, as the queen answers.
+pub(crate) fn penalised(retry_after: std::time::Duration) -> Status {
+    let mut s = Status::resource_exhausted(format!(
+        "too many bad credentials; retry after {}ms",
+        retry_after.as_millis()
+    ));
+    if let Ok(v) = retry_after.as_millis().to_string().parse() {
+        s.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    s
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = code(&e);

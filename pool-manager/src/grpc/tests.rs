@@ -1,5 +1,5 @@
-//! Frame validation, refusal codes, event conversion and the outbound batching, without tonic
-//! transport or workers.
+//! Frame validation, refusal codes, event conversion and the outbound batching, without workers
+//! (and, but for the one test that sends bytes that do not decode, without tonic transport).
 
 use std::time::Duration;
 
@@ -316,8 +316,34 @@ fn session(slots: &Arc<Slots>) -> (Session, mpsc::UnboundedReceiver<(u64, Event)
         models: models(),
         speed: Arc::new(Speed::default()),
         events,
+        audit: None,
     };
     (s, rx)
+}
+
+/// A request with one `authorization` header per value.
+fn with_bearers(values: &[&str]) -> Request<()> {
+    let mut req = Request::new(());
+    for v in values {
+        req.metadata_mut()
+            .append("authorization", format!("Bearer {v}").parse().unwrap());
+    }
+    req
+}
+
+#[test]
+fn two_authorization_headers_are_refused_even_when_one_is_the_key() {
+    let dispatch_key = "skep_the_queens_dispatch_key";
+    let (_tx, key) = watch::channel(Some(TokenDigest::of(dispatch_key)));
+    authorize(&key, &with_bearers(&[dispatch_key])).expect("the key alone is accepted");
+    for pair in [
+        [dispatch_key, "skep_someone_else"],
+        ["skep_someone_else", dispatch_key],
+        [dispatch_key, dispatch_key],
+    ] {
+        let err = authorize(&key, &with_bearers(&pair)).expect_err("two headers accepted");
+        assert_eq!(status::code(&err), Code::Unauthenticated, "{pair:?}");
+    }
 }
 
 fn job_frame(handle: u64, slot: u32) -> QueenFrame {
@@ -400,4 +426,111 @@ fn a_maximal_job_is_admitted_and_one_byte_more_is_refused() {
         ..longest
     };
     assert_eq!(refusal(over, Duration::ZERO), Some(Code::InvalidArgument));
+}
+
+/// Sends raw bytes as session frames and ignores what comes back: no typed client can send a
+/// frame that does not decode.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = ();
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, Status> {
+        let n = prost::bytes::Buf::remaining(buf);
+        prost::bytes::Buf::advance(buf, n);
+        Ok(Some(()))
+    }
+}
+
+#[tokio::test]
+async fn a_session_frame_that_does_not_decode_is_invalid_argument_and_audited() {
+    use skep_common::ratelimit::{DEFAULT_BAD_AUTH_QUOTA, DEFAULT_IDENTITY_QUOTA};
+    let dir = std::env::temp_dir().join(format!("skep-pool-decode-{}", std::process::id()));
+    skep_common::daemon::create_private_dir(&dir).unwrap();
+    let audit = Audit::start(&dir).unwrap();
+    let dispatch_key = "skep_the_queens_dispatch_key";
+    let (_tx, key) = watch::channel(Some(TokenDigest::of(dispatch_key)));
+    let service = PoolService::new(Slots::new(1, 2), models(), Arc::new(Speed::default()), key);
+    let limits = Arc::new(RateLimits::new(
+        DEFAULT_IDENTITY_QUOTA,
+        DEFAULT_BAD_AUTH_QUOTA,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server(audit.clone(), limits))
+            .serve_with_incoming(skep_common::daemon::incoming(listener)),
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // QueenFrame { job: JobFrame { job_id: <0xff 0xfe> } }: invalid UTF-8 in a string field.
+    let frame = vec![0x0a, 0x04, 0x12, 0x02, 0xff, 0xfe];
+    let mut req = Request::new(tokio_stream::iter(vec![frame]));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {dispatch_key}").parse().unwrap(),
+    );
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/skep.v1.Pool/Session");
+    let mut events = grpc
+        .streaming(req, path, RawCodec)
+        .await
+        .expect("the session opens")
+        .into_inner();
+    // The credit frame comes first, then the verdict on the bad frame.
+    let status = loop {
+        match events.message().await {
+            Ok(Some(())) => continue,
+            Ok(None) => panic!("the session ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    audit.flush(Duration::from_secs(5));
+    let text: String = std::fs::read_dir(dir.join("audit"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        text.contains("validation.rejected") && text.contains("frame does not decode"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -359,8 +359,6 @@ fn worker_bin() -> PathBuf {
 fn jobs_run_on_real_workers() {
     let program = worker_bin();
     let tmp = TempLane::new();
-    let lane_dir = tmp.dir.join("lanes");
-    std::fs::create_dir_all(&lane_dir).unwrap();
     let args = [
         "--engine",
         "synthetic",
@@ -374,7 +372,6 @@ fn jobs_run_on_real_workers() {
     let spec = Arc::new(WorkerSpec {
         program,
         args: args.iter().map(|s| s.to_string()).collect(),
-        lane_dir,
         lane: LaneConfig::default(),
         model: "synthetic".into(),
     });
@@ -438,13 +435,98 @@ fn jobs_run_on_real_workers() {
     sup.shutdown();
 }
 
+/// A worker that tries to shrink and grow both its lanes before serving. Before lanes were
+/// sealed memfds the truncate went through, and this process (the pool manager) died of SIGBUS
+/// at its next look at the lane header.
+#[test]
+fn a_worker_that_truncates_its_lanes_leaves_the_pool_serving() {
+    let tmp = TempLane::new();
+    let log = tmp.dir.join("resize.log");
+    let script = tmp.dir.join("hostile-worker");
+    // The supervisor clears the environment, so the paths are written into the script.
+    let text = format!(
+        "#!/bin/sh\n\
+         prev=\n\
+         for a in \"$@\"; do\n\
+           case \"$prev\" in --request-lane-fd|--response-lane-fd)\n\
+             for size in +4096 -4096 0; do\n\
+               if truncate -s \"$size\" \"/dev/fd/$a\" 2>>'{log}'; then echo resized >>'{log}'; fi\n\
+             done;;\n\
+           esac\n\
+           prev=\"$a\"\n\
+         done\n\
+         exec '{worker}' \"$@\"\n",
+        log = log.display(),
+        worker = worker_bin().display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let args = [
+        "--engine",
+        "synthetic",
+        "--synthetic-ttft",
+        "1ms",
+        "--synthetic-tps",
+        "0",
+    ];
+    let spec = Arc::new(WorkerSpec {
+        program: script,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        lane: LaneConfig::default(),
+        model: "synthetic".into(),
+    });
+    let slots = Slots::new(1, 2);
+    let speed = Arc::new(Speed::default());
+    let audit = Audit::start(&tmp.dir).unwrap();
+    let sup = spawn_slots(spec, Arc::clone(&slots), Arc::clone(&speed), audit).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The warm-up ran through both lanes after the attempts: the pool is alive and serving.
+    rt.block_on(speed.wait_for_figures(Duration::from_secs(60)))
+        .expect("warm-up figures");
+    let attempts = std::fs::read_to_string(&log).unwrap();
+    assert!(!attempts.contains("resized"), "{attempts}");
+    assert_eq!(
+        attempts.matches("Operation not permitted").count(),
+        6,
+        "every resize must hit the seals: {attempts}"
+    );
+    let (sink, rx) = mpsc::unbounded_channel();
+    let mut rx = Events {
+        rx,
+        by_handle: Default::default(),
+    };
+    slots
+        .enqueue(
+            0,
+            QueuedJob {
+                max_tokens: 3,
+                ..job(1, 1, &sink)
+            },
+        )
+        .unwrap();
+    let ended = loop {
+        match rx.next(1) {
+            Event::Started { generation, .. } => assert_eq!(generation, 1, "no restart"),
+            Event::Token { .. } => {}
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(ended, Event::Finished { tokens: 3, .. }),
+        "{ended:?}"
+    );
+    sup.shutdown();
+}
+
 #[test]
 fn jobs_on_a_slot_whose_worker_cannot_start_fail_unavailable() {
     let tmp = TempLane::new();
     let spec = Arc::new(WorkerSpec {
         program: tmp.dir.join("no-such-worker"),
         args: Vec::new(),
-        lane_dir: tmp.dir.clone(),
         lane: LaneConfig::default(),
         model: "synthetic".into(),
     });
@@ -481,12 +563,21 @@ fn the_largest_valid_request_fits_the_lane() {
     validate::identifier("job_id", &job_id).unwrap();
     validate::prompt(&prompt).unwrap();
     let secret = Secret::generate();
-    let mac = session::request_mac(&secret, u64::MAX, &job_id, u64::MAX, &prompt);
+    let model = "m".repeat(validate::MAX_ID_LEN);
+    let fields = session::RequestFields {
+        seq: u64::MAX,
+        job_id: &job_id,
+        model: &model,
+        prompt: &prompt,
+        max_tokens: u32::MAX,
+        deadline_ns: u64::MAX,
+    };
+    let mac = session::request_mac(&secret, &fields);
     assert_eq!(mac.len(), validate::LANE_MAC_BYTES);
     let req = LaneRequest {
         seq: u64::MAX,
         job_id,
-        model: "m".repeat(validate::MAX_ID_LEN),
+        model,
         prompt,
         max_tokens: u32::MAX,
         deadline_mono_ns: u64::MAX,
@@ -513,7 +604,6 @@ fn a_lane_too_small_for_a_valid_request_is_refused_at_start() {
     let spec = Arc::new(WorkerSpec {
         program: tmp.dir.join("no-such-worker"),
         args: Vec::new(),
-        lane_dir: tmp.dir.clone(),
         lane: small,
         model: "synthetic".into(),
     });

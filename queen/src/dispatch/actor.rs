@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -18,7 +17,7 @@ use tracing::{info, warn};
 
 use super::core::{self, Action, Core, JobKey, Micros, Outcome, Progress, Refusal, Report};
 use super::cost::Figures;
-use super::{Attempt, NewJob, Route, SessionCmd, Target};
+use super::{Attempt, Delivered, NewJob, Route, SessionCmd, Target};
 use crate::Error;
 use crate::audit::{AuditHandle, events};
 use crate::job::Event;
@@ -34,8 +33,8 @@ struct JobIo {
     job: NewJob,
     events: mpsc::Sender<Event>,
     progress: Arc<Progress>,
-    /// Tokens the client has, across attempts (a retry skips them).
-    delivered: Arc<AtomicU32>,
+    /// Tokens the client has, across attempts (a retry must reproduce them).
+    delivered: Arc<Delivered>,
     timings: Timings,
     node: String,
     /// Set when the client has been told the job was accepted (or it was recovered).
@@ -215,7 +214,7 @@ impl Dispatcher {
         };
         self.ids.remove(&io.job.id);
         io.timings.total_us = micros(io.job.arrived.elapsed());
-        let tokens = io.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        let tokens = io.delivered.len();
         let budget = io.job.budget;
         let elapsed = io.job.arrived.elapsed();
         let (state, error) = match outcome {
@@ -311,6 +310,8 @@ impl Handler<Submit> for Dispatcher {
             model: msg.job.model.clone(),
             max_tokens: msg.job.max_tokens,
             deadline,
+            caller: Arc::from(msg.job.caller.as_str()),
+            caller_share: msg.job.caller_share,
         };
         let admitted = self.core.submit(now, spec).map_err(|r| match r {
             Refusal::Infeasible { best_finish } => Error::Infeasible {
@@ -321,6 +322,10 @@ impl Handler<Submit> for Dispatcher {
             },
             Refusal::NoPool => Error::NoPool(msg.job.model.clone()),
             Refusal::QueueFull { retry_after } => Error::QueueFull {
+                retry_after: Duration::from_micros(retry_after),
+            },
+            Refusal::CallerShare { share, retry_after } => Error::CallerShare {
+                share,
                 retry_after: Duration::from_micros(retry_after),
             },
         })?;
@@ -338,7 +343,7 @@ impl Handler<Submit> for Dispatcher {
                 job: msg.job,
                 events: msg.events,
                 progress: admitted.progress,
-                delivered: Arc::new(AtomicU32::new(0)),
+                delivered: Arc::default(),
                 node: admitted.node.clone(),
                 admitted: Instant::now(),
             },
@@ -374,6 +379,8 @@ impl Handler<Resume> for Dispatcher {
             budget: Duration::from_millis(remaining),
             arrived: Instant::now(),
             caller: rec.caller,
+            // Already admitted once: counted against its caller, never refused for it.
+            caller_share: None,
         };
         info!(job = %job.id, remaining_ms = remaining, "resuming a job interrupted by a queen restart");
         self.audit.record(
@@ -393,6 +400,8 @@ impl Handler<Resume> for Dispatcher {
             model: job.model.clone(),
             max_tokens: job.max_tokens,
             deadline: self.at(job.arrived + job.budget),
+            caller: Arc::from(job.caller.as_str()),
+            caller_share: job.caller_share,
         };
         let (key, progress) = self.core.resume(now, spec);
         self.ids.insert(job.id.clone(), key);
@@ -402,7 +411,7 @@ impl Handler<Resume> for Dispatcher {
                 job,
                 events: tx,
                 progress,
-                delivered: Arc::new(AtomicU32::new(0)),
+                delivered: Arc::default(),
                 timings: Timings::default(),
                 node: String::new(),
                 admitted: Instant::now(),

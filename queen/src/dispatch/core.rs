@@ -77,6 +77,9 @@ pub struct Config {
     pub hung_grace: Micros,
     /// Retry hint when the queen is full.
     pub retry_after: Micros,
+    /// Jobs one caller may have live at once unless their token says otherwise: with the
+    /// default 1024 live and 256 queued, one tenant can hold a quarter of the queue at most.
+    pub caller_share: u32,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             max_attempts: 3,
             hung_grace: 2_000_000,
             retry_after: 500_000,
+            caller_share: 64,
         }
     }
 }
@@ -100,6 +104,11 @@ pub struct JobSpec {
     pub max_tokens: u32,
     /// Absolute deadline on the core's clock.
     pub deadline: Micros,
+    /// Who submitted it (their token's fingerprint): the unit of the per-caller share.
+    pub caller: Arc<str>,
+    /// Jobs this caller may have live (queued or running) at once, when their token sets its
+    /// own share; `Config::caller_share` otherwise.
+    pub caller_share: Option<u32>,
 }
 
 /// Progress of a sent job, written by the session that streams its events and read by the core
@@ -204,6 +213,11 @@ pub enum Refusal {
     QueueFull {
         retry_after: Micros,
     },
+    /// The caller already has `share` jobs live: one tenant may not take the whole queen.
+    CallerShare {
+        share: u32,
+        retry_after: Micros,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +286,8 @@ pub struct Core {
     jobs: HashMap<JobKey, Live, KeyHash>,
     parked: BTreeSet<JobKey>,
     queued: usize,
+    /// Live jobs per caller, for the per-caller share; a caller with none has no entry.
+    callers: HashMap<Arc<str>, u32>,
     next_key: JobKey,
     actions: Vec<Action>,
 }
@@ -324,6 +340,7 @@ impl Core {
             jobs: HashMap::default(),
             parked: BTreeSet::new(),
             queued: 0,
+            callers: HashMap::new(),
             next_key: 1,
             actions: Vec::new(),
         }
@@ -408,6 +425,15 @@ impl Core {
                 retry_after: self.cfg.retry_after,
             });
         }
+        // Before any search: a tenant at its share is refused however idle the cluster is, so
+        // the answer does not depend on (or reveal) other tenants' load.
+        let share = spec.caller_share.unwrap_or(self.cfg.caller_share);
+        if self.live_of(&spec.caller) >= share {
+            return Err(Refusal::CallerShare {
+                share,
+                retry_after: self.cfg.retry_after,
+            });
+        }
         let (node, slot, finish) = self.choose(now, &spec, &[], None)?;
         let to_pending = self.nodes[&node].slots[slot as usize].sent.len()
             > self.nodes[&node].credits as usize
@@ -442,6 +468,7 @@ impl Core {
     fn track(&mut self, spec: JobSpec) -> (JobKey, Arc<Progress>) {
         let key = self.next_key;
         self.next_key += 1;
+        *self.callers.entry(Arc::clone(&spec.caller)).or_default() += 1;
         let progress = Arc::new(Progress::default());
         self.jobs.insert(
             key,
@@ -483,7 +510,7 @@ impl Core {
         }
         let job = self.jobs.get_mut(&key).expect("checked above");
         if job.zombie {
-            self.jobs.remove(&key);
+            self.forget(key);
         } else {
             let deadline = job.spec.deadline;
             match report {
@@ -605,7 +632,7 @@ impl Core {
                     continue;
                 };
                 if job.zombie {
-                    self.jobs.remove(&key);
+                    self.forget(key);
                     continue;
                 }
                 // Not to the ledger: the slot is gone with the node.
@@ -680,7 +707,7 @@ impl Core {
             .map(|(k, _)| *k)
             .collect();
         for key in abandoned {
-            let job = self.jobs.remove(&key).expect("collected above");
+            let job = self.forget(key).expect("collected above");
             if let Some(n) = self.nodes.get_mut(&job.node) {
                 for s in &mut n.slots {
                     s.sent.retain(|k| *k != key);
@@ -1127,9 +1154,26 @@ impl Core {
     }
 
     fn end(&mut self, key: JobKey, outcome: Outcome) {
-        if self.jobs.remove(&key).is_some() {
+        if self.forget(key).is_some() {
             self.actions.push(Action::End { key, outcome });
         }
+    }
+
+    /// Takes a job out of the live table: the one way out, so the per-caller counts stay true.
+    fn forget(&mut self, key: JobKey) -> Option<Live> {
+        let job = self.jobs.remove(&key)?;
+        if let Some(n) = self.callers.get_mut(&job.spec.caller) {
+            *n -= 1;
+            if *n == 0 {
+                self.callers.remove(&job.spec.caller);
+            }
+        }
+        Some(job)
+    }
+
+    /// Live jobs of one caller (queued, running, or stopped and still holding a slot).
+    pub fn live_of(&self, caller: &str) -> u32 {
+        self.callers.get(caller).copied().unwrap_or(0)
     }
 
     /// Feeds a sent job's measured times into its pool's cost model, on the queen's clock.

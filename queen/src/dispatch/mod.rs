@@ -9,8 +9,8 @@ pub mod actor;
 pub mod core;
 pub mod cost;
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skep_common::secret::Secret;
@@ -58,12 +58,62 @@ pub struct Route {
     /// Token progress, read by the core for its predictions.
     pub progress: Arc<core::Progress>,
     /// Tokens the client already has (across attempts).
-    pub delivered: Arc<AtomicU32>,
+    pub delivered: Arc<Delivered>,
     pub deadline: Instant,
     pub sent_at: Instant,
     /// The core's clock origin, for `progress`.
     pub epoch: Instant,
     pub attempt: u32,
+}
+
+/// What a job's client has been sent, across attempts: each token's id and a digest of its
+/// text. A failover attempt must reproduce exactly this before its own tokens are passed on,
+/// because pools on different CPUs (or builds) may round differently and pick other tokens.
+#[derive(Debug, Default)]
+pub struct Delivered(Mutex<Vec<(u32, u64)>>);
+
+impl Delivered {
+    /// Tokens the client has.
+    pub fn len(&self) -> u32 {
+        u32::try_from(self.lock().len()).unwrap_or(u32::MAX)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Records a token the client was sent: its id and `Delivered::digest` of its text.
+    pub fn push(&self, id: u32, digest: u64) {
+        self.lock().push((id, digest));
+    }
+
+    /// Whether the client's token `index` is this one (id and text).
+    pub fn matches(&self, index: u32, id: u32, text: &str) -> Option<bool> {
+        let guard = self.lock();
+        let &(have_id, have_text) = guard.get(index as usize)?;
+        Some(have_id == id && have_text == Delivered::digest(text))
+    }
+
+    /// The client was told to discard everything: the next token is index 0 again.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u32, u64)>> {
+        // Only the pushes of one session at a time reach it; a poisoned lock still holds
+        // consistent data (each update is one push or clear).
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A text's digest for the prefix check. Not a security boundary (pools are trusted to
+    /// report honestly); it catches honest divergence without keeping every text.
+    pub fn digest(text: &str) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        h.finish()
+    }
 }
 
 /// The actor's orders to a pool session.

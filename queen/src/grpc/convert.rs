@@ -92,6 +92,15 @@ pub fn event(job_id: &str, ev: Event) -> Vec<Result<pb::JobEvent, tonic::Status>
             vec![wrap(Kind::Dispatched(pb::Dispatched { node_id, attempt }))]
         }
         Event::Token { index, text } => vec![wrap(Kind::Token(pb::Token { index, text }))],
+        Event::Restarted {
+            attempt,
+            node_id,
+            reason,
+        } => vec![wrap(Kind::Restarted(pb::Restarted {
+            attempt,
+            node_id,
+            reason,
+        }))],
         Event::Done { tokens, timings: t } => {
             vec![wrap(Kind::Done(pb::Done {
                 tokens,

@@ -70,9 +70,11 @@ impl JobsService {
             budget,
             arrived,
             caller: who.fingerprint.clone(),
+            caller_share: who.max_jobs,
         };
-        // The stream holds a whole job, so a pool session never waits on a slow reader.
-        let (tx, rx) = mpsc::channel(max_tokens as usize + EVENT_BUFFER);
+        // The stream holds a whole job (twice: a failover that restarts the output resends
+        // it), so a pool session never waits on a slow reader.
+        let (tx, rx) = mpsc::channel(2 * max_tokens as usize + EVENT_BUFFER);
         // One message in, one decision out: admitted with a reservation (and possibly already
         // on its way to the pool), or refused.
         let (_, decision) = self

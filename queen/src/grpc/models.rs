@@ -18,6 +18,7 @@ use crate::audit::events;
 use crate::auth::Role;
 use crate::catalogue::{self, ModelEntry};
 use crate::job::Services;
+use skep_approval::{Action, SpecHash};
 use skep_audit::Fields;
 
 /// Bytes per `ModelData` message when streaming a model out.
@@ -62,6 +63,25 @@ impl Models for ModelsService {
             .catalogue
             .begin(&first.name, &first.format, first.size, &first.sha256)
             .await?;
+        // Governed: checked (and used up) before any byte is taken. The approval must name the
+        // declared SHA-256, and `finish` keeps the file only if the bytes that arrive hash to
+        // exactly that, so a different file is refused either way. `begin` has checked the
+        // declared hash's form.
+        let approvals = &self.svc.approvals;
+        if approvals.required(Action::ModelAdd) {
+            let spec =
+                SpecHash::from_hex(&first.sha256).map_err(|e| Error::Model(e.to_string()))?;
+            approvals
+                .check(
+                    Action::ModelAdd,
+                    &spec,
+                    &first.approval,
+                    &who.fingerprint,
+                    &self.svc.store,
+                    &self.svc.audit,
+                )
+                .await?;
+        }
         incoming.write(&first.data).await?;
         while let Some(chunk) = chunks.message().await? {
             incoming.write(&chunk.data).await?;

@@ -1,5 +1,6 @@
 //! `skep.v1.Nodes`: pool managers register and heartbeat; operators list nodes.
 
+use skep_approval::{Action, SpecHash};
 use skep_audit::Fields;
 use skep_common::auth::TokenDigest;
 use skep_common::secret::Secret;
@@ -83,8 +84,23 @@ impl Nodes for NodesService {
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
         let who = require(&req, Role::Enroll)?;
-        let name = req.into_inner().name;
+        let EnrollRequest { name, approval } = req.into_inner();
         validate::identifier("name", &name).map_err(Error::from)?;
+        // Governed: the approval is checked (and used up) before the enrollment token is, so a
+        // refused approval leaves the token for a retry with a good one.
+        let approvals = &self.svc.approvals;
+        if approvals.required(Action::NodeEnroll) {
+            approvals
+                .check(
+                    Action::NodeEnroll,
+                    &SpecHash::of(name.as_bytes()),
+                    &approval,
+                    &who.fingerprint,
+                    &self.svc.store,
+                    &self.svc.audit,
+                )
+                .await?;
+        }
         // Single use: only the call that revokes the enrollment token may go on.
         if who.role == Role::Enroll {
             if !self.svc.tokens.consume(&who.digest) {
@@ -106,6 +122,7 @@ impl Nodes for NodesService {
             expires_unix_ms: 0,
             revoked: false,
             node_id: node_id.clone(),
+            max_jobs: 0,
         };
         self.svc.store.insert_token(entry.clone()).await?;
         self.svc.tokens.add(entry);

@@ -8,7 +8,6 @@
 //! whatever jobs it still carried are reported lost so they fail over.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use skep_common::auth;
@@ -22,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::dispatch::actor::{AttemptTimings, Ended, SessionLost, SessionReady};
 use crate::dispatch::core::Report;
-use crate::dispatch::{DispatchHandle, Route, SessionCmd, Target};
+use crate::dispatch::{Delivered, DispatchHandle, Route, SessionCmd, Target};
 use crate::job::Event;
 
 /// One job in flight on this session.
@@ -34,6 +33,24 @@ struct InFlight {
     seen: u32,
     started: Option<Instant>,
     pool_us: u64,
+    /// Set while a failover attempt is re-running what the client already has: the tokens it
+    /// reproduced so far (id, text), held back. `None` once it has passed the client's prefix
+    /// (or on a first attempt).
+    replay: Option<Vec<(u32, String)>>,
+}
+
+impl InFlight {
+    fn new(route: Route) -> InFlight {
+        let replay = (!route.delivered.is_empty()).then(Vec::new);
+        InFlight {
+            route,
+            muted: false,
+            seen: 0,
+            started: None,
+            pool_us: 0,
+            replay,
+        }
+    }
 }
 
 /// Runs one session until it ends, then tells the dispatch actor.
@@ -95,7 +112,7 @@ async fn session(
                         node_id: node.clone(),
                         attempt: route.attempt,
                     });
-                    jobs.insert(attempt.handle, InFlight { route: *route, muted: false, seen: 0, started: None, pool_us: 0 });
+                    jobs.insert(attempt.handle, InFlight::new(*route));
                     if out.send(QueenFrame { kind: Some(queen_frame::Kind::Job(frame)) }).is_err() {
                         break Err("session stream closed".into());
                     }
@@ -185,33 +202,42 @@ async fn handle_event(
                 job.muted = true;
                 return;
             }
-            // After a failover the new pool starts over; tokens the client has are skipped.
-            if t.index < job.route.delivered.load(Relaxed) {
-                return;
-            }
-            let ev = Event::Token {
-                index: t.index,
-                text: t.text,
-            };
-            match job.route.events.try_send(ev) {
-                Ok(()) => {
-                    job.route.delivered.fetch_add(1, Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    job.muted = true;
-                    dispatch.client_gone(job.route.key).await;
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // The channel holds a whole job's tokens; a full one means a client that
-                    // stopped reading. Stop the job rather than the session.
-                    warn!(job = %job.route.job_id, "client is not reading its stream; cancelling");
-                    job.muted = true;
-                    dispatch.client_gone(job.route.key).await;
+            // After a failover the new pool starts over: what the client has is passed over
+            // only if this pool reproduces it, token for token; otherwise the client is told.
+            if let Some(replay) = job.replay.as_mut() {
+                let position = u32::try_from(replay.len()).unwrap_or(u32::MAX);
+                match job.route.delivered.matches(position, t.id, &t.text) {
+                    Some(true) if t.index == position => {
+                        replay.push((t.id, t.text));
+                        return;
+                    }
+                    None => job.replay = None,
+                    Some(_) => {
+                        let reason = format!(
+                            "token {position} differs from the one sent before the failover"
+                        );
+                        if !restart(node, job, reason, dispatch).await {
+                            return;
+                        }
+                    }
                 }
             }
+            deliver(job, t.id, t.index, t.text, dispatch).await;
         }
         pool_event::Kind::Finished(f) => {
-            let job = jobs.remove(&ev.handle).expect("present above");
+            let mut job = jobs.remove(&ev.handle).expect("present above");
+            if let Some(replay) = &job.replay
+                && !job.muted
+            {
+                // Ended short of what the client has: the client's longer text is not this
+                // attempt's output.
+                let reason = format!(
+                    "the new attempt ended after {} tokens, before reproducing the {} sent",
+                    replay.len(),
+                    job.route.delivered.len()
+                );
+                restart(node, &mut job, reason, dispatch).await;
+            }
             let timings =
                 attempt_timings(&job, f.pool_us, f.worker_first_token_us, f.generation_us);
             dispatch
@@ -245,6 +271,56 @@ async fn handle_event(
                 .await;
         }
     }
+}
+
+/// Passes one token to the job's client and records it as delivered.
+async fn deliver(job: &mut InFlight, id: u32, index: u32, text: String, dispatch: &DispatchHandle) {
+    let digest = Delivered::digest(&text);
+    match job.route.events.try_send(Event::Token { index, text }) {
+        Ok(()) => job.route.delivered.push(id, digest),
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            job.muted = true;
+            dispatch.client_gone(job.route.key).await;
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            // The channel holds a whole job's tokens (twice, for a restart); a full one means a
+            // client that stopped reading. Stop the job rather than the session.
+            warn!(job = %job.route.job_id, "client is not reading its stream; cancelling");
+            job.muted = true;
+            dispatch.client_gone(job.route.key).await;
+        }
+    }
+}
+
+/// A failover attempt diverged from what the client has: the client is told to discard it,
+/// then gets this attempt's output from index 0 (the tokens held back so far first). False if
+/// the client can no longer be reached.
+async fn restart(
+    node: &str,
+    job: &mut InFlight,
+    reason: String,
+    dispatch: &DispatchHandle,
+) -> bool {
+    let held = job.replay.take().unwrap_or_default();
+    warn!(job = %job.route.job_id, node, %reason, "failover output differs; restarting the client's stream");
+    job.route.delivered.clear();
+    let notice = Event::Restarted {
+        attempt: job.route.attempt,
+        node_id: node.to_owned(),
+        reason,
+    };
+    if job.route.events.try_send(notice).is_err() {
+        job.muted = true;
+        dispatch.client_gone(job.route.key).await;
+        return false;
+    }
+    for (index, (id, text)) in (0u32..).zip(held) {
+        deliver(job, id, index, text, dispatch).await;
+        if job.muted {
+            return false;
+        }
+    }
+    true
 }
 
 fn attempt_timings(

@@ -15,7 +15,9 @@ impl From<Error> for Status {
         match e {
             Error::Auth(AuthError::InsecureBind(_)) => Status::failed_precondition(msg),
             Error::Auth(_) => Status::unauthenticated(msg),
-            Error::PermissionDenied(_) | Error::NodeRevoked(_) => Status::permission_denied(msg),
+            Error::PermissionDenied(_) | Error::NodeRevoked(_) | Error::ApprovalRefused(_) => {
+                Status::permission_denied(msg)
+            }
             // Not permanent: the pool retries, and gets in once the holder stops heartbeating.
             Error::UrlTaken { .. } => Status::failed_precondition(msg),
             Error::Invalid(_) | Error::BadDeadline(_) | Error::BadPoolUrl(_) => {
@@ -28,7 +30,9 @@ impl From<Error> for Status {
             Error::Tokens(crate::auth::BookError::NotFound(_)) => Status::not_found(msg),
             Error::Tokens(crate::auth::BookError::Ambiguous(_)) => Status::invalid_argument(msg),
             Error::Tokens(crate::auth::BookError::LastAdmin) => Status::failed_precondition(msg),
-            Error::QueueFull { retry_after } | Error::RateLimited { retry_after } => {
+            Error::QueueFull { retry_after }
+            | Error::RateLimited { retry_after }
+            | Error::CallerShare { retry_after, .. } => {
                 let mut s = Status::resource_exhausted(msg);
                 if let Ok(v) = retry_after.as_millis().to_string().parse() {
                     s.metadata_mut().insert("grpc-retry-pushback-ms", v);

@@ -16,10 +16,16 @@ use tracing::info;
 use super::require;
 use crate::Error;
 use crate::audit::events;
-use crate::auth::{Role, TokenEntry};
+use crate::auth::{BookError, Role, TokenEntry};
 use crate::job::Services;
 use crate::model::unix_ms;
+use skep_approval::{Action, SpecHash};
 use skep_audit::Fields;
+
+const LAST_ADMIN: Action = Action::TokenRevokeLastAdmin;
+
+/// Largest per-token share of live jobs (the queen holds 1024 live jobs by default).
+const MAX_JOBS_PER_TOKEN: u32 = 4096;
 
 /// Longest lifetime a token may be given.
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -42,6 +48,7 @@ fn info(e: &TokenEntry) -> TokenInfo {
         created_unix_ms: e.created_unix_ms,
         expires_unix_ms: e.expires_unix_ms,
         revoked: e.revoked,
+        max_jobs: e.max_jobs,
     }
 }
 
@@ -64,6 +71,16 @@ impl Tokens for TokensService {
             r.label
         };
         validate::identifier("label", &label).map_err(Error::from)?;
+        if r.max_jobs > MAX_JOBS_PER_TOKEN {
+            return Err(Status::invalid_argument(format!(
+                "max_jobs must be at most {MAX_JOBS_PER_TOKEN} (0 = the queen's default)"
+            )));
+        }
+        if r.max_jobs > 0 && role == Role::Enroll {
+            return Err(Status::invalid_argument(
+                "max_jobs applies to admin and submit tokens, not enrollment tokens",
+            ));
+        }
         let ttl = Duration::from_millis(r.ttl_ms);
         if ttl > MAX_TTL {
             return Err(Status::invalid_argument("ttl must be at most 10 years"));
@@ -82,6 +99,7 @@ impl Tokens for TokensService {
             },
             revoked: false,
             node_id: String::new(),
+            max_jobs: r.max_jobs,
         };
         self.svc.store.insert_token(entry.clone()).await?;
         self.svc.tokens.add(entry.clone());
@@ -111,7 +129,10 @@ impl Tokens for TokensService {
     ) -> Result<Response<ListTokensResponse>, Status> {
         require(&req, Role::Admin)?;
         let tokens = self.svc.tokens.list().iter().map(info).collect();
-        Ok(Response::new(ListTokensResponse { tokens }))
+        Ok(Response::new(ListTokensResponse {
+            tokens,
+            cluster_id: self.svc.approvals.cluster_id().to_owned(),
+        }))
     }
 
     async fn revoke(
@@ -119,15 +140,35 @@ impl Tokens for TokensService {
         req: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
         let who = require(&req, Role::Admin)?;
-        let fp = req.into_inner().fingerprint;
+        let RevokeTokenRequest {
+            fingerprint: fp,
+            approval,
+        } = req.into_inner();
         if fp.len() != 6 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Status::invalid_argument("fingerprint must be 6 hex digits"));
         }
         let entry = self.svc.tokens.find(&fp).map_err(Error::from)?;
-        self.svc
-            .tokens
-            .check_revocable(&entry, unix_ms())
-            .map_err(Error::from)?;
+        match self.svc.tokens.check_revocable(&entry, unix_ms()) {
+            Ok(()) => {}
+            // Revoking the last admin token is a governed action: refused outright, unless
+            // the queen requires (and so accepts) an approval for it and one is presented.
+            Err(BookError::LastAdmin) if self.svc.approvals.required(LAST_ADMIN) => {
+                // The spec is the token's fingerprint as `skep token list` shows it.
+                let spec = SpecHash::of(entry.fingerprint().as_bytes());
+                self.svc
+                    .approvals
+                    .check(
+                        LAST_ADMIN,
+                        &spec,
+                        &approval,
+                        &who.fingerprint,
+                        &self.svc.store,
+                        &self.svc.audit,
+                    )
+                    .await?;
+            }
+            Err(e) => return Err(Error::from(e).into()),
+        }
         self.svc.store.revoke_token(&entry.digest).await?;
         self.svc.tokens.revoke(&entry.digest);
         info!(caller = %who.fingerprint, token = %fp, "token revoked");

@@ -42,7 +42,14 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_unix_ms INTEGER NOT NULL,
     expires_unix_ms INTEGER NOT NULL DEFAULT 0,
     revoked INTEGER NOT NULL DEFAULT 0,
-    node_id TEXT NOT NULL DEFAULT ''
+    node_id TEXT NOT NULL DEFAULT '',
+    max_jobs INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS approval_nonces (
+    nonce TEXT PRIMARY KEY,
+    action TEXT NOT NULL,
+    used_unix_ms INTEGER NOT NULL,
+    expires_unix_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     seq INTEGER NOT NULL, checkpoint TEXT NOT NULL, dropped INTEGER NOT NULL,
@@ -52,20 +59,27 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
 
 /// Columns added after the first release; databases created before them gain them here.
 pub(super) fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('jobs')")?;
-    let have = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (column, ddl) in [
+    for (table, column, ddl) in [
         (
+            "jobs",
             "prompt",
             "ALTER TABLE jobs ADD COLUMN prompt TEXT NOT NULL DEFAULT ''",
         ),
         (
+            "jobs",
             "caller",
             "ALTER TABLE jobs ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
         ),
+        (
+            "tokens",
+            "max_jobs",
+            "ALTER TABLE tokens ADD COLUMN max_jobs INTEGER NOT NULL DEFAULT 0",
+        ),
     ] {
+        let mut stmt = conn.prepare_cached("SELECT name FROM pragma_table_info(?1)")?;
+        let have = stmt
+            .query_map([table], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
         if !have.iter().any(|c| c == column) {
             conn.execute_batch(ddl)?;
         }
@@ -177,8 +191,8 @@ pub(super) fn upsert_model(conn: &Connection, m: &ModelEntry) -> Result<(), Stor
 pub(super) fn insert_token(conn: &Connection, t: &TokenEntry) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO tokens
-            (digest, role, label, created_unix_ms, expires_unix_ms, revoked, node_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            (digest, role, label, created_unix_ms, expires_unix_ms, revoked, node_id, max_jobs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         t.digest.to_hex(),
@@ -187,7 +201,8 @@ pub(super) fn insert_token(conn: &Connection, t: &TokenEntry) -> Result<(), Stor
         t.created_unix_ms,
         t.expires_unix_ms,
         t.revoked,
-        t.node_id
+        t.node_id,
+        t.max_jobs
     ])?;
     Ok(())
 }
@@ -196,6 +211,30 @@ pub(super) fn revoke_token(conn: &Connection, digest_hex: &str) -> Result<(), St
     conn.prepare_cached("UPDATE tokens SET revoked = 1 WHERE digest = ?1")?
         .execute([digest_hex])?;
     Ok(())
+}
+
+/// How long past its approval's expiry a used nonce is kept: the approval is refused as expired
+/// by then anyway; the margin covers a clock set back a little.
+const NONCE_KEEP_MS: u64 = 24 * 3600 * 1000;
+
+/// Records an approval's nonce as used; false if it was used before. Nonces of approvals long
+/// expired are dropped here, so the table holds only what could still be replayed.
+pub(super) fn use_approval_nonce(
+    conn: &Connection,
+    nonce: &str,
+    action: &str,
+    expires_unix_ms: u64,
+    now_unix_ms: u64,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached("DELETE FROM approval_nonces WHERE expires_unix_ms < ?1")?
+        .execute(params![now_unix_ms.saturating_sub(NONCE_KEEP_MS)])?;
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO approval_nonces (nonce, action, used_unix_ms, expires_unix_ms)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(nonce) DO NOTHING",
+        )?
+        .execute(params![nonce, action, now_unix_ms, expires_unix_ms])?;
+    Ok(inserted == 1)
 }
 
 pub(super) fn insert_checkpoint(conn: &Connection, cp: &AuditCheckpoint) -> Result<(), StoreError> {
@@ -265,7 +304,7 @@ pub(super) fn list_models(conn: &Connection) -> Result<Vec<ModelEntry>, StoreErr
 
 pub(super) fn load_tokens(conn: &Connection) -> Result<Vec<TokenEntry>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT digest, role, label, created_unix_ms, expires_unix_ms, revoked, node_id
+        "SELECT digest, role, label, created_unix_ms, expires_unix_ms, revoked, node_id, max_jobs
          FROM tokens",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -277,10 +316,11 @@ pub(super) fn load_tokens(conn: &Connection) -> Result<Vec<TokenEntry>, StoreErr
             r.get::<_, u64>(4)?,
             r.get::<_, bool>(5)?,
             r.get::<_, String>(6)?,
+            r.get::<_, u32>(7)?,
         ))
     })?;
     rows.map(|r| {
-        let (digest, role, label, created, expires, revoked, node_id) = r?;
+        let (digest, role, label, created, expires, revoked, node_id, max_jobs) = r?;
         Ok(TokenEntry {
             digest: skep_common::auth::TokenDigest::from_hex(&digest)
                 .ok_or_else(|| StoreError::Corrupt("token digest".into()))?,
@@ -291,6 +331,7 @@ pub(super) fn load_tokens(conn: &Connection) -> Result<Vec<TokenEntry>, StoreErr
             expires_unix_ms: expires,
             revoked,
             node_id,
+            max_jobs,
         })
     })
     .collect()

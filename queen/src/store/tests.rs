@@ -325,6 +325,7 @@ fn reads_see_every_acknowledged_write() {
             expires_unix_ms: 0,
             revoked: false,
             node_id: String::new(),
+            max_jobs: 7,
         };
         store.insert_token(token.clone()).await.unwrap();
         assert_eq!(store.load_tokens().await.unwrap(), vec![token]);
@@ -530,4 +531,32 @@ fn opens_a_database_from_an_earlier_release() {
             .unwrap();
         assert_eq!(store.take_interrupted().await.unwrap()[0].prompt, "p");
     });
+}
+
+#[test]
+fn an_approval_nonce_is_used_once_even_across_a_reopen() {
+    let dir = TempDir::new("approval-nonce");
+    let now = 1_800_000_000_000;
+    runtime().block_on(async {
+        let store = start(&dir.db()).unwrap();
+        let first = store.use_approval_nonce("aa".into(), "model.add", now + 1000, now);
+        assert!(first.await.unwrap());
+        let again = store.use_approval_nonce("aa".into(), "model.add", now + 1000, now);
+        assert!(!again.await.unwrap());
+        // Long expired: dropped on the next use, since its approval is refused as expired.
+        let old = store.use_approval_nonce("bb".into(), "model.add", 1, now);
+        assert!(old.await.unwrap());
+    });
+    runtime().block_on(async {
+        let store = start(&dir.db()).unwrap();
+        let replay = store.use_approval_nonce("aa".into(), "node.enroll", now + 1000, now);
+        assert!(!replay.await.unwrap());
+    });
+    assert_eq!(
+        count(
+            &dir.db(),
+            "SELECT COUNT(*) FROM approval_nonces WHERE nonce = 'bb'"
+        ),
+        0
+    );
 }

@@ -10,6 +10,7 @@ mod gemma3;
 mod linear;
 mod llama;
 mod loader;
+mod special;
 mod spm;
 mod stream;
 mod template;
@@ -28,6 +29,7 @@ use self::decoder::Decoder;
 
 use self::stream::TextStream;
 use self::template::{ChatTemplate, TemplateError};
+pub use self::tokenizer::PromptTokens;
 use self::tokenizer::{GgufTokenizer, TokenizerError};
 use crate::engine::{Engine, EngineError, Finish, GenerateRequest, Stop};
 
@@ -201,17 +203,63 @@ impl GgufEngine {
         match &self.template {
             Some(t) => t
                 .render_user(prompt)
+                .map(|r| r.text)
                 .map_err(|e| EngineError::Prompt(e.to_string())),
             None => Ok(prompt.to_string()),
         }
     }
 
-    /// Token ids of `text` as llama.cpp would produce them with special-token parsing on and
-    /// no BOS added (`llama_tokenize(.., add_special = false, parse_special = true)`).
+    /// Replaces the model's chat template (a base model's file may have none): checked as the
+    /// file's own template is at load.
+    pub fn set_chat_template(&mut self, source: &str) -> Result<(), EngineError> {
+        let t = ChatTemplate::new(
+            source.to_string(),
+            self.tokenizer.special_text(self.tokenizer.bos()),
+            self.tokenizer.special_text(self.tokenizer.eos()),
+        )
+        .map_err(|e| EngineError::Load(e.to_string()))?;
+        self.template = Some(t);
+        Ok(())
+    }
+
+    /// The token ids a job's `prompt` is fed to the model as: the chat template's markup with
+    /// its control tokens, and the user's text as plain text, in which `<|im_start|>` or
+    /// `<start_of_turn>` is just characters. BOS is added when the model wants it.
+    pub fn prompt_tokens(&self, prompt: &str) -> Result<PromptTokens, EngineError> {
+        let (text, user) = match &self.template {
+            Some(t) => {
+                let r = t
+                    .render_user(prompt)
+                    .map_err(|e| EngineError::Prompt(e.to_string()))?;
+                (r.text, r.user)
+            }
+            None => (prompt.to_string(), 0..prompt.len()),
+        };
+        self.tokenizer
+            .encode_chat(&text, &user)
+            .map_err(|e| EngineError::Prompt(e.to_string()))
+    }
+
+    /// Token ids of trusted `text` as llama.cpp would produce them with special-token parsing
+    /// on and no BOS added (`llama_tokenize(.., add_special = false, parse_special = true)`).
+    /// Never for a user's text: see `encode_text` and `prompt_tokens`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         self.tokenizer
             .encode(text)
             .map_err(|e| EngineError::Prompt(e.to_string()))
+    }
+
+    /// Token ids of untrusted `text`, with no special token parsed (control tokens' texts are
+    /// plain text) and no BOS added.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer
+            .encode_text(text)
+            .map_err(|e| EngineError::Prompt(e.to_string()))
+    }
+
+    /// Whether `id` is a control token (`<|im_start|>`, `<start_of_turn>`, `<bos>`, ...).
+    pub fn is_control_token(&self, id: u32) -> bool {
+        self.tokenizer.is_control(id)
     }
 
     /// Text of token ids (control tokens dropped, invalid UTF-8 replaced by U+FFFD).
@@ -288,11 +336,7 @@ impl GgufEngine {
     }
 
     fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, EngineError> {
-        let text = self.format_prompt(prompt)?;
-        let ids = self
-            .tokenizer
-            .encode_prompt(&text)
-            .map_err(|e| EngineError::Prompt(e.to_string()))?;
+        let ids = self.prompt_tokens(prompt)?.ids;
         if ids.is_empty() {
             return Err(EngineError::Prompt("the prompt has no tokens".into()));
         }

@@ -69,6 +69,7 @@ impl Sim {
             policy,
             max_queued: 10_000,
             max_live: 10_000,
+            caller_share: SIM_SHARE,
             ..Config::default()
         });
         let mut sim_pools = BTreeMap::new();
@@ -241,12 +242,20 @@ impl Sim {
                 Ev::Arrive(i) => {
                     let a = self.arrivals[i].clone();
                     let before = self.predictions();
+                    let caller = sim_caller(i);
                     let spec = JobSpec {
                         model: "m".into(),
                         max_tokens: a.max_tokens,
                         deadline: self.now + a.budget,
+                        caller: Arc::clone(&caller),
+                        caller_share: None,
                     };
+                    let live_before = self.core.live_of(&caller);
                     let r = self.core.submit(self.now, spec);
+                    if let Err(Refusal::CallerShare { share, .. }) = &r {
+                        assert_eq!(*share, SIM_SHARE);
+                        assert!(live_before >= SIM_SHARE, "refused below its share");
+                    }
                     if let Ok(adm) = &r {
                         self.keys.insert(i, adm.key);
                         self.progress.insert(adm.key, Arc::clone(&adm.progress));
@@ -324,6 +333,7 @@ impl Sim {
                     self.apply_actions();
                 }
             }
+            self.assert_caller_counts();
         }
         // Let time pass until everything has ended.
         for _ in 0..10_000 {
@@ -334,6 +344,26 @@ impl Sim {
             self.core.tick(self.now);
             self.apply_actions();
         }
+    }
+
+    /// The core's per-caller counts are exactly its live jobs per caller, and none exceeds the
+    /// share (every job here came in through `submit`).
+    fn assert_caller_counts(&self) {
+        let mut truth: HashMap<Arc<str>, u32> = HashMap::new();
+        for job in self.core.jobs.values() {
+            *truth.entry(Arc::clone(&job.spec.caller)).or_default() += 1;
+        }
+        for c in 0..SIM_CALLERS {
+            let caller = sim_caller(c);
+            let want = truth.get(&caller).copied().unwrap_or(0);
+            assert_eq!(
+                self.core.live_of(&caller),
+                want,
+                "caller {caller} miscounted"
+            );
+            assert!(want <= SIM_SHARE, "caller {caller} holds {want} jobs");
+        }
+        assert_eq!(self.core.callers.len(), truth.len(), "a stale caller entry");
     }
 
     fn assert_every_admitted_job_ended_once(&self) {
@@ -358,6 +388,15 @@ impl Sim {
             self.sent_after_end
         );
     }
+}
+
+/// Tenants in the simulated traces (arrival i belongs to tenant i mod SIM_CALLERS), and the
+/// share each may hold: small enough that long traces hit it.
+const SIM_CALLERS: usize = 3;
+const SIM_SHARE: u32 = 12;
+
+fn sim_caller(arrival: usize) -> Arc<str> {
+    Arc::from(format!("caller-{}", arrival % SIM_CALLERS))
 }
 
 fn pools() -> impl Strategy<Value = Vec<PoolSpec>> {
@@ -451,11 +490,65 @@ fn one_pool(slots: u32, first_token: Micros, per_token: Micros) -> Core {
 }
 
 fn spec(max_tokens: u32, deadline: Micros) -> JobSpec {
+    spec_of("c", max_tokens, deadline)
+}
+
+fn spec_of(caller: &str, max_tokens: u32, deadline: Micros) -> JobSpec {
     JobSpec {
         model: "m".into(),
         max_tokens,
         deadline,
+        caller: Arc::from(caller),
+        caller_share: None,
     }
+}
+
+#[test]
+fn a_caller_at_its_share_is_refused_while_others_are_admitted() {
+    let mut core = Core::new(Config {
+        caller_share: 3,
+        ..Config::default()
+    });
+    core.figures(
+        "n",
+        "m",
+        Figures {
+            first_token_us: MS,
+            per_token_us: MS,
+        },
+    );
+    core.node_up(0, "n", 1, 2, vec!["m".into()]);
+    let deadline = 3_600 * 1_000 * MS;
+    let a: Vec<JobKey> = (0..3)
+        .map(|_| core.submit(0, spec_of("a", 10, deadline)).unwrap().key)
+        .collect();
+    let r = core.submit(0, spec_of("a", 10, deadline));
+    assert!(
+        matches!(r, Err(Refusal::CallerShare { share: 3, .. })),
+        "{r:?}"
+    );
+    // Another tenant is unaffected, and a token's own share overrides the default.
+    core.submit(0, spec_of("b", 10, deadline)).unwrap();
+    let mut big = spec_of("a", 10, deadline);
+    big.caller_share = Some(4);
+    let extra = core.submit(0, big).unwrap().key;
+    assert_eq!(core.live_of("a"), 4);
+    // A job cancelled while waiting gives its place back at once...
+    assert!(core.cancel(0, extra));
+    assert_eq!(core.live_of("a"), 3);
+    // ...one at a pool when the pool reports its end.
+    core.ended(
+        5 * MS,
+        a[0],
+        "n",
+        Report::Finished {
+            worker_first_token_us: MS,
+            generation_us: 9 * MS,
+            tokens: 10,
+        },
+    );
+    assert_eq!(core.live_of("a"), 2);
+    core.submit(5 * MS, spec_of("a", 10, deadline)).unwrap();
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! SentencePiece-style tokenization from GGUF metadata (`tokenizer.ggml.model = "llama"`, with
 //! per-token scores), done the way llama.cpp does it so the ids match:
 //!
-//! 1. Special tokens are split out of the text first, longest first: user-defined tokens always,
-//!    control tokens too (prompts are tokenized with special parsing on).
-//! 2. In each remaining piece of text, spaces become U+2581 (`▁`); no space is prefixed when
+//! 1. Special tokens are split out of the text first (`special.rs`; control tokens only outside
+//!    the user's text). This module encodes the text between them.
+//! 2. In each piece of text, spaces become U+2581 (`▁`); no space is prefixed when
 //!    `tokenizer.ggml.add_space_prefix` is false (Gemma).
 //! 3. The piece starts as one symbol per character; repeatedly, the adjacent pair whose
 //!    concatenation is a vocabulary token with the highest score (leftmost on ties) is merged.
+//!    Control tokens are not in the merge vocabulary, so no text ever merges into one.
 //! 4. Each final symbol is its token; a character outside the vocabulary becomes its UTF-8
 //!    bytes as `<0xXX>` tokens (byte fallback).
 
@@ -15,10 +16,9 @@ use std::collections::{BinaryHeap, HashMap};
 
 /// The vocabulary, as needed for encoding.
 pub struct Spm {
+    /// Every token but the control tokens: what text may merge into.
     ids: HashMap<String, u32>,
     scores: Vec<f32>,
-    /// Split out before merging, longest first (ties: lower id first).
-    specials: Vec<(String, u32)>,
     bytes: [Option<u32>; 256],
     unknown: Option<u32>,
     add_space_prefix: bool,
@@ -73,67 +73,32 @@ impl Spm {
     ) -> Spm {
         let mut ids = HashMap::with_capacity(tokens.len());
         let mut bytes = [None; 256];
-        let mut specials = Vec::new();
         for (i, (t, &kind)) in tokens.iter().zip(kinds).enumerate() {
             let id = i as u32;
-            ids.entry(t.clone()).or_insert(id);
-            match kind {
-                3 | 4 if !t.is_empty() => specials.push((t.clone(), id)),
-                6 => {
-                    let hex = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
-                    if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        bytes[b as usize] = Some(id);
-                    }
+            // llama.cpp looks merges up in the whole vocabulary, so text like `<end_of_turn>`
+            // could merge into the control token when special parsing is off; here it cannot.
+            if kind != 3 {
+                ids.entry(t.clone()).or_insert(id);
+            }
+            if kind == 6 {
+                let hex = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+                if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    bytes[b as usize] = Some(id);
                 }
-                _ => {}
             }
         }
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         Spm {
             ids,
             scores,
-            specials,
             bytes,
             unknown,
             add_space_prefix,
         }
     }
 
-    /// Token ids of `text`, special tokens parsed, no BOS.
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        enum Frag<'a> {
-            Text(&'a str),
-            Token(u32),
-        }
-        let mut frags = vec![Frag::Text(text)];
-        for (special, id) in &self.specials {
-            let mut next = Vec::with_capacity(frags.len());
-            for f in frags {
-                let Frag::Text(mut rest) = f else {
-                    next.push(f);
-                    continue;
-                };
-                while let Some(at) = rest.find(special.as_str()) {
-                    if at > 0 {
-                        next.push(Frag::Text(&rest[..at]));
-                    }
-                    next.push(Frag::Token(*id));
-                    rest = &rest[at + special.len()..];
-                }
-                if !rest.is_empty() {
-                    next.push(Frag::Text(rest));
-                }
-            }
-            frags = next;
-        }
-        let mut out = Vec::new();
-        for f in frags {
-            match f {
-                Frag::Token(id) => out.push(id),
-                Frag::Text(t) => self.encode_piece(t, &mut out),
-            }
-        }
-        out
+    /// Token ids of `text` as plain text (no special tokens are parsed), no BOS.
+    pub fn encode(&self, text: &str, out: &mut Vec<u32>) {
+        self.encode_piece(text, out);
     }
 
     fn encode_piece(&self, text: &str, out: &mut Vec<u32>) {
@@ -211,37 +176,53 @@ mod tests {
     use super::*;
 
     fn vocab() -> Spm {
-        // id: 0 <unk>(ctl) 1 <s>(ctl) 2 ▁ 3 a 4 b 5 ab 6 ▁a 7 ▁ab 8 <0x21> 9 <b>(user) 10 abb
+        // id: 0 <unk>(ctl) 1 <s>(ctl) 2 ▁ 3 a 4 b 5 ab 6 ▁a 7 ▁ab 8 <0x21> 9 <b>(user) 10 bb
+        // 11 ba(ctl, best score of all: text must still never merge into it)
         let tokens: Vec<String> = [
-            "<unk>", "<s>", "▁", "a", "b", "ab", "▁a", "▁ab", "<0x21>", "<b>", "bb",
+            "<unk>", "<s>", "▁", "a", "b", "ab", "▁a", "▁ab", "<0x21>", "<b>", "bb", "ba",
         ]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-        let scores = vec![0.0, 0.0, -1.0, -2.0, -2.0, -1.5, -1.2, -0.5, 0.0, 0.0, -3.0];
-        let kinds = [3, 3, 1, 1, 1, 1, 1, 1, 6, 4, 1];
+        let scores = vec![
+            0.0, 0.0, -1.0, -2.0, -2.0, -1.5, -1.2, -0.5, 0.0, 0.0, -3.0, 10.0,
+        ];
+        let kinds = [3, 3, 1, 1, 1, 1, 1, 1, 6, 4, 1, 3];
         Spm::new(&tokens, scores, &kinds, Some(0), false)
+    }
+
+    fn encode(v: &Spm, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        v.encode(text, &mut out);
+        out
     }
 
     #[test]
     fn merges_by_score_and_escapes_spaces() {
         let v = vocab();
         // "a b": a, ▁, b: "▁b" is not a token, so a | ▁ | b.
-        assert_eq!(v.encode("a b"), vec![3, 2, 4]);
+        assert_eq!(encode(&v, "a b"), vec![3, 2, 4]);
         // " ab": ▁,a,b → best pair "▁a" (-1.2) vs "ab" (-1.5): ▁a, then "▁ab" (-0.5).
-        assert_eq!(v.encode(" ab"), vec![7]);
+        assert_eq!(encode(&v, " ab"), vec![7]);
         // "ab" (-1.5) outranks "bb" (-3.0); "abb" is not a token, so ab | b.
-        assert_eq!(v.encode("abb"), vec![5, 4]);
+        assert_eq!(encode(&v, "abb"), vec![5, 4]);
     }
 
     #[test]
-    fn specials_are_split_out_and_unknown_chars_fall_back_to_bytes() {
+    fn text_never_merges_into_a_control_token() {
         let v = vocab();
-        assert_eq!(v.encode("a<b>b"), vec![3, 9, 4]);
-        assert_eq!(v.encode("<s>a"), vec![1, 3]);
+        // "ba" is a control token with the best score in the vocabulary.
+        assert_eq!(encode(&v, "ba"), vec![4, 3]);
+        // A control token's text is plain text here: '<', 's', '>' are not tokens.
+        assert_eq!(encode(&v, "<s>"), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn unknown_chars_fall_back_to_bytes() {
+        let v = vocab();
         // '!' is only known as a byte token; 'é' has no byte tokens here: unknown.
-        assert_eq!(v.encode("a!"), vec![3, 8]);
-        assert_eq!(v.encode("é"), vec![0, 0]);
-        assert_eq!(v.encode(""), Vec::<u32>::new());
+        assert_eq!(encode(&v, "a!"), vec![3, 8]);
+        assert_eq!(encode(&v, "é"), vec![0, 0]);
+        assert_eq!(encode(&v, ""), Vec::<u32>::new());
     }
 }

@@ -4,17 +4,19 @@
 //! SmolLM2) with the pre-tokenizers whose split rules we reproduce exactly, and SentencePiece
 //! style with scores (`"llama"`, e.g. Gemma 3; see `spm.rs`). Anything else is refused at load
 //! time rather than tokenized subtly differently from llama.cpp.
+//!
+//! Unlike llama.cpp, text from a user is never matched against control-token strings: only the
+//! chat template's own markup can produce `<|im_start|>` or `<start_of_turn>` (see `special.rs`).
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{BPE, Vocab};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
+
+use super::special::{Frag, Specials};
+
+mod bpe;
 
 /// llama.cpp's `llama_token_type` values as stored in `tokenizer.ggml.token_type`.
 const TOKEN_TYPE_NORMAL: i64 = 1;
@@ -32,9 +34,23 @@ pub enum TokenizerError {
     Unsupported(String),
     #[error("tokenizers: {0}")]
     Tokenizers(String),
+    /// Plain text came out as a control token; the encoders' vocabularies exclude them, so this
+    /// is a bug, refused rather than fed to the model.
+    #[error("plain text produced control token {0}")]
+    ControlInText(u32),
 }
 
-/// How text is split into ids.
+/// A chat prompt's token ids, and which of them carry the user's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTokens {
+    pub ids: Vec<u32>,
+    /// The tokens made (at least partly) from the user's bytes; none is a control token. Text
+    /// fragments are tokenized whole, so a few template tokens next to the user's text (e.g.
+    /// `user`, `\n`) may fall inside.
+    pub user: Range<usize>,
+}
+
+/// How plain text (no special tokens) is split into ids; neither knows any control token.
 enum Splitter {
     Bpe(Box<Tokenizer>),
     Spm(Box<super::spm::Spm>),
@@ -43,6 +59,12 @@ enum Splitter {
 /// A tokenizer built from GGUF metadata.
 pub struct GgufTokenizer {
     inner: Splitter,
+    /// Control and user-defined tokens, split out of text before `inner` sees it.
+    specials: Specials,
+    /// `control[id]`: the token is a control token (type 3).
+    control: Vec<bool>,
+    /// The token SentencePiece's byte fallback uses for a byte it has no token for.
+    fallback: Option<u32>,
     /// The vocabulary as stored in the file.
     tokens: Vec<String>,
     /// Raw bytes each token id stands for, for streaming decode. Control tokens map to nothing,
@@ -107,11 +129,22 @@ impl GgufTokenizer {
         };
         let bos = optional_id(md, "tokenizer.ggml.bos_token_id", n_vocab)?;
         let eos = optional_id(md, "tokenizer.ggml.eos_token_id", n_vocab)?;
-        let (inner, pieces) = if spm {
+        let ((inner, pieces), fallback) = if spm {
             spm_parts(md, &tokens, &types)?
         } else {
-            bpe_parts(md, &pre, &tokens, &types)?
+            (bpe::parts(md, &pre, &tokens, &types)?, None)
         };
+        let control: Vec<bool> = types.iter().map(|&t| t == TOKEN_TYPE_CONTROL).collect();
+        // llama.cpp splits control and user-defined tokens out of the text before BPE or
+        // SentencePiece; user-defined ones stand for their own text and are split everywhere.
+        let specials = Specials::new(
+            tokens
+                .iter()
+                .zip(&types)
+                .enumerate()
+                .filter(|&(_, (_, &ty))| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
+                .map(|(i, (t, &ty))| (t.clone(), i as u32, ty == TOKEN_TYPE_CONTROL)),
+        );
         let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
             Some(v) => v
                 .to_bool()
@@ -139,6 +172,9 @@ impl GgufTokenizer {
 
         Ok(Self {
             inner,
+            specials,
+            control,
+            fallback,
             tokens,
             pieces,
             eog,
@@ -148,30 +184,93 @@ impl GgufTokenizer {
         })
     }
 
-    /// Token ids for `text`, parsing special tokens written in it (as llama.cpp does for a
-    /// rendered chat prompt) and without adding BOS.
+    /// Token ids for trusted `text` (a rendered template, an operator's benchmark prompt),
+    /// parsing every special token written in it as llama.cpp does, without adding BOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        Ok(self.encode_parts(text, &(0..0))?.0)
+    }
+
+    /// Token ids for untrusted `text`: a control token's text in it is ordinary text. No BOS.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        Ok(self.encode_parts(text, &(0..text.len()))?.0)
+    }
+
+    /// Token ids for trusted `text` as a whole prompt: `encode` plus BOS when the model asks for
+    /// it and the text does not already start with it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        Ok(self.encode_chat(text, &(0..0))?.ids)
+    }
+
+    /// Token ids for a rendered chat prompt whose bytes `user` are the user's: control tokens
+    /// come only from the rest (the template's markup). BOS as in `encode_prompt`.
+    pub fn encode_chat(
+        &self,
+        text: &str,
+        user: &Range<usize>,
+    ) -> Result<PromptTokens, TokenizerError> {
+        let (mut ids, mut range) = self.encode_parts(text, user)?;
+        if let (true, Some(bos)) = (self.add_bos, self.bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+            range = range.start + 1..range.end + 1;
+        }
+        Ok(PromptTokens { ids, user: range })
+    }
+
+    /// Whether `id` is a control token (`<|im_start|>`, `<start_of_turn>`, `<bos>`, ...).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// The ids of `text`, control tokens recognised only outside `user`, and the range of ids
+    /// that came from fragments touching `user`.
+    fn encode_parts(
+        &self,
+        text: &str,
+        user: &Range<usize>,
+    ) -> Result<(Vec<u32>, Range<usize>), TokenizerError> {
+        let mut out = Vec::new();
+        // Tokens wholly before, and wholly after, the user's bytes.
+        let (mut before, mut after) = (0, 0);
+        for frag in self.specials.partition(text, user) {
+            let n = out.len();
+            match &frag {
+                Frag::Token { id, .. } => out.push(*id),
+                Frag::Text(r) => self.encode_plain(&text[r.clone()], &mut out)?,
+            }
+            let span = frag.span();
+            if span.end <= user.start {
+                before = out.len();
+            } else if span.start >= user.end {
+                after += out.len() - n;
+            }
+        }
+        let end = out.len() - after;
+        Ok((out, before..end.max(before)))
+    }
+
+    /// Appends the ids of text that holds no special token.
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+        let start = out.len();
         match &self.inner {
             Splitter::Bpe(t) => {
                 let enc = t
                     .encode(text, false)
                     .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-                Ok(enc.get_ids().to_vec())
+                out.extend_from_slice(enc.get_ids());
             }
-            Splitter::Spm(spm) => Ok(spm.encode(text)),
+            Splitter::Spm(spm) => spm.encode(text, out),
         }
-    }
-
-    /// Token ids for a whole prompt: `encode` plus BOS when the model asks for it and the text
-    /// does not already start with it.
-    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let mut ids = self.encode(text)?;
-        if let (true, Some(bos)) = (self.add_bos, self.bos)
-            && ids.first() != Some(&bos)
+        // The encoders' vocabularies have no control tokens (SentencePiece's unknown-byte
+        // fallback aside); checked anyway, because the template's safety rests on it.
+        match out[start..]
+            .iter()
+            .find(|&&id| self.is_control(id) && Some(id) != self.fallback)
         {
-            ids.insert(0, bos);
+            Some(&id) => Err(TokenizerError::ControlInText(id)),
+            None => Ok(()),
         }
-        Ok(ids)
     }
 
     /// The raw bytes of one token (empty for control tokens), or `None` for an id outside the vocab.
@@ -219,64 +318,13 @@ impl GgufTokenizer {
 
 type Parts = (Splitter, Vec<Vec<u8>>);
 
-/// Byte-level BPE: the HF tokenizers pipeline, and each token's bytes.
-fn bpe_parts(
-    md: &HashMap<String, Value>,
-    pre: &str,
-    tokens: &[String],
-    types: &[i64],
-) -> Result<Parts, TokenizerError> {
-    let pre_tokenizer = pre_tokenizer_for(pre)?;
-    let merges = string_array(md, "tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => Err(malformed("tokenizer.ggml.merges", format!("entry {m:?}"))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-    let mut inner = Tokenizer::new(bpe);
-    inner.with_pre_tokenizer(Some(pre_tokenizer));
-    inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
-    // llama.cpp splits control and user-defined tokens out of the text before BPE (when
-    // parsing specials, which chat prompts do); registering them as added tokens does that.
-    let specials: Vec<AddedToken> = tokens
-        .iter()
-        .zip(types)
-        .filter(|&(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
-        .map(|(t, _)| AddedToken::from(t.clone(), true))
-        .collect();
-    inner
-        .add_special_tokens(specials)
-        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-    let unicode_to_byte = unicode_to_byte();
-    let pieces = tokens
-        .iter()
-        .zip(types)
-        .map(|(t, &ty)| match ty {
-            TOKEN_TYPE_CONTROL => Vec::new(),
-            TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
-            _ => byte_level_decode(t, &unicode_to_byte),
-        })
-        .collect();
-    Ok((Splitter::Bpe(Box::new(inner)), pieces))
-}
-
 /// SentencePiece with scores: the merge tables, and each token's bytes (`▁` is a space, byte
 /// tokens are their byte, control tokens are nothing).
 fn spm_parts(
     md: &HashMap<String, Value>,
     tokens: &[String],
     types: &[i64],
-) -> Result<Parts, TokenizerError> {
+) -> Result<(Parts, Option<u32>), TokenizerError> {
     let scores = md
         .get("tokenizer.ggml.scores")
         .ok_or(TokenizerError::Missing("tokenizer.ggml.scores"))?
@@ -317,57 +365,7 @@ fn spm_parts(
         })
         .collect();
     let spm = super::spm::Spm::new(tokens, scores, types, unknown, add_space_prefix);
-    Ok((Splitter::Spm(Box::new(spm)), pieces))
-}
-
-/// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` value, as HF tokenizers parts.
-fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
-    // ByteLevel(add_prefix_space = false, trim_offsets, use_regex = true) is the GPT-2 split
-    // `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
-    let gpt2 = || ByteLevel::new(false, true, true);
-    match pre {
-        "gpt-2" | "gpt2" | "phi-2" | "roberta-bpe" => Ok(gpt2().into()),
-        // llama.cpp's LLAMA_VOCAB_PRE_TYPE_STARCODER family: `\p{N}` (every digit alone), then
-        // the GPT-2 split; identical to HF's Digits(individual) + ByteLevel.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
-            Ok(Sequence::new(vec![Digits::new(true).into(), gpt2().into()]).into())
-        }
-        other => Err(TokenizerError::Unsupported(format!(
-            "tokenizer.ggml.pre = {other:?} (its split rules are not implemented)"
-        ))),
-    }
-}
-
-/// Inverse of GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the other 68 are
-/// shifted to U+0100.. so every byte has a visible, non-space character.
-fn unicode_to_byte() -> HashMap<char, u8> {
-    let mut map = HashMap::with_capacity(256);
-    let mut shifted = 0u32;
-    for b in 0..=255u8 {
-        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-        let c = if printable {
-            char::from(b)
-        } else {
-            let c = char::from_u32(256 + shifted).unwrap_or(char::REPLACEMENT_CHARACTER);
-            shifted += 1;
-            c
-        };
-        map.insert(c, b);
-    }
-    map
-}
-
-/// Bytes a byte-level BPE token stands for. A character outside the byte alphabet (which a
-/// well-formed vocab never has) is kept as its own UTF-8 rather than dropped.
-fn byte_level_decode(token: &str, table: &HashMap<char, u8>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(token.len());
-    for c in token.chars() {
-        match table.get(&c) {
-            Some(&b) => out.push(b),
-            None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-        }
-    }
-    out
+    Ok(((Splitter::Spm(Box::new(spm)), pieces), unknown))
 }
 
 fn malformed(key: &'static str, why: impl std::fmt::Debug) -> TokenizerError {
@@ -436,22 +434,5 @@ fn optional_id(
             key,
             format!("id {id} outside a vocab of {n_vocab}"),
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_table_is_a_bijection_matching_gpt2() {
-        let t = unicode_to_byte();
-        assert_eq!(t.len(), 256);
-        // The well-known anchors of GPT-2's table: space is Ġ, newline is Ċ, tab is ĉ.
-        assert_eq!(t[&'Ġ'], b' ');
-        assert_eq!(t[&'Ċ'], b'\n');
-        assert_eq!(t[&'ĉ'], b'\t');
-        assert_eq!(t[&'!'], b'!');
-        assert_eq!(byte_level_decode("ĠHello", &t), b" Hello");
     }
 }
