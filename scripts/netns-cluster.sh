@@ -434,10 +434,11 @@ scenario_enrollment() {
     stop_pool c
     return 1
   }
-  # Its node credentials are stored in its data dir (anything but listen.addr and lanes/), 0600.
+  # Its node credentials are stored in its data dir (anything but listen.addr), 0600. Lanes are
+  # memfds and leave no file there.
   local stored loose
-  stored=$(find "$TMP/pool-c" -type f ! -name listen.addr ! -path "$TMP/pool-c/lanes/*" -printf '%P ')
-  loose=$(find "$TMP/pool-c" -type f ! -name listen.addr ! -path "$TMP/pool-c/lanes/*" -perm /077 -printf '%P ')
+  stored=$(find "$TMP/pool-c" -type f ! -name listen.addr -printf '%P ')
+  loose=$(find "$TMP/pool-c" -type f ! -name listen.addr -perm /077 -printf '%P ')
   if [ -z "$stored" ] || [ -n "$loose" ]; then
     REASON="pool-c enrolled but its stored credentials are missing or not 0600 (files: ${stored:-none}; too open: ${loose:-none})"
     stop_pool c

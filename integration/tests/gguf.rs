@@ -39,7 +39,7 @@ fn streams_exactly_the_engines_greedy_output(model: &str, path: std::path::PathB
                 max_tokens,
                 deadline: None,
             },
-            &mut |t| {
+            &mut |_, t| {
                 expected.push_str(t);
                 ControlFlow::Continue(())
             },

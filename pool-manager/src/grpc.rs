@@ -341,11 +341,7 @@ fn pool_event((handle, event): (u64, Event)) -> PoolEvent {
             generation,
             pool_us,
         }),
-        Event::Token { index, text } => Kind::Token(WorkerToken {
-            index,
-            text,
-            ..WorkerToken::default()
-        }),
+        Event::Token { index, text, id } => Kind::Token(WorkerToken { index, text, id }),
         Event::Finished {
             tokens,
             pool_us,

@@ -31,6 +31,8 @@ pub enum Event {
     Token {
         index: u32,
         text: String,
+        /// The model's id of the token that completed `text`.
+        id: u32,
     },
     Finished {
         tokens: u32,

@@ -76,6 +76,9 @@ struct Args {
     /// Synthetic engine: tokens per second (0 = unpaced).
     #[arg(long, default_value_t = 200.0)]
     synthetic_tps: f64,
+    /// Synthetic engine: another seed gives other text for the same prompt (failover tests).
+    #[arg(long, default_value_t = 0)]
+    synthetic_seed: u64,
     /// Name shown in `skep nodes list`.
     #[arg(long)]
     name: Option<String>,
@@ -275,6 +278,8 @@ fn engine_args(args: &Args) -> anyhow::Result<(String, Vec<String>)> {
                 args.synthetic_ttft.clone(),
                 "--synthetic-tps".into(),
                 args.synthetic_tps.to_string(),
+                "--synthetic-seed".into(),
+                args.synthetic_seed.to_string(),
             ];
             Ok((model, engine))
         }

@@ -862,6 +862,7 @@ impl Worker {
                         && !emit(Event::Token {
                             index: t.index,
                             text: t.text,
+                            id: t.id,
                         })
                     {
                         debug!(slot = self.slot, seq, "session gone; cancelling worker");

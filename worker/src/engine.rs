@@ -56,12 +56,14 @@ pub trait Engine: Send {
     /// Name of the model this engine serves.
     fn model(&self) -> &str;
 
-    /// Generates up to `req.max_tokens` tokens, handing each token's text to `emit` as soon as it
-    /// exists. `emit` is also where the caller checks its deadline and cancel flag: returning
-    /// `Break(reason)` stops generation before the next token is computed.
+    /// Generates up to `req.max_tokens` tokens, handing each piece of text to `emit` as soon as it
+    /// exists, with the id of the model token that completed it (a failover compares ids and
+    /// text to prove another pool reproduces what a client already has). `emit` is also where the
+    /// caller checks its deadline and cancel flag: returning `Break(reason)` stops generation
+    /// before the next token is computed.
     fn generate(
         &mut self,
         req: &GenerateRequest,
-        emit: &mut dyn FnMut(&str) -> ControlFlow<Stop>,
+        emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError>;
 }

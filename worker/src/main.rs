@@ -44,6 +44,10 @@ struct Args {
     /// Synthetic engine: tokens per second after the first (0 = unpaced).
     #[arg(long, default_value_t = 200.0)]
     synthetic_tps: f64,
+    /// Synthetic engine: 0 makes the text depend on the prompt only; another seed gives other
+    /// text (as a machine whose kernels round differently would).
+    #[arg(long, default_value_t = 0)]
+    synthetic_seed: u64,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
                 model: args.model.clone(),
                 time_to_first_token: args.synthetic_ttft,
                 tokens_per_sec: args.synthetic_tps,
+                seed: args.synthetic_seed,
             })),
             EngineKind::Gguf => load_gguf(&args)?,
         })

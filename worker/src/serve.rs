@@ -205,7 +205,7 @@ fn run_job(
             max_tokens: req.max_tokens,
             deadline: Some(started + Duration::from_nanos(deadline.saturating_sub(monotonic_ns()))),
         },
-        &mut |text| {
+        &mut |id, text| {
             // Checked before the token leaves: no token is delivered after the deadline.
             if monotonic_ns() >= deadline {
                 return ControlFlow::Break(Stop::DeadlineExceeded);
@@ -217,6 +217,7 @@ fn run_job(
             let token = LaneToken {
                 index,
                 text: text.to_owned(),
+                id,
             };
             if let Err(e) = push(LaneResponse {
                 seq,

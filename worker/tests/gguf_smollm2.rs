@@ -44,7 +44,7 @@ fn generate(e: &mut GgufEngine, prompt: &str, max_tokens: u32) -> (String, Finis
                 max_tokens,
                 deadline: None,
             },
-            &mut |t| {
+            &mut |_, t| {
                 calls += 1;
                 text.push_str(t);
                 ControlFlow::Continue(())
@@ -303,7 +303,7 @@ fn break_from_emit_stops_at_once() {
                 max_tokens: 50,
                 deadline: None,
             },
-            &mut |_| {
+            &mut |_, _| {
                 calls += 1;
                 ControlFlow::Break(Stop::Cancelled)
             },

@@ -242,6 +242,7 @@ fn token(handle: u64, index: u32) -> (u64, Event) {
         Event::Token {
             index,
             text: format!("t{index}"),
+            id: index,
         },
     )
 }

@@ -379,7 +379,7 @@ impl Engine for GgufEngine {
     fn generate(
         &mut self,
         req: &GenerateRequest,
-        emit: &mut dyn FnMut(&str) -> ControlFlow<Stop>,
+        emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError> {
         if req.max_tokens == 0 {
             return Ok(Finish::Complete { tokens: 0 });
@@ -391,8 +391,10 @@ impl Engine for GgufEngine {
         let mut logits = self.start(&ids)?;
         let mut pos = ids.len();
         let mut tokens = 0u32;
+        let mut last;
         loop {
             let next = sampler.sample(&logits).map_err(inference)?;
+            last = next;
             if self.tokenizer.is_eog(next) {
                 break;
             }
@@ -407,7 +409,7 @@ impl Engine for GgufEngine {
             // Text held back (half a character, a possible stop-sequence prefix) is emitted with
             // a later token, so emit only ever sees non-empty, whole-character text.
             if !pushed.text.is_empty()
-                && let ControlFlow::Break(reason) = emit(&pushed.text)
+                && let ControlFlow::Break(reason) = emit(next, &pushed.text)
             {
                 return Ok(Finish::Stopped { tokens, reason });
             }
@@ -422,7 +424,7 @@ impl Engine for GgufEngine {
         }
         let rest = text.finish();
         if !rest.is_empty()
-            && let ControlFlow::Break(reason) = emit(&rest)
+            && let ControlFlow::Break(reason) = emit(last, &rest)
         {
             return Ok(Finish::Stopped { tokens, reason });
         }

@@ -24,6 +24,9 @@ pub struct SyntheticConfig {
     pub time_to_first_token: Duration,
     /// Pace after the first token; 0 means as fast as possible.
     pub tokens_per_sec: f64,
+    /// 0: the text depends only on the prompt. Another value gives other text for the same
+    /// prompt, as a pool whose kernels round differently would (failover tests).
+    pub seed: u64,
 }
 
 impl Default for SyntheticConfig {
@@ -32,6 +35,7 @@ impl Default for SyntheticConfig {
             model: "synthetic".to_owned(),
             time_to_first_token: Duration::from_millis(20),
             tokens_per_sec: 200.0,
+            seed: 0,
         }
     }
 }
@@ -49,16 +53,26 @@ impl SyntheticEngine {
 
     /// The i-th token text for a prompt: a pure function, shared by the engine and by tests.
     pub fn token(prompt: &str, i: u32) -> String {
+        Self::seeded(prompt, 0, i).1
+    }
+
+    /// The i-th token (its id, a word's index, and text) for a prompt under a seed.
+    pub fn seeded(prompt: &str, seed: u64, i: u32) -> (u32, String) {
         let mut h = Sha256::new();
         h.update(prompt.as_bytes());
         h.update(i.to_le_bytes());
+        // Seed 0 hashes exactly as before seeds existed, so expected texts stay valid.
+        if seed != 0 {
+            h.update(seed.to_le_bytes());
+        }
         let d = h.finalize();
         let idx = u16::from_le_bytes([d[0], d[1]]) as usize % WORDS.len();
-        if i == 0 {
+        let text = if i == 0 {
             WORDS[idx].to_owned()
         } else {
             format!(" {}", WORDS[idx])
-        }
+        };
+        (idx as u32, text)
     }
 
     fn pause(&self) -> Duration {
@@ -78,14 +92,15 @@ impl Engine for SyntheticEngine {
     fn generate(
         &mut self,
         req: &GenerateRequest,
-        emit: &mut dyn FnMut(&str) -> ControlFlow<Stop>,
+        emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError> {
         pace(self.config.time_to_first_token, req.deadline);
         for i in 0..req.max_tokens {
             if i > 0 {
                 pace(self.pause(), req.deadline);
             }
-            if let ControlFlow::Break(reason) = emit(&Self::token(&req.prompt, i)) {
+            let (id, text) = Self::seeded(&req.prompt, self.config.seed, i);
+            if let ControlFlow::Break(reason) = emit(id, &text) {
                 return Ok(Finish::Stopped { tokens: i, reason });
             }
         }
@@ -123,7 +138,7 @@ mod tests {
                     max_tokens: n,
                     deadline: None,
                 },
-                &mut |t| {
+                &mut |_, t| {
                     if out.len() as u32 == stop_after {
                         return ControlFlow::Break(Stop::Cancelled);
                     }
@@ -150,6 +165,16 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(fa, Finish::Complete { tokens: 16 });
         assert_eq!(a[3], SyntheticEngine::token("hello", 3));
+        // Another seed: other text for the same prompt, as deterministic.
+        let mut seeded = SyntheticEngine::new(SyntheticConfig {
+            time_to_first_token: Duration::ZERO,
+            tokens_per_sec: 0.0,
+            seed: 7,
+            ..Default::default()
+        });
+        let (d, _) = run(&mut seeded, "hello", 16, u32::MAX);
+        assert_ne!(d, a);
+        assert_eq!(d[3], SyntheticEngine::seeded("hello", 7, 3).1);
     }
 
     #[test]

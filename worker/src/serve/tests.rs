@@ -40,6 +40,7 @@ impl Pool {
                     model: "synthetic".into(),
                     time_to_first_token: Duration::ZERO,
                     tokens_per_sec: 0.0,
+                    seed: 0,
                 });
                 Ok::<_, String>(Box::new(engine) as Box<dyn Engine>)
             })
