@@ -28,7 +28,11 @@ fn fail_over_to_seed(seed_b: u64) -> (Cluster, Vec<serde_json::Value>) {
     cluster.wait_for_nodes(2);
     cluster.kill_pool(0);
     let (code, events) = job.finish();
-    assert_eq!(code, Some(0), "the job must finish on the second pool: {events:?}");
+    assert_eq!(
+        code,
+        Some(0),
+        "the job must finish on the second pool: {events:?}"
+    );
     (cluster, events)
 }
 
@@ -103,7 +107,10 @@ fn a_pool_whose_output_differs_restarts_the_stream_visibly() {
     );
     // Before the notice: the first pool's text; after it: the second pool's whole output from
     // index 0, never a mix.
-    let at = events.iter().position(|e| e["event"] == "restarted").unwrap();
+    let at = events
+        .iter()
+        .position(|e| e["event"] == "restarted")
+        .unwrap();
     let before: Vec<String> = events[..at]
         .iter()
         .filter(|e| e["event"] == "token")
