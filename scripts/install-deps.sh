@@ -20,3 +20,23 @@ if ((${#need[@]})); then
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
+
+# The HTTP door's tests (integration/tests/http.rs) drive the queen with curl and with the real
+# `openai` Python client, pinned, in a venv at the repository root (.venv-openai/, gitignored).
+OPENAI_VERSION=1.109.1
+http_need=()
+command -v curl >/dev/null || http_need+=(curl)
+python3 -c 'import ensurepip, venv' 2>/dev/null || http_need+=(python3-venv)
+if ((${#http_need[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${http_need[*]}; install them (e.g. sudo apt-get install ${http_need[*]})" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${http_need[@]}"
+fi
+venv="$(cd "$(dirname "$0")/.." && pwd)/.venv-openai"
+if ! "$venv/bin/python" -c "import sys, openai; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "openai==$OPENAI_VERSION"
+fi

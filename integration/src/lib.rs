@@ -657,3 +657,81 @@ pub fn assert_success(out: &Output) {
 pub fn scratch_dir(tag: &str) -> PathBuf {
     unique_dir(tag)
 }
+
+// === HTTP door (integration/tests/http.rs) ===
+
+impl Cluster {
+    /// The base URL of the queen's HTTP door (started with `--http-listen 127.0.0.1:0`).
+    #[track_caller]
+    pub fn http_url(&self) -> String {
+        let addr = wait_for_file(&self.dir.join("queen").join("http.addr"));
+        format!("http://{}", addr.trim())
+    }
+
+    /// The admin token, read from its file, for clients that take it as a string.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.token_file())
+            .expect("read the admin token")
+            .trim()
+            .to_owned()
+    }
+}
+
+/// The Python with the pinned `openai` package, installed by scripts/install-deps.sh into
+/// `.venv-openai/` at the repository root. Missing is a failure, not a skip.
+#[track_caller]
+pub fn openai_python() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf();
+    let py = root.join(".venv-openai").join("bin").join("python");
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/install-deps.sh (it installs the openai package there)",
+        py.display()
+    );
+    py
+}
+
+// === Metrics and health (integration/tests/metrics.rs) ===
+
+impl Cluster {
+    /// Where the queen's `--metrics-listen 127.0.0.1:0` is bound.
+    #[track_caller]
+    pub fn queen_metrics_addr(&self) -> String {
+        wait_for_file(&self.dir.join("queen").join("metrics.addr"))
+            .trim()
+            .to_owned()
+    }
+
+    /// Where pool `i`'s `--metrics-listen 127.0.0.1:0` is bound.
+    #[track_caller]
+    pub fn pool_metrics_addr(&self, i: usize) -> String {
+        wait_for_file(&self.pools[i].dir.join("metrics.addr"))
+            .trim()
+            .to_owned()
+    }
+
+    /// Pool `i`'s gRPC address (`host:port`).
+    #[track_caller]
+    pub fn pool_addr(&self, i: usize) -> String {
+        wait_for_file(&self.pools[i].dir.join("listen.addr"))
+            .trim()
+            .to_owned()
+    }
+}
+
+/// `GET path` from `addr` over plain HTTP/1.0: the status line and the body.
+#[track_caller]
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(WAIT)).expect("read timeout");
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).expect("read the response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use skep_common::auth::{self, TokenDigest};
 use skep_common::deadline::{Deadline, DeadlineError};
 use skep_common::ratelimit::RateLimits;
@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::audit::{Audit, events};
+use crate::metrics::{PoolMetrics, SessionMeter};
 use crate::supervisor::{QueuedJob, Slots};
 use crate::{Error, Event, Sink, Speed};
 use skep_audit::Fields;
@@ -56,6 +57,8 @@ pub struct PoolService {
     sessions: AtomicU64,
     /// Where a frame that does not decode is recorded (set by `into_server`).
     audit: Option<Audit>,
+    /// Jobs, tokens and sessions, and the readiness health reports.
+    metrics: PoolMetrics,
 }
 
 // === impl PoolService ===
@@ -74,7 +77,14 @@ impl PoolService {
             key,
             sessions: AtomicU64::new(0),
             audit: None,
+            metrics: PoolMetrics::new(),
         }
+    }
+
+    /// Counts into `metrics` (and reports sessions to its readiness) instead of a private set.
+    pub fn with_metrics(mut self, metrics: PoolMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The service behind an interceptor that refuses any caller but the queen. The key is
@@ -424,6 +434,72 @@ fn outbound(
     })
 }
 
+/// Counts the jobs a frame starts and ends, as the queen will see them.
+fn count_frame(meter: &SessionMeter, frame: &PoolFrame) {
+    for event in &frame.events {
+        match &event.kind {
+            Some(pool_event::Kind::Started(_)) => meter.started(),
+            Some(pool_event::Kind::Finished(f)) => meter.finished(
+                f.tokens,
+                f.pool_us,
+                f.worker_first_token_us,
+                f.generation_us,
+            ),
+            Some(pool_event::Kind::Failed(f)) => meter.failed(code_name(f.code), f.tokens),
+            _ => {}
+        }
+    }
+}
+
+/// A gRPC status code's name, as a metric label (a fixed set).
+fn code_name(code: i32) -> &'static str {
+    use tonic::Code;
+    match Code::from_i32(code) {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// `grpc.health.v1.Health` for probes, following `metrics`' readiness: NOT_SERVING until the
+/// pool is warm, registered and in session with its queen, and again whenever it is not. It
+/// answers only the overall status (service ""); it sits outside the dispatch-key check, since
+/// probes carry no credential.
+pub fn health_server(
+    metrics: &PoolMetrics,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, server) = tonic_health::server::health_reporter();
+    let mut readiness = metrics.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let status = if readiness.borrow_and_update().serving() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            if readiness.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    server
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<PoolFrame, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -440,6 +516,9 @@ impl Pool for PoolService {
         // here must not leave a session open under the old key.
         authorize(&key, &request)?;
         let id = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        // Open (for the metrics and readiness) for as long as its outbound stream lives.
+        let model = self.models.first().map_or("", String::as_str);
+        let meter = self.metrics.session(model);
         let (events, rx) = mpsc::unbounded_channel();
         let (close_tx, close_rx) = oneshot::channel();
         let credit = PoolEvent {
@@ -459,7 +538,12 @@ impl Pool for PoolService {
         };
         info!(session = id, "session opened");
         tokio::spawn(read_session(session, request.into_inner(), key, close_tx));
-        Ok(Response::new(Box::pin(outbound(credit, rx, close_rx))))
+        let frames = outbound(credit, rx, close_rx).inspect(move |frame| {
+            if let Ok(frame) = frame {
+                count_frame(&meter, frame);
+            }
+        });
+        Ok(Response::new(Box::pin(frames)))
     }
 }
 

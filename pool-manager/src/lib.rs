@@ -9,6 +9,7 @@ pub mod audit;
 pub mod grpc;
 pub mod inventory;
 pub mod membership;
+pub mod metrics;
 pub mod provision;
 pub mod supervisor;
 

@@ -16,6 +16,7 @@ use skep_pool_manager::Speed;
 use skep_pool_manager::audit::Audit;
 use skep_pool_manager::grpc::PoolService;
 use skep_pool_manager::membership::{self, Membership};
+use skep_pool_manager::metrics::PoolMetrics;
 use skep_pool_manager::supervisor::{Slots, WorkerSpec, spawn_slots};
 use tokio::sync::watch;
 use tracing::info;
@@ -103,6 +104,11 @@ struct Args {
     /// Time a new connection has to send its HTTP/2 preface (or TLS hello) before it is closed.
     #[arg(long, default_value = "10s", value_parser = daemon::parse_duration)]
     preface_timeout: Duration,
+    /// Serve Prometheus metrics as `GET /metrics` (plain HTTP, no token) on this address; off
+    /// by default. Port 0 picks a free port (see <data-dir>/metrics.addr). Off loopback it needs
+    /// --insecure-plaintext. See docs/METRICS.md.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -121,6 +127,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // plaintext off loopback is refused unless --insecure-plaintext, before anything is created.
     let plaintext = !args.queen.starts_with("https://");
     auth::check_bind(args.listen, plaintext, args.insecure_plaintext)?;
+    if let Some(addr) = args.metrics_listen {
+        auth::check_bind(addr, true, args.insecure_plaintext)?;
+    }
     // Before anything opens files: connections are files too.
     let fd_limit = daemon::raise_fd_limit();
     let mut conns = daemon::ConnLimits::for_fd_limit(fd_limit);
@@ -172,6 +181,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let audit = Audit::start_with(&args.data_dir, args.refusal_audit_interval)
         .context("starting the audit log")?;
     let speed = Arc::new(Speed::default());
+    let metrics = PoolMetrics::new();
+    metrics.watch_slots(Arc::clone(&work));
+    metrics.follow_warm_up(Arc::clone(&speed));
+    if let Some(addr) = args.metrics_listen {
+        start_metrics(&args.data_dir, addr, metrics.clone()).await?;
+    }
 
     let (key_tx, key_rx) = watch::channel(None);
     let name = args
@@ -192,6 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         key: key_tx,
         queen_ca: queen_ca.clone(),
         approval: args.approval.clone(),
+        metrics: metrics.clone(),
     };
     let creds = member.join().await?;
     // A gguf model without a local file comes from the queen's catalogue, verified by hash,
@@ -229,7 +245,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let membership = tokio::spawn(member.run(creds));
 
-    let service = PoolService::new(work, vec![model.clone()], speed, key_rx);
+    let service =
+        PoolService::new(work, vec![model.clone()], speed, key_rx).with_metrics(metrics.clone());
     // Only bad credentials are counted; the queen's key has no identity budget here.
     let limits = Arc::new(RateLimits::new(
         skep_common::ratelimit::DEFAULT_IDENTITY_QUOTA,
@@ -246,6 +263,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service.into_server(audit, limits))
+        // Probes carry no credential: health answers only SERVING / NOT_SERVING.
+        .add_service(skep_pool_manager::grpc::health_server(&metrics))
         .serve_with_incoming_shutdown(
             daemon::incoming_with(listener, conns),
             daemon::shutdown_signal(),
@@ -263,6 +282,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| supervisor.shutdown());
     info!("pool manager stopped");
     result
+}
+
+/// Binds `--metrics-listen`, writes `<data-dir>/metrics.addr` and serves it in the background.
+async fn start_metrics(
+    data_dir: &std::path::Path,
+    addr: SocketAddr,
+    metrics: PoolMetrics,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+    let local = listener.local_addr()?;
+    skep_pool_manager::metrics::write_addr_file(data_dir, local)?;
+    info!(%local, "metrics listening");
+    tokio::spawn(skep_pool_manager::metrics::serve(
+        listener,
+        skep_pool_manager::metrics::CONTENT_TYPE,
+        move || metrics.render(),
+        daemon::shutdown_signal(),
+    ));
+    Ok(())
 }
 
 fn engine_args(args: &Args) -> anyhow::Result<(String, Vec<String>)> {

@@ -62,6 +62,8 @@ pub struct Membership {
     /// An approval credential for `node.enroll` (over the SHA-256 of `name`), sent when
     /// enrolling where the queen requires one; used only then.
     pub approval: Option<PathBuf>,
+    /// Told whether the registration holds (for readiness: the pool's health).
+    pub metrics: crate::metrics::PoolMetrics,
 }
 
 /// Failures that retrying cannot fix.
@@ -237,7 +239,10 @@ impl Membership {
         }
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match self.session(&creds).await {
+            let ended = self.session(&creds).await;
+            // Registered no longer, until the next registration succeeds.
+            self.metrics.set_registered(false);
+            match ended {
                 Ok(()) => backoff = FIRST_BACKOFF,
                 Err(s) if permanent(&s) => {
                     let file = self.data_dir.join(RUNTIME_KEY_FILE).display().to_string();
@@ -364,6 +369,7 @@ impl Membership {
             .await?
             .into_inner();
         info!(node = %reg.node_id, "registered with queen");
+        self.metrics.set_registered(true);
         let every = Duration::from_millis(reg.heartbeat_interval_ms.clamp(100, 10_000) as u64);
         let gpus = inventory::gpus();
         loop {

@@ -6,6 +6,7 @@
 //! writer thread) and `audit`. `job` holds a job's request and event types; `grpc` is the only
 //! module that speaks tonic (pool sessions included).
 
+pub mod admit;
 pub mod approval;
 pub mod audit;
 pub mod auth;
@@ -13,10 +14,12 @@ pub mod catalogue;
 pub mod dispatch;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod store;
+pub mod submit;
 
 pub use error::Error;

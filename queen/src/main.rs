@@ -85,6 +85,20 @@ struct Args {
     /// Time a new connection has to send its HTTP/2 preface (or TLS hello) before it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     preface_timeout: Duration,
+    /// Serve the OpenAI-compatible HTTP door here too (off by default; see docs/HTTP.md). Port 0
+    /// picks a free port (see <data-dir>/http.addr). TLS with the queen's certificate, under
+    /// the same --tls rule as the gRPC listener.
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Budget of an HTTP request that sends neither `skep-deadline` nor
+    /// `x-stainless-read-timeout` (humantime).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    http_default_deadline: Duration,
+    /// Serve Prometheus metrics as `GET /metrics` (plain HTTP, no token) on this address; off
+    /// by default. Port 0 picks a free port (see <data-dir>/metrics.addr). Off loopback it needs
+    /// --insecure-plaintext. See docs/METRICS.md.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -130,6 +144,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // anything is created.
     let plaintext = !args.tls.enabled(args.listen);
     auth::check_bind(args.listen, plaintext, args.insecure_plaintext)?;
+    if let Some(http) = args.http_listen {
+        auth::check_bind(http, !args.tls.enabled(http), args.insecure_plaintext)?;
+    }
+    if let Some(addr) = args.metrics_listen {
+        auth::check_bind(addr, true, args.insecure_plaintext)?;
+    }
     // Before anything opens files: connections are files too.
     let conns = conn_limits(args.max_connections, args.preface_timeout);
     daemon::create_private_dir(&args.data_dir)?;
@@ -185,6 +205,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         store.clone(),
         audit.clone(),
+        metrics.clone(),
     );
     let ca_pem = tls.as_ref().map(|t| t.ca.cert_pem.clone());
     let registry = Registry::start(args.heartbeat_interval, dispatch.clone(), ca_pem);
@@ -213,6 +234,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         services.dispatch.resume(rec).await?;
     }
 
+    if let Some(addr) = args.http_listen {
+        start_http(&args, addr, &services, &limits, conns).await?;
+    }
+    if let Some(addr) = args.metrics_listen {
+        start_metrics(&args.data_dir, addr, services.metrics.clone()).await?;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -222,6 +249,63 @@ async fn run(args: Args) -> anyhow::Result<()> {
     grpc::serve(listener, services, limits, conns, daemon::shutdown_signal()).await?;
     audit.flush().await;
     info!("queen stopped");
+    Ok(())
+}
+
+/// Binds the HTTP door on `addr`, writes `<data-dir>/http.addr` and serves it in the background.
+async fn start_http(
+    args: &Args,
+    addr: SocketAddr,
+    services: &Services,
+    limits: &Arc<RateLimits>,
+    conns: daemon::ConnLimits,
+) -> anyhow::Result<()> {
+    let tls = if args.tls.enabled(addr) {
+        let tls = skep_queen::http::tls_config(services, &args.data_dir, addr, &args.tls_names)
+            .context("setting up TLS for the HTTP door")?;
+        Some(tls)
+    } else {
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--http-listen)"))?;
+    let local = listener.local_addr()?;
+    skep_queen::http::write_addr_file(&args.data_dir, local)?;
+    info!(%local, tls = tls.is_some(), "HTTP door listening");
+    let config = skep_queen::http::HttpConfig {
+        default_deadline: args.http_default_deadline,
+        tls,
+        conns,
+    };
+    tokio::spawn(skep_queen::http::serve(
+        listener,
+        services.clone(),
+        Arc::clone(limits),
+        config,
+        daemon::shutdown_signal(),
+    ));
+    Ok(())
+}
+
+/// Binds `--metrics-listen`, writes `<data-dir>/metrics.addr` and serves it in the background.
+async fn start_metrics(
+    data_dir: &std::path::Path,
+    addr: SocketAddr,
+    metrics: skep_queen::metrics::Metrics,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+    let local = listener.local_addr()?;
+    skep_queen::metrics::write_addr_file(data_dir, local)?;
+    info!(%local, "metrics listening");
+    tokio::spawn(skep_queen::metrics::serve(
+        listener,
+        skep_queen::metrics::CONTENT_TYPE,
+        move || metrics.render(),
+        daemon::shutdown_signal(),
+    ));
     Ok(())
 }
 

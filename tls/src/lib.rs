@@ -189,6 +189,28 @@ impl QueenTls {
     pub fn server_config(&self) -> ServerTlsConfig {
         ServerTlsConfig::new().identity(Identity::from_pem(&self.chain_pem, &*self.key_pem))
     }
+
+    /// The same certificate chain and key as a rustls server config (ring, rustls' safe
+    /// defaults, as tonic builds for `server_config`), for a server tonic does not run: the
+    /// queen's HTTP door. `alpn` lists the protocols offered, e.g. `h2` and `http/1.1`.
+    pub fn rustls_server_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: &dyn std::fmt::Display| TlsError::Invalid(format!("server certificate: {e}"));
+        let chain = CertificateDer::pem_slice_iter(self.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| bad(&e))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
+    }
 }
 
 impl Ca {

@@ -21,6 +21,7 @@ use super::{Attempt, Delivered, NewJob, Route, SessionCmd, Target};
 use crate::Error;
 use crate::audit::{AuditHandle, events};
 use crate::job::Event;
+use crate::metrics::{Finish, JobEnd, Metrics, Rejection};
 use crate::model::{JobState, Timings, micros, unix_ms};
 use crate::registry::RegistryHandle;
 use crate::store::{Interrupted, JobUpdate, StoreHandle};
@@ -39,6 +40,11 @@ struct JobIo {
     node: String,
     /// Set when the client has been told the job was accepted (or it was recovered).
     admitted: Instant,
+    /// The node it is at now (for the metrics' running/waiting gauges), `None` while it waits
+    /// here.
+    running_on: Option<String>,
+    /// Whether it ever reached a pool.
+    was_sent: bool,
 }
 
 struct Link {
@@ -58,6 +64,7 @@ pub struct Dispatcher {
     store: StoreHandle,
     audit: AuditHandle,
     registry: Option<RegistryHandle>,
+    metrics: Metrics,
 }
 
 impl Actor for Dispatcher {
@@ -93,7 +100,12 @@ pub struct Decision {
 }
 
 impl Dispatcher {
-    pub fn start(cfg: core::Config, store: StoreHandle, audit: AuditHandle) -> DispatchHandle {
+    pub fn start(
+        cfg: core::Config,
+        store: StoreHandle,
+        audit: AuditHandle,
+        metrics: Metrics,
+    ) -> DispatchHandle {
         let addr = Dispatcher {
             core: Core::new(cfg),
             epoch: Instant::now(),
@@ -104,6 +116,7 @@ impl Dispatcher {
             store,
             audit,
             registry: None,
+            metrics,
         }
         .start();
         DispatchHandle { addr }
@@ -115,6 +128,31 @@ impl Dispatcher {
 
     fn at(&self, when: Instant) -> Micros {
         micros(when.saturating_duration_since(self.epoch))
+    }
+
+    /// Metrics: each of `keys` that the metrics still count at a pool but the core has put back
+    /// in the queue (its pool failed; it fails over) counts as waiting again.
+    fn requeued(&mut self, keys: &[JobKey]) {
+        for key in keys {
+            let Some(io) = self.jobs.get_mut(key) else {
+                continue;
+            };
+            if io.running_on.is_some() && !self.core.is_sent(*key) {
+                let node = io.running_on.take().unwrap_or_default();
+                self.metrics.requeued(&io.job.model, &node);
+            }
+        }
+    }
+
+    /// `requeued` for every live job the metrics count on `node`.
+    fn requeued_from(&mut self, node: &str) {
+        let keys: Vec<JobKey> = self
+            .jobs
+            .iter()
+            .filter(|(_, io)| io.running_on.as_deref() == Some(node))
+            .map(|(k, _)| *k)
+            .collect();
+        self.requeued(&keys);
     }
 
     /// Carries out everything the core decided, in order.
@@ -188,6 +226,11 @@ impl Dispatcher {
             .links
             .get(&node)
             .is_some_and(|l| l.tx.send(cmd).is_ok());
+        if sent && let Some(io) = self.jobs.get_mut(&key) {
+            let from = io.running_on.replace(node.clone());
+            self.metrics.sent(&io.job.model, from.as_deref(), &node);
+            io.was_sent = true;
+        }
         if !sent {
             // The session is gone: the core hears it as a lost pool for this job.
             let now = self.now();
@@ -245,6 +288,23 @@ impl Dispatcher {
             ),
         };
         info!(job = %io.job.id, state = state.as_str(), tokens, total_ms = io.timings.total_us / 1000, "job finished");
+        self.metrics.ended(&JobEnd {
+            model: &io.job.model,
+            running_on: io.running_on.as_deref(),
+            node: &io.node,
+            sent: io.was_sent,
+            finish: match state {
+                JobState::Done => Finish::Done,
+                JobState::DeadlineExceeded => Finish::Missed,
+                JobState::Cancelled => Finish::Cancelled,
+                _ => Finish::Failed,
+            },
+            tokens,
+            max_tokens: io.job.max_tokens,
+            prompt_bytes: io.job.prompt.len(),
+            budget,
+            timings: &io.timings,
+        });
         let update = JobUpdate {
             id: io.job.id.clone(),
             state,
@@ -313,7 +373,17 @@ impl Handler<Submit> for Dispatcher {
             caller: Arc::from(msg.job.caller.as_str()),
             caller_share: msg.job.caller_share,
         };
-        let admitted = self.core.submit(now, spec).map_err(|r| match r {
+        let admitted = self.core.submit(now, spec).map_err(|r| {
+            let why = match r {
+                Refusal::Infeasible { .. } => Rejection::Infeasible,
+                Refusal::NoPool => Rejection::NoPool,
+                Refusal::QueueFull { .. } => Rejection::QueueFull,
+                Refusal::CallerShare { .. } => Rejection::CallerShare,
+            };
+            self.metrics.rejected(&msg.job.model, why);
+            r
+        });
+        let admitted = admitted.map_err(|r| match r {
             Refusal::Infeasible { best_finish } => Error::Infeasible {
                 budget: msg.job.budget,
                 estimate: best_finish.map_or(Duration::MAX, |f| {
@@ -333,6 +403,7 @@ impl Handler<Submit> for Dispatcher {
         let predicted_finish = Duration::from_micros(admitted.predicted_finish.saturating_sub(now))
             + msg.job.arrived.elapsed();
         self.ids.insert(msg.job.id.clone(), admitted.key);
+        self.metrics.admitted(&msg.job.model);
         self.jobs.insert(
             admitted.key,
             JobIo {
@@ -346,6 +417,8 @@ impl Handler<Submit> for Dispatcher {
                 delivered: Arc::default(),
                 node: admitted.node.clone(),
                 admitted: Instant::now(),
+                running_on: None,
+                was_sent: false,
             },
         );
         self.perform(ctx);
@@ -405,6 +478,7 @@ impl Handler<Resume> for Dispatcher {
         };
         let (key, progress) = self.core.resume(now, spec);
         self.ids.insert(job.id.clone(), key);
+        self.metrics.admitted(&job.model);
         self.jobs.insert(
             key,
             JobIo {
@@ -415,6 +489,8 @@ impl Handler<Resume> for Dispatcher {
                 timings: Timings::default(),
                 node: String::new(),
                 admitted: Instant::now(),
+                running_on: None,
+                was_sent: false,
             },
         );
         self.perform(ctx);
@@ -494,6 +570,7 @@ impl Handler<Ended> for Dispatcher {
         let now = self.now();
         self.core.ended(now, msg.key, &msg.node, msg.report);
         self.perform(ctx);
+        self.requeued(&[msg.key]);
     }
 }
 
@@ -567,6 +644,7 @@ impl Handler<SessionLost> for Dispatcher {
         let now = self.now();
         self.core.node_down(now, &msg.node);
         self.perform(ctx);
+        self.requeued_from(&msg.node);
         if let Some(registry) = self.registry.clone() {
             tokio::spawn(async move {
                 let _ = registry.unreachable(&msg.node).await;
@@ -655,6 +733,7 @@ impl Handler<NodeDown> for Dispatcher {
         let now = self.now();
         self.core.node_down(now, &msg.node);
         self.perform(ctx);
+        self.requeued_from(&msg.node);
     }
 }
 

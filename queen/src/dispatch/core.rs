@@ -255,6 +255,10 @@ struct Slot {
     pending: BTreeSet<(u64, JobKey)>,
     /// When the slot's last job ended: the next one began no earlier.
     last_end: Micros,
+    /// The job sent to this slot while it was idle: the pool starts it at once (it goes with
+    /// order 0), so it runs first even before its `started` arrives, whatever the policy order
+    /// of jobs sent after it. Meaningful only while it is `sent`'s first job.
+    head: Option<JobKey>,
 }
 
 #[derive(Debug)]
@@ -867,7 +871,8 @@ impl Core {
             let Some(job) = self.jobs.get(key) else {
                 continue;
             };
-            if running.is_none() && job.progress.started_at().is_some() {
+            let head = s.head == Some(*key) && s.sent.front() == Some(key);
+            if running.is_none() && (head || job.progress.started_at().is_some()) {
                 running = Some((*key, job));
             } else {
                 held.insert((self.order_key(job.spec.deadline, job.seq), *key));
@@ -1035,6 +1040,12 @@ impl Core {
                 );
                 continue;
             }
+            // To an idle slot the job goes first whatever arrives with it: the pool runs the
+            // smallest order first, and the ledger has it running from now.
+            let head = s.sent.is_empty();
+            if head {
+                s.head = Some(key);
+            }
             s.sent.push_back(key);
             let job = self.jobs.get_mut(&key).expect("live");
             job.place = Place::Sent { slot, sent_at: now };
@@ -1044,7 +1055,7 @@ impl Core {
                 slot,
                 attempt: job.attempt,
                 remaining: deadline.saturating_sub(now),
-                order,
+                order: if head { 0 } else { order },
             });
         }
     }

@@ -720,3 +720,24 @@ fn cancel_of_a_sent_job_ends_it_once_and_holds_the_slot_until_the_pool_answers()
     assert_eq!(core.running()["n"], 0);
     assert_eq!(core.live(), 0);
 }
+
+#[test]
+fn a_job_sent_to_an_idle_slot_runs_first_even_before_it_starts() {
+    // 10 ms per token (×1.5 while these are warm-up figures): A takes 150 ms, B alone 15 ms.
+    let mut core = one_pool(1, 10 * MS, 10 * MS);
+    let a = core.submit(0, spec(10, 3_600 * 1000 * MS)).unwrap();
+    // A went to the idle slot with order 0, so the pool runs it first whatever follows.
+    let sent: Vec<u64> = core
+        .take_actions()
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send { key, order, .. } if *key == a.key => Some(*order),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [0]);
+    // A has not reported `started`; B's earlier deadline must not be treated as letting it run
+    // first: behind A it would finish at ~165 ms, after its 100 ms deadline.
+    let b = core.submit(MS, spec(1, 100 * MS));
+    assert!(matches!(b, Err(Refusal::Infeasible { .. })), "{b:?}");
+}
