@@ -42,8 +42,11 @@ pub struct NewJob {
     pub budget: Duration,
     /// When the request reached the queen: the budget runs from here.
     pub arrived: Instant,
-    /// Fingerprint of the submitter's token, for the audit trail and the per-caller share.
+    /// Fingerprint of the submitter's token, for logs and the audit trail.
     pub caller: String,
+    /// The submitter's token digest (hex): who may see the job, and whose share it counts in.
+    /// Stored with the job; never logged.
+    pub owner: String,
     /// The submitter's token's own share (jobs live at once), if it sets one.
     pub caller_share: Option<u32>,
 }

@@ -164,7 +164,7 @@ impl StoreHandle {
         self.get_owned(id, None).await
     }
 
-    /// The job `id` if `caller` (a token fingerprint) submitted it; `None` means any caller
+    /// The job `id` if `caller` (a token digest, hex) submitted it; `None` means any caller
     /// (an admin). A job of another caller is `None`, exactly like a missing one.
     pub async fn get_owned(
         &self,

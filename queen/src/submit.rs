@@ -91,6 +91,7 @@ pub async fn submit(
         budget,
         arrived,
         caller: who.fingerprint.clone(),
+        owner: who.digest.to_hex(),
         caller_share: who.max_jobs,
     };
     // The stream holds a whole job (twice: a failover that restarts the output resends it), so
@@ -124,7 +125,7 @@ pub async fn submit(
         error: String::new(),
         timings: Default::default(),
     };
-    if let Err(e) = svc.store.insert(record, &prompt, &job.caller).await {
+    if let Err(e) = svc.store.insert(record, &prompt, &job.owner).await {
         let _ = svc.dispatch.cancel(&id).await;
         return Err(e);
     }

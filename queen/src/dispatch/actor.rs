@@ -370,7 +370,7 @@ impl Handler<Submit> for Dispatcher {
             model: msg.job.model.clone(),
             max_tokens: msg.job.max_tokens,
             deadline,
-            caller: Arc::from(msg.job.caller.as_str()),
+            caller: Arc::from(msg.job.owner.as_str()),
             caller_share: msg.job.caller_share,
         };
         let admitted = self.core.submit(now, spec).map_err(|r| {
@@ -451,7 +451,9 @@ impl Handler<Resume> for Dispatcher {
             max_tokens: rec.max_tokens,
             budget: Duration::from_millis(remaining),
             arrived: Instant::now(),
-            caller: rec.caller,
+            // The store keeps the owner's digest; its first 6 hex digits are the fingerprint.
+            caller: rec.caller.chars().take(6).collect(),
+            owner: rec.caller,
             // Already admitted once: counted against its caller, never refused for it.
             caller_share: None,
         };
@@ -473,7 +475,7 @@ impl Handler<Resume> for Dispatcher {
             model: job.model.clone(),
             max_tokens: job.max_tokens,
             deadline: self.at(job.arrived + job.budget),
-            caller: Arc::from(job.caller.as_str()),
+            caller: Arc::from(job.owner.as_str()),
             caller_share: job.caller_share,
         };
         let (key, progress) = self.core.resume(now, spec);

@@ -72,7 +72,7 @@ impl Jobs for JobsService {
         let mut job = self
             .svc
             .store
-            .get_owned(&id, owner_filter(&who))
+            .get_owned(&id, owner_filter(&who).as_deref())
             .await?
             .ok_or_else(|| Error::JobNotFound(id.clone()))?;
         // No `running` row update is written (it would sit on the hot path); the live state
@@ -90,7 +90,8 @@ impl Jobs for JobsService {
         let who = require(&req, Role::Submit)?;
         let id = req.into_inner().job_id;
         validate::identifier("job_id", &id).map_err(Error::from)?;
-        let caller = owner_filter(&who);
+        let owner = owner_filter(&who);
+        let caller = owner.as_deref();
         // Ownership first, from the stored record (committed before the submitter ever saw
         // the id): someone else's job is NOT_FOUND, exactly like a missing one, and untouched.
         let Some(seen) = self.svc.store.get_owned(&id, caller).await? else {
@@ -123,7 +124,11 @@ impl Jobs for JobsService {
             0 => 50,
             n => n.min(MAX_LIST),
         };
-        let jobs = self.svc.store.list_owned(limit, owner_filter(&who)).await?;
+        let jobs = self
+            .svc
+            .store
+            .list_owned(limit, owner_filter(&who).as_deref())
+            .await?;
         Ok(Response::new(ListJobsResponse {
             jobs: jobs.into_iter().map(convert::job).collect(),
         }))
@@ -131,7 +136,34 @@ impl Jobs for JobsService {
 }
 
 /// Whose jobs a caller may see: an admin everyone's (`None`), anyone else only the jobs its
-/// own token submitted.
-fn owner_filter(who: &Identity) -> Option<&str> {
-    (who.role != Role::Admin).then_some(who.fingerprint.as_str())
+/// own token submitted, by the token's whole digest (two tokens may share a 6-hex fingerprint).
+fn owner_filter(who: &Identity) -> Option<String> {
+    (who.role != Role::Admin).then(|| who.digest.to_hex())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skep_common::auth::TokenDigest;
+
+    fn who(role: Role) -> Identity {
+        let digest = TokenDigest::of("skep_example-token");
+        Identity {
+            fingerprint: digest.fingerprint(),
+            role,
+            digest,
+            node_id: String::new(),
+            max_jobs: None,
+        }
+    }
+
+    #[test]
+    fn jobs_are_filtered_by_the_whole_digest_and_admins_see_all() {
+        let submit = who(Role::Submit);
+        let filter = owner_filter(&submit).expect("a submit token sees only its own jobs");
+        // The whole digest, so two tokens sharing a 6-hex fingerprint stay apart.
+        assert_eq!(filter, submit.digest.to_hex());
+        assert_eq!(filter.len(), 64);
+        assert!(owner_filter(&who(Role::Admin)).is_none());
+    }
 }

@@ -560,3 +560,30 @@ fn an_approval_nonce_is_used_once_even_across_a_reopen() {
         0
     );
 }
+
+#[test]
+fn jobs_are_owned_by_the_whole_token_digest_not_its_fingerprint() {
+    let dir = TempDir::new("owner");
+    runtime().block_on(async {
+        let store = start(&dir.db()).unwrap();
+        // Two owners whose 6-hex fingerprints are equal: only the full digest tells them apart.
+        let mine = format!("abc123{}", "0".repeat(58));
+        let theirs = format!("abc123{}", "1".repeat(58));
+        store
+            .insert(job("j", JobState::Done, 10), "p", &mine)
+            .await
+            .unwrap();
+        assert!(store.get_owned("j", Some(&mine)).await.unwrap().is_some());
+        assert!(store.get_owned("j", Some(&theirs)).await.unwrap().is_none());
+        assert!(
+            store
+                .get_owned("j", Some("abc123"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(store.get_owned("j", None).await.unwrap().is_some());
+        assert_eq!(store.list_owned(10, Some(&theirs)).await.unwrap().len(), 0);
+        assert_eq!(store.list_owned(10, Some(&mine)).await.unwrap().len(), 1);
+    });
+}
