@@ -8,10 +8,11 @@ mod approve;
 mod audit;
 mod exit;
 mod models;
+mod progress;
 mod prompt;
 mod render;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::exit::Failure;
+use crate::progress::Progress;
 
 /// How long past its deadline the CLI waits for the queen's verdict before giving up itself.
 const VERDICT_GRACE: Duration = Duration::from_secs(2);
@@ -77,6 +79,10 @@ enum Command {
         /// Print one JSON object per event instead of the text.
         #[arg(long)]
         json: bool,
+        /// A progress line on stderr while the job waits (position, predicted start): `auto`
+        /// shows it when stderr is a terminal (never with --json).
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: Progress,
         /// Read the prompt from this file instead of the argument.
         #[arg(long, value_name = "FILE")]
         prompt_file: Option<PathBuf>,
@@ -294,16 +300,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             deadline,
             max_tokens,
             json,
+            progress,
             prompt_file,
             prompt,
         } => {
             let prompt = prompt::resolve(prompt, prompt_file.as_deref())?;
+            let progress = match progress {
+                Progress::Always => true,
+                Progress::Never => false,
+                Progress::Auto => !json && std::io::stderr().is_terminal(),
+            };
             submit(
                 &queen,
                 model,
                 deadline,
                 max_tokens.unwrap_or(0),
-                json,
+                Output { json, progress },
                 prompt,
             )
             .await
@@ -453,12 +465,21 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// How `skep submit` shows a job.
+#[derive(Clone, Copy)]
+struct Output {
+    /// One JSON object per event on stdout.
+    json: bool,
+    /// A progress line on stderr while the job waits.
+    progress: bool,
+}
+
 async fn submit(
     queen: &Queen,
     model: String,
     deadline: Duration,
     max_tokens: u32,
-    json: bool,
+    Output { json, progress }: Output,
     prompt: String,
 ) -> Result<(), Failure> {
     let started = Instant::now();
@@ -499,11 +520,23 @@ async fn submit(
             );
         }
     };
+    // While the job waits at the queen: where it is and when it is predicted to start.
+    let mut waiting: Option<progress::Waiting> = None;
+    let mut tick = tokio::time::interval(progress::TICK);
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
             _ = &mut give_up => return Err(no_verdict()),
+            _ = tick.tick(), if waiting.is_some() => {
+                if let Some(w) = &waiting {
+                    w.show();
+                }
+                continue;
+            }
         };
+        if let Some(w) = waiting.take() {
+            w.clear();
+        }
         let ev = match msg {
             Ok(Some(ev)) => ev,
             Ok(None) => {
@@ -538,6 +571,14 @@ async fn submit(
                     "job {} accepted (deadline {}ms, predicted finish {}ms on {})",
                     ev.job_id, a.deadline_ms, a.predicted_finish_ms, a.node_id
                 );
+            }
+            Some(job_event::Kind::Queued(q)) if progress => {
+                let w = progress::Waiting::new(
+                    q.position,
+                    started + Duration::from_millis(q.predicted_start_ms),
+                );
+                w.show();
+                waiting = Some(w);
             }
             Some(job_event::Kind::Token(t)) if !json => {
                 let _ = write!(out, "{}", t.text);

@@ -174,7 +174,7 @@ pub fn event_json(ev: &JobEvent) {
             json!({"event": "accepted", "job_id": ev.job_id, "deadline_ms": a.deadline_ms, "estimate_ms": a.estimate_ms, "predicted_finish_ms": a.predicted_finish_ms, "node_id": a.node_id})
         }
         Some(Kind::Queued(q)) => {
-            json!({"event": "queued", "job_id": ev.job_id, "position": q.position})
+            json!({"event": "queued", "job_id": ev.job_id, "position": q.position, "predicted_start_ms": q.predicted_start_ms})
         }
         Some(Kind::Dispatched(d)) => {
             json!({"event": "dispatched", "job_id": ev.job_id, "node_id": d.node_id, "attempt": d.attempt})

@@ -248,3 +248,39 @@ fn the_prompt_can_come_from_stdin_or_a_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`-` to read stdin"));
 }
+
+#[test]
+fn a_waiting_job_shows_its_position_and_predicted_start() {
+    // No credit at the pool: later jobs wait at the queen behind the running one (10 s).
+    let cluster = Cluster::start(PoolOpts {
+        tps: 10.0,
+        extra_args: vec!["--credits-per-slot".into(), "0".into()],
+        ..PoolOpts::default()
+    });
+    let mut running = cluster.spawn_submit("60s", 100, "running");
+    running.wait_for("token");
+    // In JSON: the queued event carries the predicted start, before the predicted finish.
+    let mut waiting = cluster.spawn_submit("60s", 2, "waits");
+    let accepted = waiting.wait_for("accepted");
+    let queued = waiting.wait_for("queued");
+    assert_eq!(queued["position"], 1, "{queued}");
+    let start = queued["predicted_start_ms"].as_u64().unwrap();
+    assert!(start > 0, "{queued}");
+    assert!(start < accepted["predicted_finish_ms"].as_u64().unwrap());
+    // On a terminal (forced here): a progress line on stderr while it waits.
+    let out = cluster
+        .cli()
+        .args(["submit", "--model", "synthetic", "--deadline", "60s"])
+        .args(["--max-tokens", "2", "--progress", "always", "waits too"])
+        .output()
+        .unwrap();
+    skep_integration::assert_success(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("queued: position 2, predicted to start in"),
+        "{stderr}"
+    );
+    let (code, _) = waiting.finish();
+    assert_eq!(code, Some(0));
+    drop(running);
+}

@@ -61,6 +61,8 @@ pub enum Event {
     },
     Queued {
         position: usize,
+        /// From the job's arrival.
+        predicted_start: Duration,
     },
     Dispatched {
         node_id: String,

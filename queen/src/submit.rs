@@ -148,6 +148,7 @@ pub async fn submit(
     if decision.position > 0 {
         first.push(job::Event::Queued {
             position: decision.position,
+            predicted_start: decision.predicted_start,
         });
     }
     // The stream ends with the job's terminal event, whatever still holds a sender.

@@ -95,6 +95,8 @@ impl Actor for Dispatcher {
 pub struct Decision {
     pub node: String,
     pub predicted_finish: Duration,
+    /// When it is predicted to start: its finish less its own predicted cost.
+    pub predicted_start: Duration,
     /// Jobs ahead of it on its slot (0: sent to the pool at once).
     pub position: usize,
 }
@@ -400,8 +402,19 @@ impl Handler<Submit> for Dispatcher {
             },
         })?;
         let position = self.core.position(admitted.key);
-        let predicted_finish = Duration::from_micros(admitted.predicted_finish.saturating_sub(now))
-            + msg.job.arrived.elapsed();
+        let since_arrival = msg.job.arrived.elapsed();
+        let predicted_finish =
+            Duration::from_micros(admitted.predicted_finish.saturating_sub(now)) + since_arrival;
+        let own = self
+            .core
+            .cost_of(&admitted.node, &msg.job.model, msg.job.max_tokens)
+            .unwrap_or(0);
+        let predicted_start = Duration::from_micros(
+            admitted
+                .predicted_finish
+                .saturating_sub(own)
+                .saturating_sub(now),
+        ) + since_arrival;
         self.ids.insert(msg.job.id.clone(), admitted.key);
         self.metrics.admitted(&msg.job.model);
         self.jobs.insert(
@@ -427,6 +440,7 @@ impl Handler<Submit> for Dispatcher {
             Decision {
                 node: admitted.node,
                 predicted_finish,
+                predicted_start,
                 position,
             },
         ))

@@ -85,8 +85,12 @@ pub fn event(job_id: &str, ev: Event) -> Vec<Result<pb::JobEvent, tonic::Status>
             predicted_finish_ms: micros(estimate) / 1000,
             node_id,
         }))],
-        Event::Queued { position } => vec![wrap(Kind::Queued(pb::Queued {
+        Event::Queued {
+            position,
+            predicted_start,
+        } => vec![wrap(Kind::Queued(pb::Queued {
             position: u32::try_from(position).unwrap_or(u32::MAX),
+            predicted_start_ms: micros(predicted_start) / 1000,
         }))],
         Event::Dispatched { node_id, attempt } => {
             vec![wrap(Kind::Dispatched(pb::Dispatched { node_id, attempt }))]
