@@ -40,3 +40,17 @@ if ! "$venv/bin/python" -c "import sys, openai; sys.exit(openai.__version__ != '
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q "openai==$OPENAI_VERSION"
 fi
+
+# The status page's browser test (integration/tests/status_page.rs) drives Debian's headless
+# Chromium through chromedriver (WebDriver over loopback).
+browser_need=()
+[ -x /usr/bin/chromium ] || browser_need+=(chromium)
+[ -x /usr/bin/chromedriver ] || browser_need+=(chromium-driver)
+if ((${#browser_need[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${browser_need[*]}; install them (e.g. sudo apt-get install ${browser_need[*]})" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${browser_need[@]}"
+fi

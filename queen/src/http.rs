@@ -9,6 +9,7 @@
 mod error;
 mod openai;
 mod run;
+mod status;
 #[cfg(test)]
 mod tests;
 
@@ -212,6 +213,9 @@ fn router(door: Door) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        // The status page (no token) and the admin-only snapshot it polls (docs/HTTP.md).
+        .route("/", get(status::page))
+        .route("/status.json", get(status::snapshot))
         .fallback(not_found)
         // Bodies are read whole (`Bytes`); a larger one is refused with 413 before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -11,6 +11,7 @@ mod http;
 mod series;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -103,6 +104,8 @@ struct Inner {
     deadline_met: Family<ModelLabels, Counter>,
     deadline_missed: Family<StageLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    /// `rejected` summed over models, by `Rejection::ALL` index, for the status page.
+    rejected_by_reason: [AtomicU64; Rejection::ALL.len()],
     slack: Histograms<ModelLabels>,
     hops: Histograms<HopLabels>,
     /// Label values seen so far, to cap cardinality. Touched only by the dispatch actor's
@@ -244,6 +247,7 @@ impl Metrics {
                 deadline_met,
                 deadline_missed,
                 rejected,
+                rejected_by_reason: Default::default(),
                 slack,
                 hops,
                 seen: Mutex::default(),
@@ -280,6 +284,16 @@ impl Metrics {
             .rejected
             .get_or_create(&ReasonLabels { model, reason })
             .inc();
+        self.inner.rejected_by_reason[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Admission refusals since the queen started, by reason, over every model (the status
+    /// page's view of `admission_rejected_total`).
+    pub fn rejections(&self) -> [(&'static str, u64); Rejection::ALL.len()] {
+        Rejection::ALL.map(|r| {
+            let n = self.inner.rejected_by_reason[r as usize].load(Ordering::Relaxed);
+            (r.as_str(), n)
+        })
     }
 
     /// A job was sent to `to`: from waiting here, or (`from`) from another pool it was on.
@@ -454,6 +468,14 @@ impl Metrics {
 }
 
 impl Rejection {
+    /// Every reason, in declaration order (each one's index is its discriminant).
+    pub const ALL: [Rejection; 4] = [
+        Rejection::Infeasible,
+        Rejection::NoPool,
+        Rejection::QueueFull,
+        Rejection::CallerShare,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Rejection::Infeasible => "infeasible",
