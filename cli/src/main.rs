@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use skep_common::auth;
+use skep_common::sampling::Sampling;
 use skep_common::secret::Secret;
 use skep_proto::v1::jobs_client::JobsClient;
 use skep_proto::v1::nodes_client::NodesClient;
@@ -76,6 +77,15 @@ enum Command {
         /// Most tokens to generate (default: the queen's default).
         #[arg(long)]
         max_tokens: Option<u32>,
+        /// Sampling temperature, 0 to 2; 0 (the default) decodes greedily.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling cut-off, 0 to 1; 0 or 1 (the default 0) is off.
+        #[arg(long, default_value_t = 0.0)]
+        top_p: f32,
+        /// Seed of the sampler: with --temperature above 0, the same seed gives the same output.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Print one JSON object per event instead of the text.
         #[arg(long)]
         json: bool,
@@ -299,6 +309,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             model,
             deadline,
             max_tokens,
+            temperature,
+            top_p,
+            seed,
             json,
             progress,
             prompt_file,
@@ -314,7 +327,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 &queen,
                 model,
                 deadline,
-                max_tokens.unwrap_or(0),
+                Job {
+                    max_tokens: max_tokens.unwrap_or(0),
+                    sampling: Sampling {
+                        temperature,
+                        top_p,
+                        seed,
+                    },
+                },
                 Output { json, progress },
                 prompt,
             )
@@ -467,6 +487,14 @@ async fn token(queen: &Queen, command: TokenCommand) -> Result<(), Failure> {
 
 /// How `skep submit` shows a job.
 #[derive(Clone, Copy)]
+/// What the job asks of the worker, beyond its prompt.
+struct Job {
+    /// 0 = the queen's default.
+    max_tokens: u32,
+    /// Range-checked by the queen (INVALID_ARGUMENT names the field).
+    sampling: Sampling,
+}
+
 struct Output {
     /// One JSON object per event on stdout.
     json: bool,
@@ -478,7 +506,10 @@ async fn submit(
     queen: &Queen,
     model: String,
     deadline: Duration,
-    max_tokens: u32,
+    Job {
+        max_tokens,
+        sampling,
+    }: Job,
     Output { json, progress }: Output,
     prompt: String,
 ) -> Result<(), Failure> {
@@ -489,6 +520,9 @@ async fn submit(
         prompt,
         max_tokens,
         deadline_ms,
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        seed: sampling.seed,
     });
     req.set_timeout(deadline);
     let mut client = JobsClient::new(queen.channel.clone());

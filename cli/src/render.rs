@@ -186,7 +186,7 @@ pub fn event_json(ev: &JobEvent) {
             json!({"event": "restarted", "job_id": ev.job_id, "attempt": r.attempt, "node_id": r.node_id, "reason": r.reason})
         }
         Some(Kind::Done(d)) => {
-            json!({"event": "done", "job_id": ev.job_id, "tokens": d.tokens, "timings": timings_json(&d.timings.unwrap_or_default())})
+            json!({"event": "done", "job_id": ev.job_id, "tokens": d.tokens, "prompt_tokens": d.prompt_tokens, "timings": timings_json(&d.timings.unwrap_or_default())})
         }
         Some(Kind::Error(e)) => {
             json!({"event": "error", "job_id": ev.job_id, "code": format!("{:?}", tonic::Code::from(e.code)), "grpc_code": e.code, "message": e.message, "timings": timings_json(&e.timings.unwrap_or_default())})

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod daemon;
 pub mod deadline;
 pub mod ratelimit;
+pub mod sampling;
 pub mod secret;
 pub mod session;
 pub mod telemetry;

@@ -17,10 +17,10 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Domain separation: a MAC over a lane request never verifies as anything else, and a change
 /// to what is covered changes the tag.
-const DOMAIN: &[u8] = b"skep lane request v2\0";
+const DOMAIN: &[u8] = b"skep lane request v3\0";
 
 /// Every field of a lane request except the MAC itself: what the MAC covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RequestFields<'a> {
     pub seq: u64,
     pub job_id: &'a str,
@@ -28,6 +28,10 @@ pub struct RequestFields<'a> {
     pub prompt: &'a str,
     pub max_tokens: u32,
     pub deadline_ns: u64,
+    /// Sampling: the floats are covered by their bit patterns.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
 }
 
 /// MAC over every field of a lane request. Variable-length fields are length-prefixed, so no
@@ -42,6 +46,9 @@ pub fn request_mac(session: &Secret, req: &RequestFields<'_>) -> [u8; 32] {
     mac.update(&req.seq.to_le_bytes());
     mac.update(&req.deadline_ns.to_le_bytes());
     mac.update(&req.max_tokens.to_le_bytes());
+    mac.update(&req.temperature.to_bits().to_le_bytes());
+    mac.update(&req.top_p.to_bits().to_le_bytes());
+    mac.update(&req.seed.to_le_bytes());
     for field in [req.job_id, req.model, req.prompt] {
         mac.update(&(field.len() as u64).to_le_bytes());
         mac.update(field.as_bytes());
@@ -66,6 +73,9 @@ mod tests {
         prompt: "prompt",
         max_tokens: 16,
         deadline_ns: 99,
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 42,
     };
 
     #[test]
@@ -97,6 +107,12 @@ mod tests {
                 deadline_ns: 100,
                 ..REQ
             },
+            RequestFields {
+                temperature: 0.0,
+                ..REQ
+            },
+            RequestFields { top_p: 1.0, ..REQ },
+            RequestFields { seed: 43, ..REQ },
         ];
         for edited in edits {
             assert!(!verify_request(&s, &edited, &m), "{edited:?}");

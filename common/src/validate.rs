@@ -37,18 +37,22 @@ const fn bytes_field_len(len: usize) -> usize {
 }
 
 /// Upper bound of an encoded `LaneRequest` (`proto/skep/v1/lane.proto`) with strings of these
-/// lengths: `seq`, `deadline_mono_ns` and `max_tokens` are counted at their widest varints,
-/// and every field as present (proto3 leaves empty ones out, which is only shorter).
+/// lengths: `seq`, `deadline_mono_ns`, `max_tokens` and `seed` are counted at their widest
+/// varints, `temperature` and `top_p` as fixed 4-byte floats, and every field as present
+/// (proto3 leaves empty ones out, which is only shorter).
 pub const fn lane_request_len(job_id: usize, model: usize, prompt: usize) -> usize {
     let seq = 1 + varint_len(u64::MAX);
     let max_tokens = 1 + varint_len(u32::MAX as u64);
     let deadline = 1 + varint_len(u64::MAX);
+    // temperature and top_p: a one-byte tag and a fixed32 each; seed: a varint.
+    let sampling = 2 * (1 + 4) + 1 + varint_len(u64::MAX);
     seq + bytes_field_len(job_id)
         + bytes_field_len(model)
         + bytes_field_len(prompt)
         + max_tokens
         + deadline
         + bytes_field_len(LANE_MAC_BYTES)
+        + sampling
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +69,13 @@ pub enum ValidationError {
     Nul,
     #[error("max_tokens must be between 1 and {MAX_TOKENS}")]
     MaxTokens,
+    #[error(
+        "temperature must be between 0 and {}",
+        crate::sampling::MAX_TEMPERATURE
+    )]
+    Temperature,
+    #[error("top_p must be between 0 and 1")]
+    TopP,
     #[error("the request would take more than {max} bytes on a worker's lane")]
     LaneRequestTooLarge { max: usize },
 }
@@ -136,6 +147,18 @@ pub fn max_tokens(n: u32) -> Result<u32, ValidationError> {
         1..=MAX_TOKENS => Ok(n),
         _ => Err(ValidationError::MaxTokens),
     }
+}
+
+/// Sampling settings: temperature in `[0, MAX_TEMPERATURE]`, top_p in `[0, 1]` (NaN is
+/// neither). The error names the field.
+pub fn sampling(s: &crate::sampling::Sampling) -> Result<(), ValidationError> {
+    if !(0.0..=crate::sampling::MAX_TEMPERATURE).contains(&s.temperature) {
+        return Err(ValidationError::Temperature);
+    }
+    if !(0.0..=1.0).contains(&s.top_p) {
+        return Err(ValidationError::TopP);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -130,6 +130,7 @@ async fn drive(cluster: &mut Cluster, plan: &LoadPlan) -> LoadReport {
                     prompt: format!("load job {i}"),
                     max_tokens,
                     deadline_ms: u64::try_from(plan.deadline.as_millis()).unwrap_or(u64::MAX),
+                    ..Default::default()
                 });
                 (req, max_tokens)
             })

@@ -38,6 +38,7 @@ fn streams_exactly_the_engines_greedy_output(model: &str, path: std::path::PathB
                 prompt: prompt.into(),
                 max_tokens,
                 deadline: None,
+                sampling: Default::default(),
             },
             &mut |_, t| {
                 expected.push_str(t);

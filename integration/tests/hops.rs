@@ -35,6 +35,7 @@ fn pool_manager_refuses_sessions_from_anyone_but_its_queen() {
                     budget_us: 5_000_000,
                     slot: 0,
                     order: 0,
+                    ..Default::default()
                 })),
             };
             let mut req = tonic::Request::new(tokio_stream::iter([job]));

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 use skep_integration::{Cluster, PoolOpts, audit_text, openai_python, wait_until};
-use skep_worker::engine::SyntheticEngine;
+use skep_worker::engine::{Sampling, SyntheticEngine};
 
 /// A queen with the HTTP door on a free loopback port, and one synthetic pool.
 #[track_caller]
@@ -18,6 +18,19 @@ fn cluster(opts: PoolOpts) -> Cluster {
 /// What the synthetic engine answers to `prompt`, token by token.
 fn expected(prompt: &str, n: u32) -> Vec<String> {
     (0..n).map(|i| SyntheticEngine::token(prompt, i)).collect()
+}
+
+/// What the synthetic engine answers to `prompt` when sampling at a positive temperature with
+/// `seed` (the pool's engine has no seed of its own).
+fn sampled(prompt: &str, seed: u64, n: u32) -> String {
+    let s = Sampling {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed,
+    };
+    (0..n)
+        .map(|i| SyntheticEngine::sampled(prompt, 0, &s, i).1)
+        .collect()
 }
 
 /// Runs `script` with the pinned openai client; it prints one JSON object.
@@ -119,15 +132,22 @@ out["text"] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.c
 out["finish"] = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
 out["last_choices"] = len(chunks[-1].choices)
 out["last_usage"] = chunks[-1].usage.completion_tokens if chunks[-1].usage else None
+counts = lambda u: {k: getattr(u, k) for k in ["prompt_tokens", "completion_tokens", "total_tokens"]}
+out["stream_usage"] = counts(chunks[-1].usage) if chunks[-1].usage else None
 stopped = list(c.chat.completions.create(model="synthetic", messages=chat(prompt), stream=True,
     max_tokens=8, stop=[stop, "never-said"]))
 out["stopped"] = "".join(ch.choices[0].delta.content or "" for ch in stopped if ch.choices)
 out["stopped_finish"] = [ch.choices[0].finish_reason for ch in stopped if ch.choices[0].finish_reason]
 whole = c.chat.completions.create(model="synthetic", messages=chat(prompt), max_tokens=8, stop=stop)
 out["whole_stopped"] = [whole.choices[0].message.content, whole.choices[0].finish_reason]
-same = [c.chat.completions.create(model="synthetic", messages=chat(prompt), max_tokens=6, seed=7,
-    temperature=0.8, top_p=0.9, user="bee-keeper").choices[0].message.content for _ in range(2)]
-out["seeded"] = same
+seeded = lambda seed: c.chat.completions.create(model="synthetic", messages=chat(prompt),
+    max_tokens=6, seed=seed, temperature=0.8, top_p=0.9, user="bee-keeper")
+same = [seeded(7) for _ in range(2)]
+out["seeded"] = [r.choices[0].message.content for r in same]
+out["seeded_usage"] = counts(same[0].usage)
+out["other_seed"] = seeded(8).choices[0].message.content
+greedy = c.chat.completions.create(model="synthetic", messages=chat(prompt), max_tokens=6, seed=7)
+out["greedy"] = greedy.choices[0].message.content
 raw = c.chat.completions.with_raw_response.create(model="synthetic", messages=chat(prompt), max_tokens=2)
 out["headers"] = {k: raw.headers.get(k) for k in ["skep-job-id", "skep-predicted-finish-ms", "skep-node"]}
 text = c.completions.create(model="synthetic", prompt=prompt, max_tokens=4)
@@ -149,9 +169,28 @@ print(json.dumps(out))
     assert_eq!(out["stopped"], cut, "{out}");
     assert_eq!(out["stopped_finish"], serde_json::json!(["stop"]));
     assert_eq!(out["whole_stopped"], serde_json::json!([cut, "stop"]));
+    // Sampling is real: the same seed reproduces the text, another seed gives other text, and
+    // neither is the greedy answer (which temperature 0 still gives, whatever the seed).
     let seeded = out["seeded"].as_array().unwrap();
-    assert_eq!(seeded[0], seeded[1]);
-    assert_eq!(seeded[0], want[..6].concat());
+    assert_eq!(seeded[0], seeded[1], "{out}");
+    assert_eq!(seeded[0], sampled(prompt, 7, 6), "{out}");
+    assert_eq!(out["other_seed"], sampled(prompt, 8, 6), "{out}");
+    assert_ne!(out["other_seed"], seeded[0], "{out}");
+    assert_ne!(seeded[0], want[..6].concat(), "{out}");
+    assert_eq!(out["greedy"], want[..6].concat(), "{out}");
+    // The synthetic engine counts the prompt's words: "Tell me about bees" is 4 tokens.
+    let words = SyntheticEngine::prompt_tokens(prompt);
+    assert_eq!(words, 4);
+    assert_eq!(
+        out["seeded_usage"],
+        serde_json::json!({"prompt_tokens": words, "completion_tokens": 6, "total_tokens": words + 6}),
+        "{out}"
+    );
+    assert_eq!(
+        out["stream_usage"],
+        serde_json::json!({"prompt_tokens": words, "completion_tokens": 8, "total_tokens": words + 8}),
+        "{out}"
+    );
     let job = out["headers"]["skep-job-id"].as_str().expect("skep-job-id");
     assert_eq!(c.job(job)["state"], "done");
     assert!(
@@ -266,6 +305,8 @@ fn curl_sees_auth_refusals_models_and_openai_errors() {
             "response_format",
         ),
         (r#","n":2"#, "n"),
+        (r#","temperature":3"#, "temperature"),
+        (r#","top_p":1.5"#, "top_p"),
     ] {
         let r = post(&bearer, &chat(extra));
         assert_eq!(r.status, 400, "{field}: {}", r.body);

@@ -220,6 +220,7 @@ fn hostile_inputs_are_rejected_with_the_right_status_and_never_logged_raw() {
                 prompt,
                 max_tokens,
                 deadline_ms: 5000,
+                ..Default::default()
             });
             req.set_timeout(std::time::Duration::from_secs(5));
             let err = jobs

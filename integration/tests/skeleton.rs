@@ -117,6 +117,7 @@ fn wrong_or_missing_token_is_unauthenticated_with_exit_5() {
             prompt: "hi".into(),
             max_tokens: 1,
             deadline_ms: 5000,
+            ..Default::default()
         });
         req.set_timeout(std::time::Duration::from_secs(5));
         let Err(err) = jobs.submit(req).await else {
@@ -160,6 +161,75 @@ fn invalid_arguments_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn sampling_travels_to_the_worker_and_prompt_tokens_come_back() {
+    let cluster = Cluster::start(PoolOpts::default());
+    let prompt = "a seeded hive";
+    let run = |extra: &[&str]| {
+        cluster
+            .cli()
+            .args([
+                "submit",
+                "--json",
+                "--model",
+                "synthetic",
+                "--deadline",
+                "30s",
+            ])
+            .args(["--max-tokens", "6"])
+            .args(extra)
+            .arg(prompt)
+            .output()
+            .expect("run skep submit")
+    };
+    let text = |out: &std::process::Output| {
+        skep_integration::assert_success(out);
+        let evs = events(out);
+        let done = evs.last().expect("events").clone();
+        assert_eq!(done["event"], "done", "{evs:?}");
+        // The synthetic engine counts the prompt's words.
+        assert_eq!(done["prompt_tokens"], 3, "{evs:?}");
+        evs.iter()
+            .filter(|e| e["event"] == "token")
+            .map(|e| e["text"].as_str().unwrap_or_default().to_owned())
+            .collect::<String>()
+    };
+    let seeded = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "42"];
+    let a = text(&run(&seeded));
+    let b = text(&run(&seeded));
+    let other = text(&run(&["--temperature", "0.8", "--seed", "43"]));
+    let greedy = text(&run(&["--seed", "42"]));
+    let want = |seed| -> String {
+        let s = skep_worker::engine::Sampling {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed,
+        };
+        (0..6)
+            .map(|i| SyntheticEngine::sampled(prompt, 0, &s, i).1)
+            .collect()
+    };
+    assert_eq!(a, b, "same seed, same text");
+    assert_eq!(a, want(42));
+    assert_eq!(other, want(43));
+    assert_ne!(a, other, "another seed, other text");
+    let expected: String = (0..6).map(|i| SyntheticEngine::token(prompt, i)).collect();
+    assert_eq!(
+        greedy, expected,
+        "temperature 0 is greedy whatever the seed"
+    );
+    // Out of range: the queen refuses it (INVALID_ARGUMENT, exit 2), naming the field.
+    for (flag, value, field) in [
+        ("--temperature", "3", "temperature"),
+        ("--top-p", "1.5", "top_p"),
+    ] {
+        let out = run(&[flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{field}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(field), "{field}: {err}");
+    }
 }
 
 #[test]

@@ -73,6 +73,7 @@ fn submit_tokens_see_and_cancel_only_their_own_jobs() {
                     prompt: "a long story".into(),
                     max_tokens: 200,
                     deadline_ms: 60_000,
+                    ..Default::default()
                 },
             ))
             .await
@@ -271,6 +272,7 @@ fn one_tenant_holding_500_unread_streams_cannot_starve_another() {
                     // its share is admitted.
                     max_tokens: 200,
                     deadline_ms: 3_600_000,
+                    ..Default::default()
                 };
                 match jobs.submit(as_caller(&a, req)).await {
                     Ok(stream) => held.push(stream.into_inner()),
@@ -288,6 +290,7 @@ fn one_tenant_holding_500_unread_streams_cannot_starve_another() {
                     prompt: "B's job".into(),
                     max_tokens: 2,
                     deadline_ms: 120_000,
+                    ..Default::default()
                 },
             ))
             .await
@@ -354,6 +357,7 @@ fn a_token_created_with_max_jobs_has_its_own_share() {
             prompt: "a long story".into(),
             max_tokens: 100,
             deadline_ms: 600_000,
+            ..Default::default()
         };
         let _first = jobs.submit(as_caller(&small, req())).await.expect("first");
         let _second = jobs.submit(as_caller(&small, req())).await.expect("second");

@@ -21,6 +21,7 @@ use futures_util::{Stream, StreamExt};
 use skep_common::auth::{self, TokenDigest};
 use skep_common::deadline::{Deadline, DeadlineError};
 use skep_common::ratelimit::RateLimits;
+use skep_common::sampling::Sampling;
 use skep_common::validate;
 use skep_proto::v1::pool_server::{Pool, PoolServer};
 use skep_proto::v1::{
@@ -216,6 +217,11 @@ impl Session {
             model: job.model,
             prompt: job.prompt,
             max_tokens: job.max_tokens,
+            sampling: Sampling {
+                temperature: job.temperature,
+                top_p: job.top_p,
+                seed: job.seed,
+            },
             deadline,
             arrived,
             events: self.events.clone(),
@@ -256,6 +262,11 @@ fn check_frame(
         validate::max_tokens(u32::MAX)?;
     }
     validate::max_tokens(job.max_tokens)?;
+    validate::sampling(&Sampling {
+        temperature: job.temperature,
+        top_p: job.top_p,
+        seed: job.seed,
+    })?;
     if job.slot as usize >= slots {
         return Err(Error::NoSuchSlot {
             slot: job.slot,
@@ -354,11 +365,13 @@ fn pool_event((handle, event): (u64, Event)) -> PoolEvent {
         Event::Token { index, text, id } => Kind::Token(WorkerToken { index, text, id }),
         Event::Finished {
             tokens,
+            prompt_tokens,
             pool_us,
             first_token_us,
             generation_us,
         } => Kind::Finished(WorkerFinished {
             tokens,
+            prompt_tokens,
             pool_us,
             worker_first_token_us: first_token_us,
             generation_us,

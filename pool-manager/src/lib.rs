@@ -37,6 +37,8 @@ pub enum Event {
     },
     Finished {
         tokens: u32,
+        /// Tokens the prompt was, as the worker's engine counted them.
+        prompt_tokens: u32,
         pool_us: u64,
         first_token_us: u64,
         generation_us: u64,

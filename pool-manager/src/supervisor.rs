@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use skep_common::deadline::{Deadline, micros};
+use skep_common::sampling::Sampling;
 use skep_common::secret::Secret;
 use skep_common::session;
 use skep_common::validate;
@@ -109,6 +110,8 @@ pub struct QueuedJob {
     pub model: String,
     pub prompt: String,
     pub max_tokens: u32,
+    /// How the worker picks tokens (checked by `validate::sampling` at admission).
+    pub sampling: Sampling,
     pub deadline: Deadline,
     /// When its frame arrived: `pool_us` is measured from here.
     pub arrived: Instant,
@@ -540,6 +543,7 @@ impl SlotThread {
             model: &job.model,
             prompt: &job.prompt,
             max_tokens: job.max_tokens,
+            sampling: job.sampling,
             deadline: job.deadline,
             arrived: job.arrived,
         };
@@ -585,6 +589,7 @@ fn warm_up(w: &mut Worker, model: &str, closed: &AtomicBool) -> (Option<Figures>
         model,
         prompt: WARM_UP_PROMPT,
         max_tokens: WARM_UP_TOKENS,
+        sampling: Sampling::default(),
         deadline: Deadline::after(WARM_UP_DEADLINE),
         arrived: Instant::now(),
     };
@@ -622,6 +627,7 @@ struct LaneJob<'a> {
     model: &'a str,
     prompt: &'a str,
     max_tokens: u32,
+    sampling: Sampling,
     deadline: Deadline,
     arrived: Instant,
 }
@@ -756,6 +762,9 @@ impl Worker {
             prompt: job.prompt,
             max_tokens: job.max_tokens,
             deadline_ns,
+            temperature: job.sampling.temperature,
+            top_p: job.sampling.top_p,
+            seed: job.sampling.seed,
         };
         let mac = session::request_mac(&self.session, &fields);
         let lane_req = LaneRequest {
@@ -766,6 +775,9 @@ impl Worker {
             max_tokens: job.max_tokens,
             deadline_mono_ns: deadline_ns,
             mac: mac.to_vec(),
+            temperature: job.sampling.temperature,
+            top_p: job.sampling.top_p,
+            seed: job.sampling.seed,
         };
         let mut tokens = 0u32;
         let mut cancelled_at: Option<Instant> = None;
@@ -876,6 +888,7 @@ impl Worker {
                     }
                     let done = Event::Finished {
                         tokens: d.tokens,
+                        prompt_tokens: d.prompt_tokens,
                         pool_us,
                         first_token_us: d.first_token_us,
                         generation_us: d.generation_us,

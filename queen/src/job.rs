@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use skep_common::sampling::Sampling;
+
 use crate::Error;
 use crate::model::Timings;
 
@@ -39,6 +41,8 @@ pub struct NewJob {
     pub model: String,
     pub prompt: Arc<str>,
     pub max_tokens: u32,
+    /// How the worker picks tokens (validated).
+    pub sampling: Sampling,
     pub budget: Duration,
     /// When the request reached the queen: the budget runs from here.
     pub arrived: Instant,
@@ -81,6 +85,8 @@ pub enum Event {
     },
     Done {
         tokens: u32,
+        /// Tokens the prompt was, as the engine that finished the job counted them.
+        prompt_tokens: u32,
         timings: Timings,
     },
     Failed {

@@ -82,7 +82,9 @@ pub struct JobEnd<'a> {
     /// Tokens its client received.
     pub tokens: u32,
     pub max_tokens: u32,
-    pub prompt_bytes: usize,
+    /// Tokens the prompt was, as the worker's engine counted them; 0 unless the job finished
+    /// (the count comes with the pool's `Finished` report).
+    pub prompt_tokens: u32,
     pub budget: Duration,
     pub timings: &'a Timings,
 }
@@ -168,7 +170,7 @@ impl Metrics {
         );
         registry.register(
             "skep:prompt_tokens",
-            "Prompt size of ended jobs that reached a pool, in UTF-8 bytes (the queen does not tokenize)",
+            "Prompt tokens of finished jobs, as the worker's engine counted them",
             prompt_tokens.clone(),
         );
         registry.register(
@@ -344,11 +346,10 @@ impl Metrics {
                 model: model.clone(),
                 node,
             };
-            let prompt = u64::try_from(end.prompt_bytes).unwrap_or(u64::MAX);
             self.inner
                 .prompt_tokens
                 .get_or_create(&labels)
-                .inc_by(prompt);
+                .inc_by(u64::from(end.prompt_tokens));
             self.inner
                 .generation_tokens
                 .get_or_create(&labels)

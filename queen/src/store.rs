@@ -71,6 +71,8 @@ pub struct Interrupted {
     pub model: String,
     pub prompt: String,
     pub max_tokens: u32,
+    /// How it was to be sampled, as submitted.
+    pub sampling: skep_common::sampling::Sampling,
     pub caller: String,
     /// Wall-clock time the job's deadline falls at (created + budget).
     pub deadline_unix_ms: u64,
@@ -150,9 +152,15 @@ pub struct StoreHandle {
 
 impl StoreHandle {
     /// Records a job (or re-records a recovered one) with what is needed to run it again.
-    pub async fn insert(&self, job: JobRecord, prompt: &str, caller: &str) -> Result<(), Error> {
+    pub async fn insert(
+        &self,
+        job: JobRecord,
+        prompt: &str,
+        caller: &str,
+        sampling: skep_common::sampling::Sampling,
+    ) -> Result<(), Error> {
         let (prompt, caller) = (prompt.to_owned(), caller.to_owned());
-        self.write(move |c| sql::insert(c, &job, &prompt, &caller))
+        self.write(move |c| sql::insert(c, &job, &prompt, &caller, &sampling))
             .await
     }
 

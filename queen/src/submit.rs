@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use skep_audit::Fields;
 use skep_common::deadline::{self, DeadlineError};
+use skep_common::sampling::Sampling;
 use skep_common::validate;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -37,6 +38,8 @@ pub struct JobRequest {
     pub header_budget: Result<Option<Duration>, DeadlineError>,
     /// The budget in the request body, in milliseconds; 0 = unset.
     pub deadline_ms: u64,
+    /// Temperature, top_p and seed, not yet range-checked.
+    pub sampling: Sampling,
 }
 
 /// The events of one job, ending with its terminal event.
@@ -75,6 +78,7 @@ pub async fn submit(
             validate::MAX_LANE_REQUEST_BYTES,
         )?;
         let max_tokens = validate::max_tokens(r.max_tokens)?;
+        validate::sampling(&r.sampling)?;
         Ok::<_, Error>((max_tokens, deadline::budget(header, r.deadline_ms)?))
     })();
     let (max_tokens, budget) = checked.inspect_err(|e| {
@@ -88,6 +92,7 @@ pub async fn submit(
         model: r.model,
         prompt: Arc::clone(&prompt),
         max_tokens,
+        sampling: r.sampling,
         budget,
         arrived,
         caller: who.fingerprint.clone(),
@@ -125,7 +130,11 @@ pub async fn submit(
         error: String::new(),
         timings: Default::default(),
     };
-    if let Err(e) = svc.store.insert(record, &prompt, &job.owner).await {
+    if let Err(e) = svc
+        .store
+        .insert(record, &prompt, &job.owner, job.sampling)
+        .await
+    {
         let _ = svc.dispatch.cancel(&id).await;
         return Err(e);
     }

@@ -8,6 +8,7 @@ pub mod synthetic;
 
 use std::ops::ControlFlow;
 
+pub use skep_common::sampling::Sampling;
 pub use synthetic::{SyntheticConfig, SyntheticEngine};
 
 /// What the caller asks an engine to produce.
@@ -19,6 +20,8 @@ pub struct GenerateRequest {
     /// it to stop waiting early (the synthetic engine does). Work inside one real token step
     /// cannot be interrupted.
     pub deadline: Option<std::time::Instant>,
+    /// How to pick each token; the default (temperature 0) is greedy decoding.
+    pub sampling: Sampling,
 }
 
 /// Why generation stopped early, as decided by the caller's `emit` callback.
@@ -33,8 +36,9 @@ pub enum Stop {
 /// How a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
-    /// Reached `max_tokens`, an end-of-sequence token or a stop sequence.
-    Complete { tokens: u32 },
+    /// Reached `max_tokens`, an end-of-sequence token or a stop sequence. `prompt_tokens` is
+    /// how many tokens the prompt was, as this engine counts them.
+    Complete { tokens: u32, prompt_tokens: u32 },
     /// The caller's `emit` returned `Break`.
     Stopped { tokens: u32, reason: Stop },
 }

@@ -21,7 +21,7 @@ use skep_proto::v1::{
 };
 use tracing::{debug, info, warn};
 
-use crate::engine::{Engine, Finish, GenerateRequest, Stop};
+use crate::engine::{Engine, Finish, GenerateRequest, Sampling, Stop};
 
 /// How long to block on an empty request lane before checking that the pool manager lives.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
@@ -156,6 +156,9 @@ fn genuine(session: &Secret, req: &LaneRequest) -> bool {
         max_tokens,
         deadline_mono_ns,
         mac,
+        temperature,
+        top_p,
+        seed,
     } = req;
     let fields = session::RequestFields {
         seq: *seq,
@@ -164,6 +167,9 @@ fn genuine(session: &Secret, req: &LaneRequest) -> bool {
         prompt,
         max_tokens: *max_tokens,
         deadline_ns: *deadline_mono_ns,
+        temperature: *temperature,
+        top_p: *top_p,
+        seed: *seed,
     };
     session::verify_request(session, &fields, mac)
 }
@@ -175,7 +181,18 @@ fn check(req: &LaneRequest) -> Option<&'static str> {
     if req.max_tokens == 0 || validate::max_tokens(req.max_tokens).is_err() {
         return Some("invalid max_tokens");
     }
+    if validate::sampling(&sampling(req)).is_err() {
+        return Some("invalid sampling (temperature or top_p out of range)");
+    }
     None
+}
+
+fn sampling(req: &LaneRequest) -> Sampling {
+    Sampling {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+    }
 }
 
 fn run_job(
@@ -204,6 +221,7 @@ fn run_job(
             prompt: req.prompt.clone(),
             max_tokens: req.max_tokens,
             deadline: Some(started + Duration::from_nanos(deadline.saturating_sub(monotonic_ns()))),
+            sampling: sampling(req),
         },
         &mut |id, text| {
             // Checked before the token leaves: no token is delivered after the deadline.
@@ -234,12 +252,16 @@ fn run_job(
         return Err(e.into());
     }
     let reply = match result {
-        Ok(Finish::Complete { tokens }) => LaneResponse {
+        Ok(Finish::Complete {
+            tokens,
+            prompt_tokens,
+        }) => LaneResponse {
             seq,
             kind: Some(lane_response::Kind::Done(LaneDone {
                 tokens,
                 first_token_us: micros(first_token.unwrap_or_default()),
                 generation_us: micros(started.elapsed() - first_token.unwrap_or_default()),
+                prompt_tokens,
             })),
         },
         Ok(Finish::Stopped {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
-use skep_worker::engine::{Engine, EngineError, Finish, GenerateRequest, Stop};
+use skep_worker::engine::{Engine, EngineError, Finish, GenerateRequest, Sampling, Stop};
 
 const MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
 const QUESTION: &str = "What is the capital of France?";
@@ -35,23 +35,36 @@ fn engine() -> MutexGuard<'static, GgufEngine> {
 }
 
 fn generate(e: &mut GgufEngine, prompt: &str, max_tokens: u32) -> (String, Finish, usize) {
+    let (text, finish, ids) = sample(e, prompt, max_tokens, Sampling::default());
+    (text, finish, ids.len())
+}
+
+/// A job under these sampling settings: its text, how it ended, and the id emitted with each
+/// piece of text.
+fn sample(
+    e: &mut GgufEngine,
+    prompt: &str,
+    max_tokens: u32,
+    sampling: Sampling,
+) -> (String, Finish, Vec<u32>) {
     let mut text = String::new();
-    let mut calls = 0;
+    let mut ids = Vec::new();
     let finish = e
         .generate(
             &GenerateRequest {
                 prompt: prompt.into(),
                 max_tokens,
                 deadline: None,
+                sampling,
             },
-            &mut |_, t| {
-                calls += 1;
+            &mut |id, t| {
+                ids.push(id);
                 text.push_str(t);
                 ControlFlow::Continue(())
             },
         )
         .expect("generate");
-    (text, finish, calls)
+    (text, finish, ids)
 }
 
 #[test]
@@ -259,7 +272,7 @@ fn answers_a_simple_question_coherently() {
     assert!(text.contains('4'), "unexpected answer {text:?}");
     // The answer is short, so generation must have ended on <|im_end|>, not on max_tokens.
     match finish {
-        Finish::Complete { tokens } => assert!(tokens < 32, "{text:?} ran to max_tokens"),
+        Finish::Complete { tokens, .. } => assert!(tokens < 32, "{text:?} ran to max_tokens"),
         other => panic!("{other:?}"),
     }
 }
@@ -277,7 +290,22 @@ fn greedy_token_ids_agree_with_generate() {
 fn stops_at_max_tokens() {
     let mut e = engine();
     let (text, finish, calls) = generate(&mut e, "Write a long story about a dragon.", 5);
-    assert_eq!(finish, Finish::Complete { tokens: 5 });
+    let prompt_tokens = e
+        .prompt_tokens("Write a long story about a dragon.")
+        .expect("tokens")
+        .ids
+        .len() as u32;
+    assert!(
+        prompt_tokens > 7,
+        "the chat template adds tokens: {prompt_tokens}"
+    );
+    assert_eq!(
+        finish,
+        Finish::Complete {
+            tokens: 5,
+            prompt_tokens
+        }
+    );
     assert!(calls <= 5, "{calls} emits for 5 tokens");
     assert!(!text.is_empty());
 }
@@ -288,7 +316,14 @@ fn zero_max_tokens_generates_nothing() {
     let (text, finish, calls) = generate(&mut e, QUESTION, 0);
     assert_eq!(
         (text.as_str(), finish, calls),
-        ("", Finish::Complete { tokens: 0 }, 0)
+        (
+            "",
+            Finish::Complete {
+                tokens: 0,
+                prompt_tokens: 0
+            },
+            0
+        )
     );
 }
 
@@ -302,6 +337,7 @@ fn break_from_emit_stops_at_once() {
                 prompt: QUESTION.into(),
                 max_tokens: 50,
                 deadline: None,
+                sampling: Sampling::default(),
             },
             &mut |_, _| {
                 calls += 1;
@@ -330,7 +366,6 @@ fn stop_sequence_ends_generation_without_emitting_it() {
     let path = model_path();
     let opts = GgufOptions {
         stop: vec![word.clone()],
-        ..GgufOptions::default()
     };
     let mut stopping = GgufEngine::load(&path, "smollm2", opts).expect("load");
     let (text, finish, _) = generate(&mut stopping, QUESTION, 24);
@@ -339,19 +374,32 @@ fn stop_sequence_ends_generation_without_emitting_it() {
 }
 
 #[test]
-fn sampling_with_a_seed_is_reproducible() {
-    let path = model_path();
-    let opts = GgufOptions {
-        temperature: 0.8,
-        top_p: Some(0.95),
-        seed: 42,
-        stop: Vec::new(),
+fn per_job_sampling_is_seeded_and_temperature_zero_is_greedy() {
+    let mut e = engine();
+    let prompt = "Write a short poem about bees.";
+    let n = 16;
+    // Temperature 0 is today's greedy decoding, whatever the seed and top_p say.
+    let greedy = e.greedy_token_ids(prompt, n as usize).expect("greedy ids");
+    let at = |temperature, seed| Sampling {
+        temperature,
+        top_p: 0.95,
+        seed,
     };
-    let mut e = GgufEngine::load(&path, "smollm2", opts).expect("load");
-    let (a, _, _) = generate(&mut e, "Name a colour.", 12);
-    let (b, _, _) = generate(&mut e, "Name a colour.", 12);
-    assert_eq!(a, b);
+    let (today_text, _, today) = sample(&mut e, prompt, n, Sampling::default());
+    let (zero_text, _, zero) = sample(&mut e, prompt, n, at(0.0, 42));
+    assert_eq!(zero, today, "temperature 0 must be greedy");
+    assert_eq!(zero_text, today_text);
+    assert_eq!(e.decode(&greedy), zero_text, "the greedy ids, emitted");
+    // Temperature 0.8: the same seed twice gives the same ids; another seed other ids.
+    let (a_text, _, a) = sample(&mut e, prompt, n, at(0.8, 42));
+    let (_, _, b) = sample(&mut e, prompt, n, at(0.8, 42));
+    let (c_text, _, c) = sample(&mut e, prompt, n, at(0.8, 7));
+    assert_eq!(a, b, "same seed, same tokens");
     assert!(!a.is_empty());
+    assert_ne!(
+        a, c,
+        "another seed gave the same tokens: {a_text:?} / {c_text:?}"
+    );
 }
 
 #[test]

@@ -63,10 +63,11 @@ proptest! {
 
 #[test]
 fn lane_request_bound() {
-    // seq 11 + job id 66 + model 66 + prompt 1+3+64 KiB + max_tokens 6 + deadline 11 + mac 34.
+    // seq 11 + job id 66 + model 66 + prompt 1+3+64 KiB + max_tokens 6 + deadline 11 + mac 34
+    // + temperature 5 + top_p 5 + seed 11.
     assert_eq!(
         MAX_LANE_REQUEST_BYTES,
-        11 + 66 + 66 + 4 + MAX_PROMPT_BYTES + 6 + 11 + 34
+        11 + 66 + 66 + 4 + MAX_PROMPT_BYTES + 6 + 11 + 34 + 5 + 5 + 11
     );
     let id = "j".repeat(MAX_ID_LEN);
     let model = "m".repeat(MAX_ID_LEN);
@@ -90,4 +91,33 @@ fn lane_request_bound() {
         )
         .is_err()
     );
+}
+
+#[test]
+fn sampling_ranges() {
+    use crate::sampling::Sampling;
+    let ok = |temperature, top_p| Sampling {
+        temperature,
+        top_p,
+        seed: 7,
+    };
+    for (t, p) in [(0.0, 0.0), (2.0, 1.0), (0.8, 0.95)] {
+        assert_eq!(sampling(&ok(t, p)), Ok(()), "{t} {p}");
+    }
+    for t in [-0.1, 2.01, 3.0, f32::NAN, f32::INFINITY] {
+        assert_eq!(
+            sampling(&ok(t, 0.0)),
+            Err(ValidationError::Temperature),
+            "{t}"
+        );
+    }
+    for p in [-0.1, 1.01, f32::NAN] {
+        assert_eq!(sampling(&ok(0.5, p)), Err(ValidationError::TopP), "{p}");
+    }
+    assert!(
+        ValidationError::Temperature
+            .to_string()
+            .contains("temperature")
+    );
+    assert!(ValidationError::TopP.to_string().contains("top_p"));
 }

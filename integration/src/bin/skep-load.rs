@@ -200,6 +200,7 @@ async fn drive(
             prompt: format!("load {} {i}", args.seed),
             max_tokens: job.max_tokens,
             deadline_ms: job.deadline_ms,
+            ..Default::default()
         });
         let deadline = Duration::from_millis(job.deadline_ms);
         req.set_timeout(deadline);

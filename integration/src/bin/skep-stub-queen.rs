@@ -58,6 +58,7 @@ impl Jobs for Stub {
             ev(job_event::Kind::Done(Done {
                 tokens: 1,
                 timings: None,
+                ..Default::default()
             })),
         ];
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))

@@ -18,6 +18,9 @@ fn frame() -> JobFrame {
         budget_us: 5_000_000,
         slot: 0,
         order: 0,
+        temperature: 0.0,
+        top_p: 0.0,
+        seed: 0,
     }
 }
 
@@ -125,6 +128,22 @@ fn bad_frames_are_refused_with_the_matching_code() {
             Code::InvalidArgument,
         ),
         (
+            "temperature out of range",
+            JobFrame {
+                temperature: 2.5,
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "top_p out of range",
+            JobFrame {
+                top_p: f32::NAN,
+                ..frame()
+            },
+            Code::InvalidArgument,
+        ),
+        (
             "too many tokens",
             JobFrame {
                 max_tokens: validate::MAX_TOKENS + 1,
@@ -220,6 +239,7 @@ fn job_events_keep_their_handle_and_fields() {
         4,
         Event::Finished {
             tokens: 5,
+            prompt_tokens: 3,
             pool_us: 30,
             first_token_us: 700,
             generation_us: 900,
@@ -229,6 +249,7 @@ fn job_events_keep_their_handle_and_fields() {
         finished.kind,
         Some(pool_event::Kind::Finished(WorkerFinished {
             tokens: 5,
+            prompt_tokens: 3,
             pool_us: 30,
             worker_first_token_us: 700,
             generation_us: 900,

@@ -44,6 +44,7 @@ fn job(session: u64, handle: u64, sink: &Sink) -> QueuedJob {
         model: "synthetic".into(),
         prompt: "hi".into(),
         max_tokens: 4,
+        sampling: Default::default(),
         deadline: Deadline::after(Duration::from_secs(60)),
         arrived: Instant::now(),
         events: sink.clone(),
@@ -53,6 +54,7 @@ fn job(session: u64, handle: u64, sink: &Sink) -> QueuedJob {
 fn done() -> Event {
     Event::Finished {
         tokens: 1,
+        prompt_tokens: 1,
         pool_us: 0,
         first_token_us: 0,
         generation_us: 0,
@@ -571,6 +573,9 @@ fn the_largest_valid_request_fits_the_lane() {
         prompt: &prompt,
         max_tokens: u32::MAX,
         deadline_ns: u64::MAX,
+        temperature: 2.0,
+        top_p: 0.5,
+        seed: u64::MAX,
     };
     let mac = session::request_mac(&secret, &fields);
     assert_eq!(mac.len(), validate::LANE_MAC_BYTES);
@@ -582,6 +587,9 @@ fn the_largest_valid_request_fits_the_lane() {
         max_tokens: u32::MAX,
         deadline_mono_ns: u64::MAX,
         mac: mac.to_vec(),
+        temperature: 2.0,
+        top_p: 0.5,
+        seed: u64::MAX,
     };
     assert_eq!(req.encoded_len(), validate::MAX_LANE_REQUEST_BYTES);
     let cfg = LaneConfig::default();

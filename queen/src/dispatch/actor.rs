@@ -45,6 +45,8 @@ struct JobIo {
     running_on: Option<String>,
     /// Whether it ever reached a pool.
     was_sent: bool,
+    /// Tokens the prompt was, as the engine that finished it counted them (0 until then).
+    prompt_tokens: u32,
 }
 
 struct Link {
@@ -218,6 +220,7 @@ impl Dispatcher {
                 model: io.job.model.clone(),
                 prompt: Arc::clone(&io.job.prompt),
                 max_tokens: io.job.max_tokens,
+                sampling: io.job.sampling,
                 remaining: Duration::from_micros(remaining),
                 slot,
                 order,
@@ -303,7 +306,7 @@ impl Dispatcher {
             },
             tokens,
             max_tokens: io.job.max_tokens,
-            prompt_bytes: io.job.prompt.len(),
+            prompt_tokens: io.prompt_tokens,
             budget,
             timings: &io.timings,
         });
@@ -337,6 +340,7 @@ impl Dispatcher {
         let last = match error {
             None => Event::Done {
                 tokens,
+                prompt_tokens: io.prompt_tokens,
                 timings: io.timings,
             },
             Some(error) => Event::Failed {
@@ -432,6 +436,7 @@ impl Handler<Submit> for Dispatcher {
                 admitted: Instant::now(),
                 running_on: None,
                 was_sent: false,
+                prompt_tokens: 0,
             },
         );
         self.perform(ctx);
@@ -463,6 +468,7 @@ impl Handler<Resume> for Dispatcher {
             model: rec.model,
             prompt: Arc::from(rec.prompt),
             max_tokens: rec.max_tokens,
+            sampling: rec.sampling,
             budget: Duration::from_millis(remaining),
             arrived: Instant::now(),
             // The store keeps the owner's digest; its first 6 hex digits are the fingerprint.
@@ -507,6 +513,7 @@ impl Handler<Resume> for Dispatcher {
                 admitted: Instant::now(),
                 running_on: None,
                 was_sent: false,
+                prompt_tokens: 0,
             },
         );
         self.perform(ctx);
@@ -564,6 +571,8 @@ pub struct AttemptTimings {
     pub pool_us: u64,
     pub worker_first_token_us: u64,
     pub generation_us: u64,
+    /// Tokens the prompt was, per the worker's engine (a finished attempt's only).
+    pub prompt_tokens: u32,
 }
 
 impl Handler<Ended> for Dispatcher {
@@ -582,6 +591,7 @@ impl Handler<Ended> for Dispatcher {
             io.timings.pool_us = t.pool_us;
             io.timings.worker_first_token_us = t.worker_first_token_us;
             io.timings.generation_us = t.generation_us;
+            io.prompt_tokens = t.prompt_tokens;
         }
         let now = self.now();
         self.core.ended(now, msg.key, &msg.node, msg.report);

@@ -44,6 +44,7 @@ pub struct Attempt {
     pub model: String,
     pub prompt: Arc<str>,
     pub max_tokens: u32,
+    pub sampling: skep_common::sampling::Sampling,
     pub remaining: Duration,
     pub slot: u32,
     /// The policy's sort key among the slot's waiting jobs at the pool.

@@ -105,9 +105,14 @@ pub fn event(job_id: &str, ev: Event) -> Vec<Result<pb::JobEvent, tonic::Status>
             node_id,
             reason,
         }))],
-        Event::Done { tokens, timings: t } => {
+        Event::Done {
+            tokens,
+            prompt_tokens,
+            timings: t,
+        } => {
             vec![wrap(Kind::Done(pb::Done {
                 tokens,
+                prompt_tokens,
                 timings: Some(timings(&t)),
             }))]
         }

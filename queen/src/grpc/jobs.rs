@@ -43,6 +43,11 @@ impl JobsService {
             max_tokens: r.max_tokens,
             header_budget,
             deadline_ms: r.deadline_ms,
+            sampling: skep_common::sampling::Sampling {
+                temperature: r.temperature,
+                top_p: r.top_p,
+                seed: r.seed,
+            },
         };
         let submitted = submit::submit(&self.svc, &who, arrived, job).await?;
         let wire_id = submitted.id.clone();

@@ -107,6 +107,9 @@ async fn session(
                         budget_us: micros(route.deadline.saturating_duration_since(Instant::now())),
                         slot: attempt.slot,
                         order: attempt.order,
+                        temperature: attempt.sampling.temperature,
+                        top_p: attempt.sampling.top_p,
+                        seed: attempt.sampling.seed,
                     };
                     let _ = route.events.try_send(Event::Dispatched {
                         node_id: node.clone(),
@@ -238,8 +241,10 @@ async fn handle_event(
                 );
                 restart(node, &mut job, reason, dispatch).await;
             }
-            let timings =
-                attempt_timings(&job, f.pool_us, f.worker_first_token_us, f.generation_us);
+            let timings = AttemptTimings {
+                prompt_tokens: f.prompt_tokens,
+                ..attempt_timings(&job, f.pool_us, f.worker_first_token_us, f.generation_us)
+            };
             dispatch
                 .ended(Ended {
                     node: node.to_owned(),
@@ -337,5 +342,6 @@ fn attempt_timings(
         pool_us,
         worker_first_token_us: first_token_us,
         generation_us,
+        prompt_tokens: 0,
     }
 }

@@ -1,9 +1,10 @@
 //! The OpenAI wire format: request bodies (what is accepted, ignored or refused), the rendering
 //! of a chat into the single prompt workers take, the deadline headers, and response objects.
 //!
-//! Workers decode greedily and take one prompt today: `temperature`, `top_p` and `seed` are
-//! accepted and have no effect (output is reproducible anyway), and a chat's turns are rendered
-//! into one delimited text that the worker wraps in the model's chat template as one user turn.
+//! `temperature` (0..=2, default 0: greedy), `top_p` (0..=1; 0 or 1 is off) and `seed` (default
+//! 0) are carried to the worker's sampler, so the same seed reproduces a sampled answer. Workers
+//! take one prompt: a chat's turns are rendered into one delimited text that the worker wraps in
+//! the model's chat template as one user turn.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+use skep_common::sampling::{MAX_TEMPERATURE, Sampling};
 
 use super::HttpError;
 
@@ -31,6 +34,8 @@ pub struct Parsed {
     pub stream: bool,
     pub include_usage: bool,
     pub stop: Vec<String>,
+    /// Range-checked here (a 400 names the field) and again by `crate::submit`.
+    pub sampling: Sampling,
 }
 
 /// Longest list of stop strings, as OpenAI allows.
@@ -49,13 +54,11 @@ struct Body {
     max_completion_tokens: Option<u32>,
     stop: Option<Stop>,
     n: Option<u32>,
-    // Accepted, without effect: workers decode greedily (see the module docs).
-    #[allow(dead_code)]
+    // Sampling (see the module docs). A negative seed is taken as its 64 bits.
     seed: Option<i64>,
-    #[allow(dead_code)]
     temperature: Option<f64>,
-    #[allow(dead_code)]
     top_p: Option<f64>,
+    // Accepted, without effect.
     #[allow(dead_code)]
     user: Option<String>,
     // Refused when they ask for something (`unsupported`); absent, null or off is fine.
@@ -181,6 +184,31 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Parsed, HttpError> {
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
         stop,
+        sampling: sampling(b.temperature, b.top_p, b.seed)?,
+    })
+}
+
+/// `temperature`, `top_p` and `seed`; null is absent. Out of range is a 400 naming the field.
+fn sampling(
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+) -> Result<Sampling, HttpError> {
+    let temperature = temperature.unwrap_or(0.0);
+    if !(0.0..=f64::from(MAX_TEMPERATURE)).contains(&temperature) {
+        return Err(HttpError::invalid(
+            "temperature",
+            format!("temperature must be between 0 and {MAX_TEMPERATURE}"),
+        ));
+    }
+    let top_p = top_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&top_p) {
+        return Err(HttpError::invalid("top_p", "top_p must be between 0 and 1"));
+    }
+    Ok(Sampling {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        seed: seed.unwrap_or(0) as u64,
     })
 }
 
@@ -354,13 +382,14 @@ pub fn model_list(models: BTreeMap<String, u64>) -> Value {
     json!({"object": "list", "data": data})
 }
 
-/// Token counts for `usage`. The queen does not see the prompt's tokens (workers tokenize), so
-/// `prompt_tokens` is 0.
-pub fn usage(completion_tokens: u32) -> Value {
+/// Token counts for `usage`. `prompt_tokens` is the worker's engine's count of the prompt (the
+/// chat template included), reported when the job finishes; 0 when the job did not finish (its
+/// output was cut at a stop string, or a deadline).
+pub fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
     json!({
-        "prompt_tokens": 0,
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "total_tokens": completion_tokens,
+        "total_tokens": prompt_tokens.saturating_add(completion_tokens),
     })
 }
 
@@ -405,15 +434,21 @@ impl Head {
     }
 
     /// The final usage chunk (`stream_options.include_usage`): no choices.
-    pub fn usage_chunk(&self, completion_tokens: u32) -> Value {
+    pub fn usage_chunk(&self, prompt_tokens: u32, completion_tokens: u32) -> Value {
         json!({
             "id": self.id, "object": self.object(true), "created": self.created,
-            "model": self.model, "choices": [], "usage": usage(completion_tokens),
+            "model": self.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens),
         })
     }
 
     /// A whole (non-streaming) response.
-    pub fn whole(&self, text: &str, finish: &str, completion_tokens: u32) -> Value {
+    pub fn whole(
+        &self,
+        text: &str,
+        finish: &str,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0, "message": {"role": "assistant", "content": text},
@@ -425,7 +460,8 @@ impl Head {
         };
         json!({
             "id": self.id, "object": self.object(false), "created": self.created,
-            "model": self.model, "choices": [choice], "usage": usage(completion_tokens),
+            "model": self.model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens),
         })
     }
 }

@@ -76,6 +76,7 @@ async fn start(
         max_tokens: req.max_tokens,
         header_budget: Ok(Some(budget)),
         deadline_ms: 0,
+        sampling: req.sampling,
     };
     let sub = submit::submit(&door.svc, &who, arrived, job).await?;
     let head = Head {
@@ -182,7 +183,7 @@ async fn collect(
 ) -> Result<Value, HttpError> {
     let mut guard = CancelOnDrop::new(dispatch, &sub.id);
     let mut events = sub.events;
-    let (mut text, mut tokens) = (String::new(), 0u32);
+    let (mut text, mut tokens, mut prompt_tokens) = (String::new(), 0u32, 0u32);
     let finish = loop {
         match events.next().await {
             Some(Event::Token { text: t, .. }) => {
@@ -199,8 +200,13 @@ async fn collect(
                 cut.reset();
                 tokens = 0;
             }
-            Some(Event::Done { tokens: n, .. }) => {
+            Some(Event::Done {
+                tokens: n,
+                prompt_tokens: p,
+                ..
+            }) => {
                 guard.disarm();
+                prompt_tokens = p;
                 text.push_str(&cut.finish());
                 break finish_reason(n, sub.max_tokens);
             }
@@ -215,7 +221,7 @@ async fn collect(
             }
         }
     };
-    Ok(head.whole(&text, finish, tokens))
+    Ok(head.whole(&text, finish, prompt_tokens, tokens))
 }
 
 /// One SSE event.
@@ -248,7 +254,7 @@ async fn pump(
     {
         return;
     }
-    let (mut tokens, mut shown) = (0u32, false);
+    let (mut tokens, mut shown, mut prompt_tokens) = (0u32, false, 0u32);
     let end = loop {
         let ev = tokio::select! {
             // The client hung up: the guard cancels the job.
@@ -282,8 +288,13 @@ async fn pump(
                 tokens = 0;
                 (String::new(), None)
             }
-            Some(Event::Done { tokens: n, .. }) => {
+            Some(Event::Done {
+                tokens: n,
+                prompt_tokens: p,
+                ..
+            }) => {
                 guard.disarm();
+                prompt_tokens = p;
                 let finish = finish_reason(n, sub.max_tokens);
                 (cut.finish(), Some(head.chunk(None, false, Some(finish))))
             }
@@ -324,7 +335,7 @@ async fn pump(
     let end = if finished { with_usage(end) } else { end };
     let mut tail = vec![sse(&end)];
     if finished && include_usage {
-        tail.push(sse(&head.usage_chunk(tokens)));
+        tail.push(sse(&head.usage_chunk(prompt_tokens, tokens)));
     }
     tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
     for b in tail {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 
+use skep_common::sampling::Sampling;
+
 use super::openai::{self, Kind, StopCut};
 
 #[track_caller]
@@ -26,6 +28,44 @@ fn one_user_message_is_the_prompt() {
     assert_eq!(p.max_tokens, 7, "max_completion_tokens wins");
     assert!(p.stream && p.include_usage);
     assert_eq!(p.stop, vec!["\n".to_owned()]);
+    assert_eq!(
+        p.sampling,
+        Sampling {
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: 1
+        }
+    );
+}
+
+#[test]
+fn sampling_defaults_to_greedy_and_is_range_checked() {
+    let chat = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+    let p = parse(Kind::Chat, &format!("{{{chat}}}")).unwrap();
+    assert_eq!(p.sampling, Sampling::default());
+    let p = parse(
+        Kind::Chat,
+        &format!(r#"{{{chat},"temperature":null,"top_p":null,"seed":null}}"#),
+    )
+    .unwrap();
+    assert_eq!(p.sampling, Sampling::default());
+    let p = parse(
+        Kind::Chat,
+        &format!(r#"{{{chat},"temperature":2,"seed":-1}}"#),
+    )
+    .unwrap();
+    assert_eq!((p.sampling.temperature, p.sampling.seed), (2.0, u64::MAX));
+    for (field, body) in [
+        ("temperature", r#""temperature":3"#),
+        ("temperature", r#""temperature":-0.5"#),
+        ("top_p", r#""top_p":1.5"#),
+        ("top_p", r#""top_p":-1"#),
+    ] {
+        let e = parse(Kind::Chat, &format!("{{{chat},{body}}}")).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400, "{body}");
+        assert_eq!(e.param.as_deref(), Some(field), "{body}");
+        assert!(e.message.contains(field), "{body}: {}", e.message);
+    }
 }
 
 #[test]

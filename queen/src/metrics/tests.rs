@@ -37,7 +37,7 @@ fn end<'a>(t: &'a Timings, finish: Finish, running_on: Option<&'a str>) -> JobEn
         finish,
         tokens: 10,
         max_tokens: 16,
-        prompt_bytes: 5,
+        prompt_tokens: 5,
         budget: Duration::from_secs(1),
         timings: t,
     }

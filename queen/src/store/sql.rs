@@ -3,6 +3,7 @@
 //! connection parses a statement once.
 
 use rusqlite::{Connection, OptionalExtension, params};
+use skep_common::sampling::Sampling;
 
 use super::{AuditCheckpoint, Interrupted, JobUpdate, StoreError};
 use crate::auth::{Role, TokenEntry};
@@ -25,7 +26,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     timings TEXT NOT NULL DEFAULT '{}',
     prompt TEXT NOT NULL DEFAULT '',
-    caller TEXT NOT NULL DEFAULT ''
+    caller TEXT NOT NULL DEFAULT '',
+    temperature REAL NOT NULL DEFAULT 0,
+    top_p REAL NOT NULL DEFAULT 0,
+    seed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_unix_ms);
 CREATE TABLE IF NOT EXISTS models (
@@ -71,6 +75,21 @@ pub(super) fn migrate(conn: &Connection) -> Result<(), StoreError> {
             "ALTER TABLE jobs ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
         ),
         (
+            "jobs",
+            "temperature",
+            "ALTER TABLE jobs ADD COLUMN temperature REAL NOT NULL DEFAULT 0",
+        ),
+        (
+            "jobs",
+            "top_p",
+            "ALTER TABLE jobs ADD COLUMN top_p REAL NOT NULL DEFAULT 0",
+        ),
+        (
+            "jobs",
+            "seed",
+            "ALTER TABLE jobs ADD COLUMN seed INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
             "tokens",
             "max_jobs",
             "ALTER TABLE tokens ADD COLUMN max_jobs INTEGER NOT NULL DEFAULT 0",
@@ -94,12 +113,14 @@ pub(super) fn insert(
     j: &JobRecord,
     prompt: &str,
     caller: &str,
+    sampling: &Sampling,
 ) -> Result<(), StoreError> {
     // A recovered job is inserted again: it keeps its creation time and original budget.
     conn.prepare_cached(
         "INSERT INTO jobs (id, model, state, created_unix_ms, finished_unix_ms, deadline_ms,
-                           max_tokens, tokens, node_id, error, timings, prompt, caller)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                           max_tokens, tokens, node_id, error, timings, prompt, caller,
+                           temperature, top_p, seed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
          ON CONFLICT(id) DO UPDATE SET state = excluded.state, tokens = 0,
              node_id = '', error = '', finished_unix_ms = 0",
     )?
@@ -117,6 +138,10 @@ pub(super) fn insert(
         timings_json(&j.timings),
         prompt,
         caller,
+        f64::from(sampling.temperature),
+        f64::from(sampling.top_p),
+        // SQLite integers are signed: the seed's bits are kept as they are.
+        sampling.seed as i64,
     ])?;
     Ok(())
 }
@@ -156,7 +181,8 @@ pub(super) fn prune(conn: &Connection, finished_before_unix_ms: u64) -> Result<u
 pub(super) fn take_interrupted(conn: &Connection) -> Result<Vec<Interrupted>, StoreError> {
     let jobs = conn
         .prepare_cached(
-            "SELECT id, model, prompt, max_tokens, caller, created_unix_ms + deadline_ms
+            "SELECT id, model, prompt, max_tokens, caller, created_unix_ms + deadline_ms,
+                    temperature, top_p, seed
              FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_unix_ms",
         )?
         .query_map([], |r| {
@@ -167,6 +193,11 @@ pub(super) fn take_interrupted(conn: &Connection) -> Result<Vec<Interrupted>, St
                 max_tokens: r.get(3)?,
                 caller: r.get(4)?,
                 deadline_unix_ms: r.get(5)?,
+                sampling: Sampling {
+                    temperature: r.get::<_, f64>(6)? as f32,
+                    top_p: r.get::<_, f64>(7)? as f32,
+                    seed: r.get::<_, i64>(8)? as u64,
+                },
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;

@@ -5,6 +5,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 
+use skep_common::sampling::Sampling;
+
 use super::*;
 
 fn job(id: &str, state: JobState, finished: u64) -> JobRecord {
@@ -94,7 +96,12 @@ fn prune_and_recovery_touch_only_the_right_jobs() {
     let dir = TempDir::new("recovery");
     runtime().block_on(async {
         let store = start(&dir.db()).unwrap();
-        let insert = |j| store.insert(j, "a prompt", "abc123");
+        let sampled = Sampling {
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: u64::MAX,
+        };
+        let insert = |j| store.insert(j, "a prompt", "abc123", sampled);
         insert(job("old", JobState::Done, 10)).await.unwrap();
         insert(job("new", JobState::Done, 5_000)).await.unwrap();
         insert(job("live", JobState::Running, 0)).await.unwrap();
@@ -111,6 +118,7 @@ fn prune_and_recovery_touch_only_the_right_jobs() {
                 max_tokens: 1,
                 caller: "abc123".into(),
                 deadline_unix_ms: 1 + 1000,
+                sampling: sampled,
             }]
         );
         assert_eq!(
@@ -153,7 +161,12 @@ fn concurrent_writes_share_transactions() {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .insert(job(&format!("j{i}"), JobState::Queued, 0), "p", "c")
+                        .insert(
+                            job(&format!("j{i}"), JobState::Queued, 0),
+                            "p",
+                            "c",
+                            Sampling::default(),
+                        )
                         .await
                 })
             })
@@ -176,7 +189,12 @@ fn concurrent_writes_share_transactions() {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .insert(job(&format!("k{i}"), JobState::Queued, 0), "p", "c")
+                        .insert(
+                            job(&format!("k{i}"), JobState::Queued, 0),
+                            "p",
+                            "c",
+                            Sampling::default(),
+                        )
                         .await
                 })
             })
@@ -197,14 +215,18 @@ fn a_failing_command_fails_alone_and_its_batch_commits() {
     runtime().block_on(async {
         let store = start(&dir.db()).unwrap();
         store
-            .insert(job("taken", JobState::Done, 1), "", "")
+            .insert(job("taken", JobState::Done, 1), "", "", Sampling::default())
             .await
             .unwrap();
         let gate = Gate::close(&store).await;
         let before = store.stats();
         let a = tokio::spawn({
             let store = store.clone();
-            async move { store.insert(job("a", JobState::Queued, 0), "", "").await }
+            async move {
+                store
+                    .insert(job("a", JobState::Queued, 0), "", "", Sampling::default())
+                    .await
+            }
         });
         // A duplicate primary key (the store's own insert upserts, so plain SQL).
         let dup = tokio::spawn(store.writer.submit(Durability::Committed, |c| {
@@ -226,7 +248,11 @@ fn a_failing_command_fails_alone_and_its_batch_commits() {
         }));
         let b = tokio::spawn({
             let store = store.clone();
-            async move { store.insert(job("b", JobState::Queued, 0), "", "").await }
+            async move {
+                store
+                    .insert(job("b", JobState::Queued, 0), "", "", Sampling::default())
+                    .await
+            }
         });
         gate.open_after(&store, 4).await;
 
@@ -268,7 +294,7 @@ fn reads_see_every_acknowledged_write() {
                 for i in 0..300 {
                     let id = format!("noise{i}");
                     store
-                        .insert(job(&id, JobState::Queued, 0), "", "")
+                        .insert(job(&id, JobState::Queued, 0), "", "", Sampling::default())
                         .await
                         .unwrap();
                 }
@@ -277,7 +303,7 @@ fn reads_see_every_acknowledged_write() {
         for i in 0..100 {
             let id = format!("j{i}");
             store
-                .insert(job(&id, JobState::Queued, 0), "p", "c")
+                .insert(job(&id, JobState::Queued, 0), "p", "c", Sampling::default())
                 .await
                 .unwrap();
             assert_eq!(
@@ -344,7 +370,12 @@ fn acknowledged_writes_are_there_after_reopening() {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .insert(job(&format!("j{i}"), JobState::Running, 0), "p", "c")
+                        .insert(
+                            job(&format!("j{i}"), JobState::Running, 0),
+                            "p",
+                            "c",
+                            Sampling::default(),
+                        )
                         .await
                 })
             })
@@ -392,7 +423,7 @@ fn crash_child() {
                     for i in 0.. {
                         let id = format!("t{t}-{i}");
                         store
-                            .insert(job(&id, JobState::Queued, 0), "p", "c")
+                            .insert(job(&id, JobState::Queued, 0), "p", "c", Sampling::default())
                             .await
                             .unwrap();
                         // Unbuffered: once written, the line outlives this process.
@@ -526,7 +557,12 @@ fn opens_a_database_from_an_earlier_release() {
             JobState::Done
         );
         store
-            .insert(job("new", JobState::Queued, 0), "p", "c")
+            .insert(
+                job("new", JobState::Queued, 0),
+                "p",
+                "c",
+                Sampling::default(),
+            )
             .await
             .unwrap();
         assert_eq!(store.take_interrupted().await.unwrap()[0].prompt, "p");
@@ -570,7 +606,12 @@ fn jobs_are_owned_by_the_whole_token_digest_not_its_fingerprint() {
         let mine = format!("abc123{}", "0".repeat(58));
         let theirs = format!("abc123{}", "1".repeat(58));
         store
-            .insert(job("j", JobState::Done, 10), "p", &mine)
+            .insert(
+                job("j", JobState::Done, 10),
+                "p",
+                &mine,
+                Sampling::default(),
+            )
             .await
             .unwrap();
         assert!(store.get_owned("j", Some(&mine)).await.unwrap().is_some());

@@ -390,7 +390,10 @@ mod scrub_tests {
                     error: String::new(),
                     timings: Timings::default(),
                 };
-                store.insert(job, &prompt, "caller").await.unwrap();
+                store
+                    .insert(job, &prompt, "caller", Default::default())
+                    .await
+                    .unwrap();
             }
             assert!(holds(&dir.join("q.db-wal"), marker.as_bytes()));
             for id in ["short", "long"] {

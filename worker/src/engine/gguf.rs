@@ -31,30 +31,13 @@ use self::stream::TextStream;
 use self::template::{ChatTemplate, TemplateError};
 pub use self::tokenizer::PromptTokens;
 use self::tokenizer::{GgufTokenizer, TokenizerError};
-use crate::engine::{Engine, EngineError, Finish, GenerateRequest, Stop};
+use crate::engine::{Engine, EngineError, Finish, GenerateRequest, Sampling, Stop};
 
-/// How tokens are picked. The default is greedy decoding, which makes output reproducible.
-#[derive(Debug, Clone, PartialEq)]
+/// Worker-wide options. How tokens are picked is per job (`GenerateRequest::sampling`).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GgufOptions {
-    /// Softmax temperature; 0 (or below 1e-7) means greedy (argmax).
-    pub temperature: f64,
-    /// Nucleus sampling cut-off, only used when `temperature > 0`.
-    pub top_p: Option<f64>,
-    /// Seed of the sampler; every job starts from it, so a job is reproducible on its own.
-    pub seed: u64,
     /// Generation ends when the text contains one of these; the stop text itself is not emitted.
     pub stop: Vec<String>,
-}
-
-impl Default for GgufOptions {
-    fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: None,
-            seed: 0,
-            stop: Vec::new(),
-        }
-    }
 }
 
 /// Why a GGUF model could not be loaded or run.
@@ -382,11 +365,14 @@ impl Engine for GgufEngine {
         emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError> {
         if req.max_tokens == 0 {
-            return Ok(Finish::Complete { tokens: 0 });
+            return Ok(Finish::Complete {
+                tokens: 0,
+                prompt_tokens: 0,
+            });
         }
         let ids = self.prompt_ids(&req.prompt)?;
-        let mut sampler =
-            LogitsProcessor::new(self.opts.seed, Some(self.opts.temperature), self.opts.top_p);
+        let prompt_tokens = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        let mut sampler = sampler(&req.sampling);
         let mut text = TextStream::new(&self.opts.stop);
         let mut logits = self.start(&ids)?;
         let mut pos = ids.len();
@@ -414,7 +400,10 @@ impl Engine for GgufEngine {
                 return Ok(Finish::Stopped { tokens, reason });
             }
             if pushed.stopped {
-                return Ok(Finish::Complete { tokens });
+                return Ok(Finish::Complete {
+                    tokens,
+                    prompt_tokens,
+                });
             }
             if tokens >= req.max_tokens || pos >= self.context_len {
                 break;
@@ -428,8 +417,25 @@ impl Engine for GgufEngine {
         {
             return Ok(Finish::Stopped { tokens, reason });
         }
-        Ok(Finish::Complete { tokens })
+        Ok(Finish::Complete {
+            tokens,
+            prompt_tokens,
+        })
     }
+}
+
+/// A job's sampler, started afresh from its seed: greedy (argmax, the seed unused) at
+/// temperature 0, otherwise temperature sampling, cut to the nucleus when top_p is in (0, 1).
+/// The same settings and seed give the same tokens, job after job.
+fn sampler(s: &Sampling) -> LogitsProcessor {
+    if s.is_greedy() {
+        return LogitsProcessor::new(s.seed, None, None);
+    }
+    LogitsProcessor::new(
+        s.seed,
+        Some(f64::from(s.temperature)),
+        s.nucleus().map(f64::from),
+    )
 }
 
 /// The first CUDA GPU when built with `cuda` and one is present, the CPU otherwise.

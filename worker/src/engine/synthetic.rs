@@ -2,13 +2,18 @@
 //!
 //! Output depends only on the prompt (a SHA-256-seeded word sequence), so a test can compute the
 //! exact expected stream in-process. It is never used in place of a real model in the demo.
+//!
+//! Sampling: at temperature 0 (greedy) the text is exactly what it always was; at a positive
+//! temperature the request's seed is mixed into the hash as well, so the same seed gives the
+//! same text and another seed other text (the temperature's value and top_p play no further
+//! part). The prompt's token count is its number of whitespace-separated words.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{Engine, EngineError, Finish, GenerateRequest, Stop};
+use super::{Engine, EngineError, Finish, GenerateRequest, Sampling, Stop};
 
 const WORDS: &[&str] = &[
     "the", "hive", "hums", "while", "queens", "plan", "and", "workers", "stream", "tokens",
@@ -49,6 +54,26 @@ pub struct SyntheticEngine {
 impl SyntheticEngine {
     pub fn new(config: SyntheticConfig) -> SyntheticEngine {
         SyntheticEngine { config }
+    }
+
+    /// How many tokens this engine counts a prompt as: its whitespace-separated words.
+    pub fn prompt_tokens(prompt: &str) -> u32 {
+        u32::try_from(prompt.split_whitespace().count()).unwrap_or(u32::MAX)
+    }
+
+    /// The i-th token (id and text) of a request's output under this engine's configured seed:
+    /// greedy ignores the request's seed; sampling mixes it in.
+    pub fn sampled(prompt: &str, config_seed: u64, sampling: &Sampling, i: u32) -> (u32, String) {
+        if sampling.is_greedy() {
+            return Self::seeded(prompt, config_seed, i);
+        }
+        let mut h = Sha256::new();
+        h.update(b"sampled\0");
+        h.update(config_seed.to_le_bytes());
+        h.update(sampling.seed.to_le_bytes());
+        let mixed = u64::from_le_bytes(h.finalize()[..8].try_into().unwrap_or([0; 8]));
+        // Never 0, which `seeded` reads as "no seed".
+        Self::seeded(prompt, mixed | 1, i)
     }
 
     /// The i-th token text for a prompt: a pure function, shared by the engine and by tests.
@@ -99,13 +124,14 @@ impl Engine for SyntheticEngine {
             if i > 0 {
                 pace(self.pause(), req.deadline);
             }
-            let (id, text) = Self::seeded(&req.prompt, self.config.seed, i);
+            let (id, text) = Self::sampled(&req.prompt, self.config.seed, &req.sampling, i);
             if let ControlFlow::Break(reason) = emit(id, &text) {
                 return Ok(Finish::Stopped { tokens: i, reason });
             }
         }
         Ok(Finish::Complete {
             tokens: req.max_tokens,
+            prompt_tokens: Self::prompt_tokens(&req.prompt),
         })
     }
 }
@@ -130,6 +156,16 @@ mod tests {
         n: u32,
         stop_after: u32,
     ) -> (Vec<String>, Finish) {
+        run_with(engine, prompt, n, stop_after, Sampling::default())
+    }
+
+    fn run_with(
+        engine: &mut SyntheticEngine,
+        prompt: &str,
+        n: u32,
+        stop_after: u32,
+        sampling: Sampling,
+    ) -> (Vec<String>, Finish) {
         let mut out = Vec::new();
         let fin = engine
             .generate(
@@ -137,6 +173,7 @@ mod tests {
                     prompt: prompt.into(),
                     max_tokens: n,
                     deadline: None,
+                    sampling,
                 },
                 &mut |_, t| {
                     if out.len() as u32 == stop_after {
@@ -163,7 +200,13 @@ mod tests {
         let (c, _) = run(&mut e, "other", 16, u32::MAX);
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_eq!(fa, Finish::Complete { tokens: 16 });
+        assert_eq!(
+            fa,
+            Finish::Complete {
+                tokens: 16,
+                prompt_tokens: 1
+            }
+        );
         assert_eq!(a[3], SyntheticEngine::token("hello", 3));
         // Another seed: other text for the same prompt, as deterministic.
         let mut seeded = SyntheticEngine::new(SyntheticConfig {
@@ -175,6 +218,48 @@ mod tests {
         let (d, _) = run(&mut seeded, "hello", 16, u32::MAX);
         assert_ne!(d, a);
         assert_eq!(d[3], SyntheticEngine::seeded("hello", 7, 3).1);
+    }
+
+    #[test]
+    fn seeded_sampling_is_deterministic_and_differs_by_seed() {
+        let mut e = SyntheticEngine::new(SyntheticConfig {
+            time_to_first_token: Duration::ZERO,
+            tokens_per_sec: 0.0,
+            ..Default::default()
+        });
+        let prompt = "tell me about bees";
+        let (greedy, fin) = run(&mut e, prompt, 16, u32::MAX);
+        assert_eq!(
+            fin,
+            Finish::Complete {
+                tokens: 16,
+                prompt_tokens: 4
+            }
+        );
+        // Temperature 0 is today's text exactly, whatever the seed and top_p.
+        let expected: Vec<String> = (0..16).map(|i| SyntheticEngine::token(prompt, i)).collect();
+        assert_eq!(greedy, expected);
+        let greedy_seeded = Sampling {
+            temperature: 0.0,
+            top_p: 0.5,
+            seed: 99,
+        };
+        assert_eq!(
+            run_with(&mut e, prompt, 16, u32::MAX, greedy_seeded).0,
+            greedy
+        );
+        let at = |seed| Sampling {
+            temperature: 0.8,
+            top_p: 0.0,
+            seed,
+        };
+        let a = run_with(&mut e, prompt, 16, u32::MAX, at(42)).0;
+        let b = run_with(&mut e, prompt, 16, u32::MAX, at(42)).0;
+        let c = run_with(&mut e, prompt, 16, u32::MAX, at(43)).0;
+        assert_eq!(a, b, "same seed, same text");
+        assert_ne!(a, c, "another seed, other text");
+        assert_ne!(a, greedy, "sampling is not greedy");
+        assert_eq!(SyntheticEngine::prompt_tokens("  a\tb\n c "), 3);
     }
 
     #[test]

@@ -63,6 +63,9 @@ impl Pool {
             max_tokens,
             deadline_mono_ns: monotonic_ns() + 60_000_000_000,
             mac: Vec::new(),
+            temperature: 0.5,
+            top_p: 0.9,
+            seed: 7,
         };
         let fields = session::RequestFields {
             seq: req.seq,
@@ -71,6 +74,9 @@ impl Pool {
             prompt: &req.prompt,
             max_tokens: req.max_tokens,
             deadline_ns: req.deadline_mono_ns,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed: req.seed,
         };
         req.mac = session::request_mac(&self.session, &fields).to_vec();
         req
@@ -105,7 +111,7 @@ impl Pool {
         assert_eq!(got.len() as u32, tokens + 1, "{got:?}");
         assert!(got.iter().all(|r| r.seq == seq), "{got:?}");
         assert!(
-            matches!(got.last().unwrap().kind, Some(lane_response::Kind::Done(ref d)) if d.tokens == tokens),
+            matches!(got.last().unwrap().kind, Some(lane_response::Kind::Done(ref d)) if d.tokens == tokens && d.prompt_tokens == 1),
             "{got:?}"
         );
     }
@@ -159,13 +165,16 @@ fn edited_fields_and_replayed_requests_never_run() {
 
     // Each field of a fresh genuine request, edited in the lane.
     let second = pool.request(2, 2);
-    let edits: [(&str, Vec<u8>); 7] = [
+    let edits: [(&str, Vec<u8>); 10] = [
         ("max_tokens", edited(&second, |r| r.max_tokens = 50)),
         ("model", edited(&second, |r| r.model = "other".into())),
         ("prompt", edited(&second, |r| r.prompt.push('!'))),
         ("job_id", edited(&second, |r| r.job_id = "job-x".into())),
         ("deadline", edited(&second, |r| r.deadline_mono_ns += 1)),
         ("seq", edited(&second, |r| r.seq = 1000)),
+        ("temperature", edited(&second, |r| r.temperature = 0.0)),
+        ("top_p", edited(&second, |r| r.top_p = 1.0)),
+        ("seed", edited(&second, |r| r.seed += 1)),
         ("mac", edited(&second, |r| r.mac[0] ^= 1)),
     ];
     for (field, bytes) in &edits {

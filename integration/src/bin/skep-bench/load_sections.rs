@@ -739,6 +739,7 @@ pub async fn admission_time(n: usize) -> anyhow::Result<Section> {
             prompt: "too long".into(),
             max_tokens: 4000,
             deadline_ms: 1_000,
+            ..Default::default()
         });
         req.metadata_mut().insert("authorization", bearer.clone());
         req.set_timeout(Duration::from_secs(1));

@@ -207,6 +207,7 @@ async fn skep_round_trips(cluster: &Cluster, n: usize) -> anyhow::Result<Samples
             prompt: "ping".into(),
             max_tokens: 1,
             deadline_ms: 10_000,
+            ..Default::default()
         });
         req.metadata_mut().insert("authorization", bearer.clone());
         req.set_timeout(Duration::from_secs(10));
@@ -689,6 +690,7 @@ async fn deadline_soak(n: usize) -> anyhow::Result<Section> {
             prompt: format!("soak {tokens}"),
             max_tokens: tokens,
             deadline_ms: budget.as_millis() as u64,
+            ..Default::default()
         });
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
@@ -1098,6 +1100,7 @@ async fn timed_job(
         prompt: prompt.into(),
         max_tokens: tokens,
         deadline_ms: 600_000,
+        ..Default::default()
     });
     req.set_timeout(Duration::from_secs(600));
     let started = Instant::now();
