@@ -106,8 +106,8 @@ fn counters_move_by_what_the_jobs_did() {
     );
     assert_eq!(d("skep:admission_rejected", &[]), 1.0);
     assert_eq!(d("skep:generation_tokens", &[MODEL]), tokens);
-    // The queen counts prompt bytes: "warm up" is 7.
-    assert_eq!(d("skep:prompt_tokens", &[MODEL]), 7.0);
+    // Prompt tokens as the worker counted them: the synthetic engine's words, "warm up" is 2.
+    assert_eq!(d("skep:prompt_tokens", &[MODEL]), 2.0);
     for histogram in [
         "skep:e2e_request_latency_seconds",
         "skep:time_to_first_token_seconds",
@@ -261,4 +261,38 @@ fn health_follows_warm_up_registration_and_the_queen() {
     wait_until("the pool to stop serving", || {
         health(&pool, "").ok() == Some(ServingStatus::NotServing)
     });
+}
+
+#[test]
+fn a_worker_replaced_after_a_crash_is_counted_and_health_follows_it() {
+    let cluster = Cluster::start(PoolOpts {
+        extra_args: vec![METRICS.into(), LOOPBACK.into()],
+        ..PoolOpts::default()
+    });
+    let metrics = cluster.pool_metrics_addr(0);
+    let pool = cluster.pool_addr(0);
+    wait_until("the pool to serve", || {
+        health(&pool, "").ok() == Some(ServingStatus::Serving)
+    });
+    let before = scrape(&metrics);
+    assert_eq!(value(&before, "skep:pool_worker_restarts", &[]), 0.0);
+    let old = cluster.worker_pids(0)[0];
+    skep_integration::kill(old);
+    // The slot thread notices, replaces the worker and counts it; no lane was corrupt.
+    wait_until("the restart to be counted", || {
+        value(&scrape(&metrics), "skep:pool_worker_restarts", &[]) == 1.0
+    });
+    assert_eq!(
+        value(&scrape(&metrics), "skep:pool_lane_corruptions", &[]),
+        0.0
+    );
+    // The new worker comes up and the pool serves again.
+    wait_until("a new worker", || {
+        let pids = cluster.worker_pids(0);
+        pids.len() == 1 && pids[0] != old
+    });
+    wait_until("the pool to serve again", || {
+        health(&pool, "").ok() == Some(ServingStatus::Serving)
+    });
+    skep_integration::assert_success(&cluster.submit("synthetic", "10s", 2, "after"));
 }

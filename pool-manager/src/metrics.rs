@@ -2,11 +2,11 @@
 //! the gRPC layer and membership see them, rendered for `--metrics-listen`'s `GET /metrics`.
 //!
 //! Readiness (what `grpc.health.v1.Health` answers) is SERVING only while the warm-up figures
-//! are in, the pool is registered with its queen and a queen session is open. Counters are
-//! atomics resolved once per session, so the event path takes no lock. Labels are the pool's
-//! own model name and small fixed sets (status codes, hops); never a prompt, a job id or a key.
-//! Worker restarts and lane corruptions are counted inside the slot threads (`supervisor`),
-//! which this module does not reach yet. See docs/METRICS.md.
+//! are in, at least one worker is up, the pool is registered with its queen and a queen session
+//! is open. Counters are atomics resolved once per session, so the event path takes no lock.
+//! Labels are the pool's own model name and small fixed sets (status codes, hops); never a
+//! prompt, a job id or a key. Worker restarts and lane corruptions are counted by the slot
+//! threads (`supervisor`) into counters registered here. See docs/METRICS.md.
 
 mod http;
 
@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 pub use self::http::{ADDR_FILE, serve, write_addr_file};
-use crate::supervisor::Slots;
+use crate::supervisor::{Slots, WorkerCounters};
 
 /// The `Content-Type` of `PoolMetrics::render`'s output (OpenMetrics text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -48,6 +48,8 @@ pub struct Readiness {
     pub registered: bool,
     /// Queen sessions open now.
     pub sessions: u32,
+    /// Slots whose worker is up.
+    pub workers_up: u32,
 }
 
 /// One open queen session: its counters for the pool's model, resolved once so each event costs
@@ -97,6 +99,8 @@ struct Inner {
     slots_idle: Gauge,
     /// Read at render time for the slot gauges.
     slot_queues: OnceLock<Arc<Slots>>,
+    /// Handed to the slot threads, which count worker replacements into them.
+    workers: WorkerCounters,
     readiness: watch::Sender<Readiness>,
 }
 
@@ -124,6 +128,17 @@ impl PoolMetrics {
         let warm = Gauge::default();
         let slots = Gauge::default();
         let slots_idle = Gauge::default();
+        let workers = WorkerCounters::default();
+        registry.register(
+            "skep:pool_worker_restarts",
+            "Workers replaced after they exited, hung or broke a lane",
+            workers.restarts.clone(),
+        );
+        registry.register(
+            "skep:pool_lane_corruptions",
+            "Workers replaced because a lane was corrupt (each also audited as lane.corrupt)",
+            workers.lane_corruptions.clone(),
+        );
         registry.register(
             "skep:pool_jobs_started",
             "Jobs that entered a worker's lane",
@@ -196,14 +211,31 @@ impl PoolMetrics {
                 slots,
                 slots_idle,
                 slot_queues: OnceLock::new(),
+                workers,
                 readiness: watch::Sender::new(Readiness::default()),
             }),
         }
     }
 
-    /// Reports the slot gauges from `slots` at each render.
+    /// Reports the slot gauges from `slots` at each render, counts its worker replacements, and
+    /// follows its workers in readiness (in the background; call within the runtime).
     pub fn watch_slots(&self, slots: Arc<Slots>) {
+        slots.count_workers_into(self.inner.workers.clone());
+        let mut up = slots.workers_up();
         let _ = self.inner.slot_queues.set(slots);
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let n = *up.borrow_and_update();
+                metrics
+                    .inner
+                    .readiness
+                    .send_if_modified(|r| std::mem::replace(&mut r.workers_up, n) != n);
+                if up.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
     }
 
     /// Every metric in the OpenMetrics text format (`CONTENT_TYPE`), ending in `# EOF`.
@@ -306,9 +338,10 @@ impl PoolMetrics {
 // === impl Readiness ===
 
 impl Readiness {
-    /// Whether the pool can take jobs: warm, registered and in session with its queen.
+    /// Whether the pool can take jobs: warm, a worker up, registered and in session with its
+    /// queen.
     pub fn serving(&self) -> bool {
-        self.warm && self.registered && self.sessions > 0
+        self.warm && self.workers_up > 0 && self.registered && self.sessions > 0
     }
 }
 

@@ -25,10 +25,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use skep_common::deadline::{Deadline, micros};
 use skep_common::sampling::Sampling;
@@ -37,6 +38,7 @@ use skep_common::session;
 use skep_common::validate;
 use skep_lane::{Lane, LaneConfig, LaneError, monotonic_ns};
 use skep_proto::v1::{LaneRequest, LaneResponse, lane_response};
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::audit::{Audit, events};
@@ -312,6 +314,20 @@ pub struct Slots {
     per_slot: u32,
     /// Set by `close`: also stops the warm-up job, which no session can cancel.
     closed: AtomicBool,
+    /// Slots whose worker is up (its heartbeat seen, not since retired): the pool's health
+    /// follows it.
+    workers_up: watch::Sender<u32>,
+    /// Where worker replacements are counted, once metrics are attached.
+    counters: OnceLock<WorkerCounters>,
+}
+
+/// What the slot threads count for the pool's metrics.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerCounters {
+    /// Workers replaced after they died, hung or broke a lane.
+    pub restarts: Counter,
+    /// Of those, workers whose lane was corrupt.
+    pub lane_corruptions: Counter,
 }
 
 // === impl Slots ===
@@ -323,7 +339,19 @@ impl Slots {
             slots: (0..count).map(|_| Slot::default()).collect(),
             per_slot,
             closed: AtomicBool::new(false),
+            workers_up: watch::Sender::new(0),
+            counters: OnceLock::new(),
         })
+    }
+
+    /// Follows how many slots have a worker up.
+    pub fn workers_up(&self) -> watch::Receiver<u32> {
+        self.workers_up.subscribe()
+    }
+
+    /// Counts worker replacements into `counters` from now on (once).
+    pub fn count_workers_into(&self, counters: WorkerCounters) {
+        let _ = self.counters.set(counters);
     }
 
     pub fn count(&self) -> usize {
@@ -449,6 +477,8 @@ impl SlotThread {
         let mut worker: Option<Worker> = None;
         let mut warm_ups = if slot == 0 { WARM_UP_ATTEMPTS } else { 0 };
         let mut checked = Instant::now();
+        // Whether this slot's worker is counted in `workers_up`.
+        let mut up = false;
         loop {
             let Some(w) = worker.as_mut() else {
                 if self.queue().is_closed() {
@@ -468,6 +498,10 @@ impl SlotThread {
                 }
                 continue;
             };
+            if w.ready && !up {
+                up = true;
+                self.slots.workers_up.send_modify(|n| *n += 1);
+            }
             if warm_ups > 0 && w.ready {
                 warm_ups -= 1;
                 let (figures, death) = warm_up(w, &self.spec.model, &self.slots.closed);
@@ -482,7 +516,7 @@ impl SlotThread {
                     warm_ups = 0;
                 }
                 if let Some(death) = death {
-                    self.retire(worker.take(), &death);
+                    self.retire(worker.take(), &death, &mut up);
                 }
                 continue;
             }
@@ -495,7 +529,7 @@ impl SlotThread {
                     if checked.elapsed() >= HEALTH_EVERY {
                         checked = Instant::now();
                         if let Err(death) = w.check() {
-                            self.retire(worker.take(), &death);
+                            self.retire(worker.take(), &death, &mut up);
                         }
                     }
                 }
@@ -517,13 +551,18 @@ impl SlotThread {
                     }
                     self.queue().finish(&job, terminal);
                     if let Some(death) = death {
-                        self.retire(worker.take(), &death);
+                        self.retire(worker.take(), &death, &mut up);
                     }
                     checked = Instant::now();
                 }
             }
         }
         self.fail_queued("the pool manager is shutting down");
+        if up {
+            self.slots
+                .workers_up
+                .send_modify(|n| *n = n.saturating_sub(1));
+        }
         drop(worker);
         debug!(slot, "slot thread stopped");
     }
@@ -552,8 +591,19 @@ impl SlotThread {
 
     /// Replaces a broken worker: audits lane corruption and fails the jobs queued behind it
     /// (UNAVAILABLE) so the queen can place them on a live worker.
-    fn retire(&self, worker: Option<Worker>, death: &Death) {
+    fn retire(&self, worker: Option<Worker>, death: &Death, up: &mut bool) {
         let Some(w) = worker else { return };
+        if std::mem::take(up) {
+            self.slots
+                .workers_up
+                .send_modify(|n| *n = n.saturating_sub(1));
+        }
+        if let Some(c) = self.slots.counters.get() {
+            c.restarts.inc();
+            if matches!(death, Death::Lane(_)) {
+                c.lane_corruptions.inc();
+            }
+        }
         if let Death::Lane(why) = death {
             let fields = Fields::new()
                 .num("slot", u64::from(self.slot))

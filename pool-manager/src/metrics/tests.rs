@@ -9,13 +9,16 @@ fn sample(text: &str, head: &str) -> Option<f64> {
 }
 
 #[test]
-fn readiness_needs_warm_registered_and_a_session() {
+fn readiness_needs_warm_a_worker_registered_and_a_session() {
     let m = PoolMetrics::new();
     assert!(!m.readiness().serving());
     m.set_warm();
     m.set_registered(true);
     assert!(!m.readiness().serving());
     let meter = m.session("m1");
+    // No worker up (none started, or all being replaced): not serving.
+    assert!(!m.readiness().serving());
+    m.inner.readiness.send_modify(|r| r.workers_up = 1);
     assert!(m.readiness().serving());
     m.set_registered(false);
     assert!(!m.readiness().serving());
