@@ -362,6 +362,31 @@ fn curl_sees_auth_refusals_models_and_openai_errors() {
     );
     assert_eq!(bad_deadline.status, 400, "{}", bad_deadline.body);
     assert_eq!(bad_deadline.json()["error"]["param"], "skep-deadline");
+
+    // The refusals axum makes itself come in OpenAI's shape too.
+    let wrong_method = curl(
+        &c.dir,
+        &["-H", &bearer, &format!("{url}/v1/chat/completions")],
+    );
+    assert_eq!(wrong_method.status, 405, "{}", wrong_method.body);
+    assert_eq!(wrong_method.json()["error"]["code"], "method_not_allowed");
+    let huge = c.dir.join("huge.json");
+    std::fs::write(&huge, vec![b' '; 1 << 20]).unwrap();
+    let too_large = curl(
+        &c.dir,
+        &[
+            "-H",
+            &bearer,
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", huge.display()),
+            &format!("{url}/v1/chat/completions"),
+        ],
+    );
+    assert_eq!(too_large.status, 413, "{}", too_large.body);
+    assert_eq!(too_large.json()["error"]["code"], "request_too_large");
+    assert!(too_large.headers.contains("x-should-retry: false"));
 }
 
 #[test]

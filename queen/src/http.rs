@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Request, header};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
@@ -219,7 +219,32 @@ fn router(door: Door) -> Router {
         .fallback(not_found)
         // Bodies are read whole (`Bytes`); a larger one is refused with 413 before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        // axum answers a wrong method and an oversized body itself, in plain text; OpenAI
+        // clients expect their error shape (and no retry of a body that will never fit).
+        .layer(axum::middleware::map_response(openai_shaped))
         .with_state(door)
+}
+
+/// Rewrites axum's own plain-text refusals as OpenAI error bodies, keeping its headers.
+async fn openai_shaped(r: Response) -> Response {
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let shaped = match r.status() {
+        _ if json => return r,
+        StatusCode::METHOD_NOT_ALLOWED => HttpError::method_not_allowed(),
+        StatusCode::PAYLOAD_TOO_LARGE => HttpError::too_large(MAX_BODY),
+        _ => return r,
+    };
+    let (parts, _) = r.into_parts();
+    let mut out = shaped.into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 // === impl Door ===

@@ -81,6 +81,29 @@ impl HttpError {
         )
     }
 
+    /// 405: the path exists, the method does not.
+    pub fn method_not_allowed() -> HttpError {
+        HttpError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            "this path does not take that method; see docs/HTTP.md".to_owned(),
+        )
+    }
+
+    /// 413: the body is over `limit` bytes.
+    pub fn too_large(limit: usize) -> HttpError {
+        HttpError {
+            no_retry: true,
+            ..HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!("the request body is over {limit} bytes"),
+            )
+        }
+    }
+
     pub fn internal() -> HttpError {
         HttpError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
