@@ -69,5 +69,16 @@ pub trait Engine: Send {
         &mut self,
         req: &GenerateRequest,
         emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
+    ) -> Result<Finish, EngineError> {
+        self.generate_checked(req, emit, &mut || ControlFlow::Continue(()))
+    }
+
+    /// As `generate`, and also asks `between` whether to go on between steps that emit nothing
+    /// (the chunks of a long prompt pass), so a cancel or a deadline stops a job there too.
+    fn generate_checked(
+        &mut self,
+        req: &GenerateRequest,
+        emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
+        between: &mut dyn FnMut() -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError>;
 }

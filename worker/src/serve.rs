@@ -216,7 +216,18 @@ fn run_job(
     let mut first_token = None;
     let mut index = 0u32;
     let mut lane_err = None;
-    let result = engine.generate(
+    // Between steps that emit nothing (the chunks of a long prompt pass): the same deadline and
+    // cancel checks as before a token leaves.
+    let mut between = || {
+        if monotonic_ns() >= deadline {
+            return ControlFlow::Break(Stop::DeadlineExceeded);
+        }
+        if requests.cancel_requested() == seq {
+            return ControlFlow::Break(Stop::Cancelled);
+        }
+        ControlFlow::Continue(())
+    };
+    let result = engine.generate_checked(
         &GenerateRequest {
             prompt: req.prompt.clone(),
             max_tokens: req.max_tokens,
@@ -247,6 +258,7 @@ fn run_job(
             index += 1;
             ControlFlow::Continue(())
         },
+        &mut between,
     );
     if let Some(e) = lane_err {
         return Err(e.into());

@@ -366,6 +366,7 @@ fn stop_sequence_ends_generation_without_emitting_it() {
     let path = model_path();
     let opts = GgufOptions {
         stop: vec![word.clone()],
+        ..GgufOptions::default()
     };
     let mut stopping = GgufEngine::load(&path, "smollm2", opts).expect("load");
     let (text, finish, _) = generate(&mut stopping, QUESTION, 24);
@@ -429,4 +430,69 @@ fn corrupt_or_missing_files_are_errors_not_panics() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A prompt of a few hundred tokens: several prompt-pass chunks.
+fn long_prompt() -> String {
+    let sentence = "Bees carry pollen between flowers, and the hive stores honey for winter. ";
+    format!("{}Summarise this in one sentence.", sentence.repeat(20))
+}
+
+#[test]
+fn a_cancel_during_a_long_prompt_pass_stops_before_the_first_token() {
+    let mut e = engine();
+    let prompt = long_prompt();
+    let mut checks = 0;
+    let mut emitted = 0;
+    let finish = e
+        .generate_checked(
+            &GenerateRequest {
+                prompt: prompt.clone(),
+                max_tokens: 8,
+                deadline: None,
+                sampling: Sampling::default(),
+            },
+            &mut |_, _| {
+                emitted += 1;
+                ControlFlow::Continue(())
+            },
+            // The client went away while the prompt was being read.
+            &mut || {
+                checks += 1;
+                ControlFlow::Break(Stop::Cancelled)
+            },
+        )
+        .expect("generate");
+    assert_eq!(
+        finish,
+        Finish::Stopped {
+            tokens: 0,
+            reason: Stop::Cancelled
+        }
+    );
+    assert_eq!(checks, 1, "asked after the first chunk, then stopped");
+    assert_eq!(emitted, 0, "no token after the cancel");
+    // The engine is left clean: the same prompt then runs to its normal answer.
+    let (_, again, n) = generate(&mut e, &prompt, 4);
+    assert!(matches!(again, Finish::Complete { .. }), "{again:?}");
+    assert!(n > 0);
+}
+
+#[test]
+fn a_prompt_pass_in_chunks_gives_the_same_tokens_as_one_pass() {
+    let prompt = long_prompt();
+    let mut one_pass = GgufEngine::load(
+        &model_path(),
+        "smollm2",
+        GgufOptions {
+            prefill_chunk: usize::MAX,
+            ..GgufOptions::default()
+        },
+    )
+    .expect("load");
+    let whole = one_pass.greedy_token_ids(&prompt, 16).expect("one pass");
+    drop(one_pass);
+    let chunked = engine().greedy_token_ids(&prompt, 16).expect("chunked");
+    assert!(whole.len() >= 8, "{whole:?}");
+    assert_eq!(chunked, whole);
 }

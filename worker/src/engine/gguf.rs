@@ -33,11 +33,27 @@ pub use self::tokenizer::PromptTokens;
 use self::tokenizer::{GgufTokenizer, TokenizerError};
 use crate::engine::{Engine, EngineError, Finish, GenerateRequest, Sampling, Stop};
 
+/// Prompt tokens per forward pass of the prompt: a cancel or a deadline during a long prompt
+/// pass takes effect at the next chunk. Chunking changes nothing in the result (each row's
+/// products and attention do not depend on the other rows of its pass).
+pub const PREFILL_CHUNK: usize = 128;
+
 /// Worker-wide options. How tokens are picked is per job (`GenerateRequest::sampling`).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GgufOptions {
     /// Generation ends when the text contains one of these; the stop text itself is not emitted.
     pub stop: Vec<String>,
+    /// Prompt tokens per forward pass (`PREFILL_CHUNK`; at least 1).
+    pub prefill_chunk: usize,
+}
+
+impl Default for GgufOptions {
+    fn default() -> Self {
+        GgufOptions {
+            stop: Vec::new(),
+            prefill_chunk: PREFILL_CHUNK,
+        }
+    }
 }
 
 /// Why a GGUF model could not be loaded or run.
@@ -335,10 +351,34 @@ impl GgufEngine {
 
     /// Forgets the previous job and runs the prompt; returns the logits for the next token.
     fn start(&mut self, ids: &[u32]) -> Result<Tensor, EngineError> {
+        match self.start_checked(ids, &mut || ControlFlow::Continue(()))? {
+            ControlFlow::Continue(logits) => Ok(logits),
+            ControlFlow::Break(_) => Err(EngineError::Prompt("the prompt pass stopped".into())),
+        }
+    }
+
+    /// As `start`, in chunks, asking `between` whether to go on after each but the last.
+    fn start_checked(
+        &mut self,
+        ids: &[u32],
+        between: &mut dyn FnMut() -> ControlFlow<Stop>,
+    ) -> Result<ControlFlow<Stop, Tensor>, EngineError> {
         // index_pos 0 already overwrites each layer's cache, but clearing also frees the last
         // job's cache memory while the worker is idle.
         self.weights.clear_kv_cache();
-        self.logits(ids, 0)
+        let mut chunks = ids.chunks(self.opts.prefill_chunk.max(1)).peekable();
+        let mut pos = 0;
+        while let Some(chunk) = chunks.next() {
+            let logits = self.logits(chunk, pos)?;
+            pos += chunk.len();
+            if chunks.peek().is_none() {
+                return Ok(ControlFlow::Continue(logits));
+            }
+            if let ControlFlow::Break(reason) = between() {
+                return Ok(ControlFlow::Break(reason));
+            }
+        }
+        Err(EngineError::Prompt("the prompt has no tokens".into()))
     }
 
     /// Feeds one token at position `pos`; returns the logits for the next one.
@@ -359,10 +399,11 @@ impl Engine for GgufEngine {
         &self.model_name
     }
 
-    fn generate(
+    fn generate_checked(
         &mut self,
         req: &GenerateRequest,
         emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
+        between: &mut dyn FnMut() -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError> {
         if req.max_tokens == 0 {
             return Ok(Finish::Complete {
@@ -374,7 +415,10 @@ impl Engine for GgufEngine {
         let prompt_tokens = u32::try_from(ids.len()).unwrap_or(u32::MAX);
         let mut sampler = sampler(&req.sampling);
         let mut text = TextStream::new(&self.opts.stop);
-        let mut logits = self.start(&ids)?;
+        let mut logits = match self.start_checked(&ids, between)? {
+            ControlFlow::Continue(logits) => logits,
+            ControlFlow::Break(reason) => return Ok(Finish::Stopped { tokens: 0, reason }),
+        };
         let mut pos = ids.len();
         let mut tokens = 0u32;
         let mut last;

@@ -114,10 +114,12 @@ impl Engine for SyntheticEngine {
         &self.config.model
     }
 
-    fn generate(
+    fn generate_checked(
         &mut self,
         req: &GenerateRequest,
         emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
+        // No prompt pass to interrupt: the wait for the first token ends at the deadline.
+        _between: &mut dyn FnMut() -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError> {
         pace(self.config.time_to_first_token, req.deadline);
         for i in 0..req.max_tokens {

@@ -1,6 +1,9 @@
-//! The serve loop against a lane scribbler: edited fields and replayed requests never run.
+//! The serve loop against a lane scribbler (edited fields and replayed requests never run), and
+//! a cancel that reaches a job still in its prompt pass.
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use skep_lane::LaneConfig;
@@ -22,6 +25,18 @@ struct Pool {
 
 impl Pool {
     fn start() -> Pool {
+        Pool::start_with(|| {
+            Box::new(SyntheticEngine::new(SyntheticConfig {
+                model: "synthetic".into(),
+                time_to_first_token: Duration::ZERO,
+                tokens_per_sec: 0.0,
+                seed: 0,
+            }))
+        })
+    }
+
+    /// A worker serving with the engine `make` builds.
+    fn start_with(make: impl FnOnce() -> Box<dyn Engine> + Send + 'static) -> Pool {
         let session = Secret::generate();
         let requests = Lane::create_sealed("req", LaneConfig::default(), GEN).unwrap();
         let responses = Lane::create_sealed("resp", LaneConfig::default(), GEN).unwrap();
@@ -34,17 +49,8 @@ impl Pool {
             responses: peer(&responses),
         };
         let worker_secret = Secret::from_string(session.expose().to_owned());
-        let worker = std::thread::spawn(move || {
-            serve(config, &worker_secret, || {
-                let engine = SyntheticEngine::new(SyntheticConfig {
-                    model: "synthetic".into(),
-                    time_to_first_token: Duration::ZERO,
-                    tokens_per_sec: 0.0,
-                    seed: 0,
-                });
-                Ok::<_, String>(Box::new(engine) as Box<dyn Engine>)
-            })
-        });
+        let worker =
+            std::thread::spawn(move || serve(config, &worker_secret, || Ok::<_, String>(make())));
         Pool {
             session,
             requests,
@@ -198,3 +204,59 @@ fn edited_fields_and_replayed_requests_never_run() {
     pool.push(&later);
     pool.assert_runs(10, 1);
 }
+
+/// An engine whose prompt pass never ends by itself: it only asks `between`, as the GGUF engine
+/// does between prompt chunks, and says when it has begun.
+struct EndlessPromptPass {
+    begun: Arc<AtomicBool>,
+}
+
+impl Engine for EndlessPromptPass {
+    fn model(&self) -> &str {
+        "synthetic"
+    }
+
+    fn generate_checked(
+        &mut self,
+        _req: &GenerateRequest,
+        _emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
+        between: &mut dyn FnMut() -> ControlFlow<Stop>,
+    ) -> Result<Finish, crate::engine::EngineError> {
+        self.begun.store(true, Ordering::Release);
+        let started = Instant::now();
+        // Bounded so that a worker that never passes on the cancel fails the test, not hangs it.
+        while started.elapsed() < WAIT {
+            if let ControlFlow::Break(reason) = between() {
+                return Ok(Finish::Stopped { tokens: 0, reason });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(Finish::Complete {
+            tokens: 0,
+            prompt_tokens: 1,
+        })
+    }
+}
+
+#[test]
+fn a_cancel_reaches_a_job_still_in_its_prompt_pass() {
+    let begun = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&begun);
+    let pool = Pool::start_with(move || Box::new(EndlessPromptPass { begun: flag }));
+    pool.push(&pool.request(1, 8).encode_to_vec());
+    let since = Instant::now();
+    while !begun.load(Ordering::Acquire) {
+        assert!(since.elapsed() < WAIT, "the job never began");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    pool.requests.request_cancel(1);
+    let got = pool.responses();
+    assert_eq!(got.len(), 1, "no token: {got:?}");
+    assert!(
+        matches!(&got[0].kind, Some(lane_response::Kind::Error(e)) if e.code == CANCELLED),
+        "{got:?}"
+    );
+}
+
+/// gRPC's CANCELLED, as lane errors carry it.
+const CANCELLED: i32 = 1;
