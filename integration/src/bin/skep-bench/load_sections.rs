@@ -864,11 +864,12 @@ pub async fn admission_time(n: usize) -> anyhow::Result<Section> {
 
 /// Why one queen stops short of 5000 jobs/s on this machine, from a profile of the queen at
 /// 2500-3000 jobs/s: stated with the figures so the gap is never silent.
-const THROUGHPUT_GAP: &str = " The limit is CPU: all processes share two cores, and every job \
-    costs about 480 µs of CPU in all (table below), so two cores top out near 4000 jobs/s before \
-    any scheduling slack; the generator alone spends about 100 µs per job. In the queen (about \
-    280 µs per job) a profile shows roughly a fifth in SQLite (two group-committed writes per \
-    job: the accepted record and the terminal state), a sixth in thread switches between the \
-    tokio workers, the dispatch actor, the store writer and the audit thread, and the rest in \
-    HTTP/2, auth, audit records and the core's predictions. The stub shows what tonic and the \
-    generator alone carry.";
+const THROUGHPUT_GAP: &str = " The limit is CPU: all processes, the generator included, share \
+    two cores, and the CPU every job costs in all (the last column of the table below) times the \
+    rate leaves no headroom for the scheduling slack of four processes and their threads at the \
+    first step that is not sustained. The queen is the largest share; a profile of it at \
+    2500-3000 jobs/s shows roughly a fifth in SQLite (two group-committed writes per job: the \
+    accepted record and the terminal state), a sixth in thread switches between the tokio \
+    workers, the dispatch actor, the store writer and the audit thread, and the rest in HTTP/2, \
+    auth, audit records and the core's predictions. The stub shows what tonic and the generator \
+    alone carry.";
