@@ -32,9 +32,11 @@ fn a_job_and_a_failed_auth_leave_verifiable_events_without_secrets() {
         .to_owned();
     let admin_fp = skep_common::auth::fingerprint(&admin);
     let mut lines = Vec::new();
-    wait_until("the job's terminal audit event", || {
+    // Both are written by the audit thread after the calls returned: wait for each.
+    wait_until("the job's terminal and the refusal's audit events", || {
         lines = audit_lines(&cluster);
         lines.iter().any(|e| e["event"] == "job.completed")
+            && lines.iter().any(|e| e["event"] == "auth.failure")
     });
     let of_job = |ev: &str| {
         lines
