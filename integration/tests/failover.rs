@@ -9,11 +9,12 @@ use skep_worker::engine::SyntheticEngine;
 const PROMPT: &str = "a story told twice";
 const TOKENS: u32 = 30;
 
-/// Runs a job on a slow pool, lets the client receive a few tokens, adds a second pool whose
+/// Runs a job on a slow pool (4 tokens/s: the job outlasts the second pool's start by seconds),
+/// lets the client receive a few tokens, adds a second pool whose
 /// synthetic engine uses `seed_b`, kills the first pool, and returns the job's events.
 fn fail_over_to_seed(seed_b: u64) -> (Cluster, Vec<serde_json::Value>) {
     let mut cluster = Cluster::start(PoolOpts {
-        tps: 10.0,
+        tps: 4.0,
         ..PoolOpts::default()
     });
     let mut job = cluster.spawn_submit("120s", TOKENS, PROMPT);
