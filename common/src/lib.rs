@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod daemon;
 pub mod deadline;
+pub mod metrics_http;
 pub mod ratelimit;
 pub mod sampling;
 pub mod secret;

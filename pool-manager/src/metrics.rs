@@ -8,8 +8,6 @@
 //! prompt, a job id or a key. Worker restarts and lane corruptions are counted by the slot
 //! threads (`supervisor`) into counters registered here. See docs/METRICS.md.
 
-mod http;
-
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -21,8 +19,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-pub use self::http::{ADDR_FILE, serve, write_addr_file};
 use crate::supervisor::{Slots, WorkerCounters};
+pub use skep_common::metrics_http::{ADDR_FILE, serve, write_addr_file};
 
 /// The `Content-Type` of `PoolMetrics::render`'s output (OpenMetrics text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

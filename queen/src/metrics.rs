@@ -7,7 +7,6 @@
 //! past `MAX_MODELS` / `MAX_NODES` distinct values the rest are counted as `other`. No label ever
 //! holds a prompt, a token, a caller or a job id. See docs/METRICS.md.
 
-mod http;
 mod series;
 
 use std::collections::HashSet;
@@ -21,12 +20,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use self::http::{ADDR_FILE, serve, write_addr_file};
 use self::series::{
     FinishedLabels, HopLabels, ModelLabels, ModelNodeLabels, ReasonLabels, StageLabels,
     hop_histogram, itl_histogram, request_histogram, ttft_histogram,
 };
 use crate::model::Timings;
+pub use skep_common::metrics_http::{ADDR_FILE, serve, write_addr_file};
 
 /// The `Content-Type` of `Metrics::render`'s output (the OpenMetrics text format, which
 /// Prometheus scrapes natively and which is a superset of its classic text format).

@@ -203,17 +203,3 @@ fn label_values_are_capped() {
         Some(5.0)
     );
 }
-
-#[test]
-fn the_endpoint_serves_only_get_metrics() {
-    let ok = http::respond(&hyper::Method::GET, "/metrics", CONTENT_TYPE, &|| {
-        "x".into()
-    });
-    assert_eq!(ok.status(), hyper::StatusCode::OK);
-    let post = http::respond(&hyper::Method::POST, "/metrics", CONTENT_TYPE, &|| {
-        "x".into()
-    });
-    assert_eq!(post.status(), hyper::StatusCode::METHOD_NOT_ALLOWED);
-    let other = http::respond(&hyper::Method::GET, "/", CONTENT_TYPE, &|| "x".into());
-    assert_eq!(other.status(), hyper::StatusCode::NOT_FOUND);
-}

@@ -1,5 +1,5 @@
-//! The pool's `--metrics-listen`: a minimal HTTP/1 endpoint serving `GET /metrics` and nothing else
-//! (the same as the queen's `metrics/http.rs`).
+//! `--metrics-listen` of the queen and the pools: a minimal HTTP/1 endpoint serving
+//! `GET /metrics` and nothing else.
 //!
 //! No authentication (scrapers have none) and so nothing secret in what it serves; a handful of
 //! connections at once, each with a header timeout and a lifetime, so a slow or idle client
@@ -89,7 +89,7 @@ pub async fn serve<F>(
 }
 
 /// The answer to one request: the metrics, or why not.
-pub(super) fn respond(
+fn respond(
     method: &Method,
     path: &str,
     content_type: &'static str,
@@ -122,4 +122,20 @@ pub(super) fn respond(
             .insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
     }
     refused
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_serves_only_get_metrics() {
+        let ct = "text/plain";
+        let ok = respond(&Method::GET, "/metrics", ct, &|| "x".into());
+        assert_eq!(ok.status(), StatusCode::OK);
+        let post = respond(&Method::POST, "/metrics", ct, &|| "x".into());
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let other = respond(&Method::GET, "/", ct, &|| "x".into());
+        assert_eq!(other.status(), StatusCode::NOT_FOUND);
+    }
 }
