@@ -365,6 +365,8 @@ impl Membership {
                 dispatch_key: key.expose().to_owned(),
                 node_id: creds.node_id.clone(),
                 figures: self.figures(),
+                model_states: Vec::new(),
+                memory_budget_bytes: 0,
             })
             .await?
             .into_inner();
@@ -386,6 +388,8 @@ impl Membership {
                         crate::provision::held(&self.data_dir.join("models")),
                     )),
                     figures: self.figures(),
+                    model_states: Vec::new(),
+                    memory_budget_bytes: 0,
                 })
                 .await?
                 .into_inner();

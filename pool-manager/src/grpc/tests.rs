@@ -21,6 +21,7 @@ fn frame() -> JobFrame {
         temperature: 0.0,
         top_p: 0.0,
         seed: 0,
+        evict: Vec::new(),
     }
 }
 

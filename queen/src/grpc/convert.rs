@@ -61,6 +61,8 @@ pub fn node(n: NodeInfo, running: u32) -> pb::Node {
         last_heartbeat_ms_ago: micros(n.last_heartbeat) / 1000,
         running,
         inventory: n.inventory,
+        model_states: Vec::new(),
+        memory_budget_bytes: 0,
     }
 }
 

@@ -110,6 +110,7 @@ async fn session(
                         temperature: attempt.sampling.temperature,
                         top_p: attempt.sampling.top_p,
                         seed: attempt.sampling.seed,
+                        evict: Vec::new(),
                     };
                     let _ = route.events.try_send(Event::Dispatched {
                         node_id: node.clone(),
@@ -191,7 +192,7 @@ async fn handle_event(
     let now = Instant::now();
     let at = micros(now.saturating_duration_since(job.route.epoch));
     match kind {
-        pool_event::Kind::Credit(_) => {}
+        pool_event::Kind::Credit(_) | pool_event::Kind::Models(_) => {}
         pool_event::Kind::Started(s) => {
             job.route.progress.started(at);
             job.started = Some(now);
