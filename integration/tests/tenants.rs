@@ -189,6 +189,7 @@ fn register(node_id: &str) -> RegisterRequest {
         dispatch_key: "ghostkey".into(),
         node_id: node_id.into(),
         figures: Vec::new(),
+        ..Default::default()
     }
 }
 
