@@ -33,6 +33,10 @@ pub const VALIDATION_REJECTED: &str = "validation.rejected";
 pub const MODEL_ADDED: &str = "model.added";
 /// A model file did not match its expected hash.
 pub const MODEL_HASH_MISMATCH: &str = "model.hash_mismatch";
+/// A pool loaded a model into its workers (with its measured load time and memory).
+pub const MODEL_LOADED: &str = "model.loaded";
+/// A pool unloaded a warm model to make room for another (the queen's or its own LRU choice).
+pub const MODEL_EVICTED: &str = "model.evicted";
 /// A shared-memory lane was found corrupt.
 pub const LANE_CORRUPT: &str = "lane.corrupt";
 /// Written by the log itself on open: a torn final line (crash mid-write) was cut off.

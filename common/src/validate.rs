@@ -78,6 +78,8 @@ pub enum ValidationError {
     TopP,
     #[error("the request would take more than {max} bytes on a worker's lane")]
     LaneRequestTooLarge { max: usize },
+    #[error("{field} has more than {max} entries")]
+    TooMany { field: &'static str, max: usize },
 }
 
 /// Identifiers: `[A-Za-z0-9._-]{1,64}`, no `..`, not starting with `.` or `-`.

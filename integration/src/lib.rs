@@ -77,6 +77,8 @@ pub struct PoolOpts {
     pub token_file: Option<PathBuf>,
     /// Extra `skep-pool` flags.
     pub extra_args: Vec<String>,
+    /// Several models (`--models`) instead of `model`.
+    pub models: Vec<String>,
 }
 
 impl Default for PoolOpts {
@@ -91,6 +93,7 @@ impl Default for PoolOpts {
             from_catalogue: false,
             token_file: None,
             extra_args: Vec::new(),
+            models: Vec::new(),
         }
     }
 }
@@ -276,7 +279,11 @@ impl Cluster {
                 "--name",
                 &format!("pool{i}"),
             ])
-            .args(["--model", &opts.model])
+            .args(if opts.models.is_empty() {
+                vec!["--model".to_owned(), opts.model.clone()]
+            } else {
+                vec!["--models".to_owned(), opts.models.join(",")]
+            })
             .args(match &opts.gguf {
                 Some(path) => vec!["--engine", "gguf", "--model-path", path_str(path)],
                 None if opts.from_catalogue => vec!["--engine", "gguf"],

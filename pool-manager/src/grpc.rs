@@ -25,8 +25,8 @@ use skep_common::sampling::Sampling;
 use skep_common::validate;
 use skep_proto::v1::pool_server::{Pool, PoolServer};
 use skep_proto::v1::{
-    Credit, JobFailed, JobFrame, PoolEvent, PoolFrame, QueenFrame, WorkerFinished, WorkerStarted,
-    WorkerToken, pool_event, queen_frame,
+    Credit, JobFailed, JobFrame, ModelStates, PoolEvent, PoolFrame, QueenFrame, WorkerFinished,
+    WorkerStarted, WorkerToken, pool_event, queen_frame,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
@@ -34,8 +34,9 @@ use tracing::{debug, info, warn};
 
 use crate::audit::{Audit, events};
 use crate::metrics::{PoolMetrics, SessionMeter};
+use crate::models::ModelSet;
 use crate::supervisor::{QueuedJob, Slots};
-use crate::{Error, Event, Sink, Speed};
+use crate::{Error, Event, Sink};
 use skep_audit::Fields;
 
 /// Largest request accepted: a maximal prompt plus room for the other fields.
@@ -51,8 +52,7 @@ pub type DispatchKey = watch::Receiver<Option<TokenDigest>>;
 
 pub struct PoolService {
     slots: Arc<Slots>,
-    models: Vec<String>,
-    speed: Arc<Speed>,
+    models: Arc<ModelSet>,
     key: DispatchKey,
     /// Session ids; 0 is never used.
     sessions: AtomicU64,
@@ -65,16 +65,10 @@ pub struct PoolService {
 // === impl PoolService ===
 
 impl PoolService {
-    pub fn new(
-        slots: Arc<Slots>,
-        models: Vec<String>,
-        speed: Arc<Speed>,
-        key: DispatchKey,
-    ) -> Self {
+    pub fn new(slots: Arc<Slots>, models: Arc<ModelSet>, key: DispatchKey) -> Self {
         PoolService {
             slots,
             models,
-            speed,
             key,
             sessions: AtomicU64::new(0),
             audit: None,
@@ -161,8 +155,8 @@ fn authorize<T>(key: &DispatchKey, req: &Request<T>) -> Result<(), Error> {
 struct Session {
     id: u64,
     slots: Arc<Slots>,
-    models: Vec<String>,
-    speed: Arc<Speed>,
+    models: Arc<ModelSet>,
+    names: Vec<String>,
     events: Sink,
     audit: Option<Audit>,
 }
@@ -203,9 +197,27 @@ impl Session {
             &job,
             arrived,
             self.slots.count(),
-            &self.models,
-            self.speed.first_token(),
+            &self.names,
+            self.models.first_token_floor(&job.model),
         )?;
+        if job.evict.len() > self.names.len() {
+            return Err(Error::Invalid(validate::ValidationError::TooMany {
+                field: "evict",
+                max: self.names.len(),
+            }));
+        }
+        // A model not loaded yet starts loading now, alongside whatever runs, so the job waits
+        // only for the rest of the load when its turn comes (what the queen predicted).
+        let unloaded = self
+            .models
+            .request(&job.model, &job.evict, &self.slots.models_in_use())?;
+        for m in unloaded {
+            info!(model = %m, loading = %job.model, "model unloaded to make room");
+            if let Some(audit) = &self.audit {
+                let fields = Fields::new().model(&m).str("for_model", &job.model);
+                audit.record(events::MODEL_EVICTED, events::ACTOR_SYSTEM, fields);
+            }
+        }
         let slot = job.slot;
         let remaining_ms = deadline.remaining().as_millis() as u64;
         let id = job.job_id.clone();
@@ -395,21 +407,40 @@ fn pool_event((handle, event): (u64, Event)) -> PoolEvent {
     }
 }
 
-/// The session's outbound stream: the credit frame, then batched events until the session
-/// closes (with UNAUTHENTICATED when the dispatch key changed) or every sender is gone.
+/// The models' state as a session-level event.
+fn models_event(models: &ModelSet) -> PoolEvent {
+    PoolEvent {
+        handle: 0,
+        kind: Some(pool_event::Kind::Models(ModelStates {
+            states: models.states(),
+            memory_budget_bytes: models.budget(),
+        })),
+    }
+}
+
+/// The session's outbound stream: the credit frame with the models' state, then batched events
+/// (and the models' state again whenever it changes) until the session closes (with
+/// UNAUTHENTICATED when the dispatch key changed) or every sender is gone.
 fn outbound(
     credit: PoolEvent,
+    models: Arc<ModelSet>,
     rx: mpsc::UnboundedReceiver<(u64, Event)>,
     close: oneshot::Receiver<Close>,
 ) -> impl Stream<Item = Result<PoolFrame, Status>> + Send + 'static {
     struct State {
         credit: Option<PoolEvent>,
+        models: Arc<ModelSet>,
+        changes: watch::Receiver<u64>,
         rx: mpsc::UnboundedReceiver<(u64, Event)>,
         close: oneshot::Receiver<Close>,
         done: bool,
     }
+    let mut changes = models.subscribe();
+    changes.mark_unchanged();
     let state = State {
         credit: Some(credit),
+        models,
+        changes,
         rx,
         close,
         done: false,
@@ -420,12 +451,17 @@ fn outbound(
         }
         if let Some(credit) = st.credit.take() {
             let frame = PoolFrame {
-                events: vec![credit],
+                events: vec![credit, models_event(&st.models)],
             };
             return Some((Ok(frame), st));
         }
         tokio::select! {
             biased;
+            Ok(()) = st.changes.changed() => {
+                st.changes.mark_unchanged();
+                let frame = PoolFrame { events: vec![models_event(&st.models)] };
+                Some((Ok(frame), st))
+            }
             why = &mut st.close => {
                 st.done = true;
                 match why {
@@ -530,7 +566,8 @@ impl Pool for PoolService {
         authorize(&key, &request)?;
         let id = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         // Open (for the metrics and readiness) for as long as its outbound stream lives.
-        let model = self.models.first().map_or("", String::as_str);
+        let names = self.models.names();
+        let model = names.first().map_or("", String::as_str);
         let meter = self.metrics.session(model);
         let (events, rx) = mpsc::unbounded_channel();
         let (close_tx, close_rx) = oneshot::channel();
@@ -544,18 +581,19 @@ impl Pool for PoolService {
         let session = Session {
             id,
             slots: Arc::clone(&self.slots),
-            models: self.models.clone(),
-            speed: Arc::clone(&self.speed),
+            names: self.models.names(),
+            models: Arc::clone(&self.models),
             events,
             audit: self.audit.clone(),
         };
         info!(session = id, "session opened");
         tokio::spawn(read_session(session, request.into_inner(), key, close_tx));
-        let frames = outbound(credit, rx, close_rx).inspect(move |frame| {
-            if let Ok(frame) = frame {
-                count_frame(&meter, frame);
-            }
-        });
+        let frames =
+            outbound(credit, Arc::clone(&self.models), rx, close_rx).inspect(move |frame| {
+                if let Ok(frame) = frame {
+                    count_frame(&meter, frame);
+                }
+            });
         Ok(Response::new(Box::pin(frames)))
     }
 }

@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod inventory;
 pub mod membership;
 pub mod metrics;
+pub mod models;
 pub mod provision;
 pub mod supervisor;
 
@@ -166,4 +167,19 @@ pub enum Error {
     /// The worker died or broke its lane (mid-job, or while the job waited behind it).
     #[error("worker lost: {0}; it is being restarted, retry the job")]
     WorkerLost(String),
+    /// Loading the job's model would push the pool over its memory budget, and every model
+    /// that could make room has jobs here.
+    #[error(
+        "model {model:?} needs {need} bytes warm and the pool's memory budget is {budget} bytes, \
+         {in_use} of them held by models with jobs here; retry elsewhere or later"
+    )]
+    OverBudget {
+        model: String,
+        need: u64,
+        budget: u64,
+        in_use: u64,
+    },
+    /// The job's model could not be loaded (its workers fail to start).
+    #[error("model {model:?} could not be loaded on this pool: {why}")]
+    LoadFailed { model: String, why: String },
 }

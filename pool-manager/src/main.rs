@@ -15,9 +15,11 @@ use skep_lane::LaneConfig;
 use skep_pool_manager::Speed;
 use skep_pool_manager::audit::Audit;
 use skep_pool_manager::grpc::PoolService;
+use skep_pool_manager::inventory;
 use skep_pool_manager::membership::{self, Membership};
 use skep_pool_manager::metrics::PoolMetrics;
-use skep_pool_manager::supervisor::{Slots, WorkerSpec, spawn_slots};
+use skep_pool_manager::models::{ModelSet, ModelSpec};
+use skep_pool_manager::supervisor::{Launch, Slots, spawn_pool};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -64,6 +66,16 @@ struct Args {
     credits_per_slot: u32,
     #[arg(long, value_enum, default_value = "synthetic")]
     engine: EngineKind,
+    /// Models served, comma-separated: names from the queen's catalogue (fetched by content
+    /// hash, like --model), or NAME=FILE for a local GGUF file; plain names for the synthetic
+    /// engine. Each is loaded on demand and kept warm while the memory budget allows
+    /// (docs/MODELS.md). Instead of --model/--model-path.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["model", "model_path"])]
+    models: Vec<String>,
+    /// Memory the warm models may take together (each model's weights once, plus every
+    /// worker's own memory), e.g. 6G or 512M; 0 = no limit. Default: half of this machine's RAM.
+    #[arg(long, value_parser = skep_pool_manager::models::parse_size)]
+    memory_budget: Option<u64>,
     /// Model name served (default: "synthetic" for the synthetic engine, the file stem for gguf).
     #[arg(long)]
     model: Option<String>,
@@ -80,6 +92,12 @@ struct Args {
     /// Synthetic engine: another seed gives other text for the same prompt (failover tests).
     #[arg(long, default_value_t = 0)]
     synthetic_seed: u64,
+    /// Synthetic engine: how long a worker takes to load its model (humantime).
+    #[arg(long, default_value = "0ms")]
+    synthetic_load: String,
+    /// Synthetic engine: memory each worker holds as its model's weights, in MiB.
+    #[arg(long, default_value_t = 0)]
+    synthetic_weights_mib: u32,
     /// Name shown in `skep nodes list`.
     #[arg(long)]
     name: Option<String>,
@@ -145,8 +163,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Secret::from_file(&token_path)?;
     }
 
-    let (model, engine_args) = engine_args(&args)?;
-    validate::model_name(&model).context("--model")?;
+    let wanted = model_list(&args)?;
+    let names: Vec<String> = wanted.iter().map(|w| w.name.clone()).collect();
     let program = match &args.worker_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("skep-worker"),
@@ -203,35 +221,71 @@ async fn run(args: Args) -> anyhow::Result<()> {
         slots,
         work: Arc::clone(&work),
         speed: Arc::clone(&speed),
-        models: vec![model.clone()],
+        models: names.clone(),
+        model_set: None,
         key: key_tx,
         queen_ca: queen_ca.clone(),
         approval: args.approval.clone(),
         metrics: metrics.clone(),
     };
+    let mut member = member;
     let creds = member.join().await?;
     // A gguf model without a local file comes from the queen's catalogue, verified by hash,
     // before any worker starts: no worker ever loads a file the catalogue does not vouch for.
-    let mut engine_args = engine_args;
-    if args.engine == EngineKind::Gguf && args.model_path.is_none() {
-        let models_dir = args.data_dir.join("models");
-        let path =
-            skep_pool_manager::provision::ensure(&member, &creds, &model, &models_dir, &audit)
+    let mut specs = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let path = match w.source {
+            Source::Synthetic => None,
+            Source::File(p) => Some(p),
+            Source::Catalogue => {
+                let models_dir = args.data_dir.join("models");
+                let path = skep_pool_manager::provision::ensure(
+                    &member,
+                    &creds,
+                    &w.name,
+                    &models_dir,
+                    &audit,
+                )
                 .await
                 .inspect_err(|_| audit.flush(Duration::from_secs(2)))?;
-        engine_args.push("--model-path".into());
-        engine_args.push(path.to_string_lossy().into_owned());
+                Some(path)
+            }
+        };
+        let file_bytes = match &path {
+            Some(p) => std::fs::metadata(p)
+                .with_context(|| format!("model file {}", p.display()))?
+                .len(),
+            None => 0,
+        };
+        specs.push(ModelSpec {
+            args: engine_args(&args, &w.name, path.as_deref()),
+            name: w.name,
+            file_bytes,
+        });
     }
-    let spec = Arc::new(WorkerSpec {
+    let budget = match args.memory_budget {
+        Some(b) => b,
+        None => {
+            (inventory::read(&[], &[], Vec::new()).memory_bytes as f64
+                * skep_pool_manager::models::DEFAULT_BUDGET_SHARE) as u64
+        }
+    };
+    let models = Arc::new(ModelSet::new(specs, budget, slots));
+    member.model_set = Some(Arc::clone(&models));
+    let launch = Launch {
         program,
-        args: engine_args,
         lane: LaneConfig::default(),
-        model: model.clone(),
-    });
-    // Workers start only now, after provisioning; slot 0 warms up the engine while membership
-    // waits for the figures before registering.
-    let supervisor = spawn_slots(spec, Arc::clone(&work), Arc::clone(&speed), audit.clone())
-        .context("starting the slot threads")?;
+    };
+    // Workers start only now, after provisioning; every model is loaded and measured once
+    // while membership waits for the figures before registering.
+    let supervisor = spawn_pool(
+        launch,
+        Arc::clone(&models),
+        Arc::clone(&work),
+        Arc::clone(&speed),
+        audit.clone(),
+    )
+    .context("starting the slot threads")?;
     // The queen dials this pool over TLS when it serves TLS itself; the certificate it issues
     // names this node, so nobody else can answer in its place.
     let tls = match &queen_ca {
@@ -245,15 +299,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let membership = tokio::spawn(member.run(creds));
 
-    let service =
-        PoolService::new(work, vec![model.clone()], speed, key_rx).with_metrics(metrics.clone());
+    let service = PoolService::new(work, Arc::clone(&models), key_rx).with_metrics(metrics.clone());
     // Only bad credentials are counted; the queen's key has no identity budget here.
     let limits = Arc::new(RateLimits::new(
         skep_common::ratelimit::DEFAULT_IDENTITY_QUOTA,
         args.bad_auth_limit,
     ));
     info!(fd_limit, max_connections = conns.max, "connection limits");
-    info!(%local, %pool_url, %model, workers = slots, "pool manager listening");
+    info!(%local, %pool_url, models = %names.join(","), workers = slots, budget, "pool manager listening");
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
@@ -305,59 +358,108 @@ async fn start_metrics(
     Ok(())
 }
 
-fn engine_args(args: &Args) -> anyhow::Result<(String, Vec<String>)> {
-    match args.engine {
-        EngineKind::Synthetic => {
-            let model = args.model.clone().unwrap_or_else(|| "synthetic".into());
-            let engine = vec![
-                "--engine".into(),
-                "synthetic".into(),
-                "--model".into(),
-                model.clone(),
-                "--synthetic-ttft".into(),
-                args.synthetic_ttft.clone(),
-                "--synthetic-tps".into(),
-                args.synthetic_tps.to_string(),
-                "--synthetic-seed".into(),
-                args.synthetic_seed.to_string(),
-            ];
-            Ok((model, engine))
+/// Where a model's weights come from.
+enum Source {
+    Synthetic,
+    File(PathBuf),
+    /// The queen's catalogue, fetched by content hash once enrolled.
+    Catalogue,
+}
+
+struct Wanted {
+    name: String,
+    source: Source,
+}
+
+/// The models named by `--models`, or the one of `--model`/`--model-path`; names checked,
+/// files resolved, duplicates refused.
+fn model_list(args: &Args) -> anyhow::Result<Vec<Wanted>> {
+    let synthetic = args.engine == EngineKind::Synthetic;
+    let mut out: Vec<Wanted> = Vec::new();
+    if args.models.is_empty() {
+        let name = match (&args.model, &args.model_path) {
+            (Some(m), _) => m.clone(),
+            (None, Some(p)) => p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .context("model file name is not UTF-8; pass --model")?
+                .to_owned(),
+            (None, None) if synthetic => "synthetic".into(),
+            (None, None) => bail!(
+                "--engine gguf needs --model-path FILE, or --model NAME to fetch NAME from the queen's catalogue, or --models"
+            ),
+        };
+        let source = match (&args.model_path, synthetic) {
+            (_, true) => Source::Synthetic,
+            (Some(p), false) => Source::File(resolve(p)?),
+            (None, false) => Source::Catalogue,
+        };
+        out.push(Wanted { name, source });
+    } else {
+        for entry in &args.models {
+            let (name, file) = match entry.split_once('=') {
+                Some((n, f)) => (n.trim(), Some(f.trim())),
+                None => (entry.trim(), None),
+            };
+            let source = match (file, synthetic) {
+                (Some(_), true) => {
+                    bail!("--models {entry:?}: the synthetic engine takes model names, not files")
+                }
+                (Some(f), false) => Source::File(resolve(std::path::Path::new(f))?),
+                (None, true) => Source::Synthetic,
+                (None, false) => Source::Catalogue,
+            };
+            out.push(Wanted {
+                name: name.to_owned(),
+                source,
+            });
         }
+    }
+    for (i, w) in out.iter().enumerate() {
+        validate::model_name(&w.name).with_context(|| format!("model name {:?}", w.name))?;
+        if out[..i].iter().any(|o| o.name == w.name) {
+            bail!("--models names {:?} twice", w.name);
+        }
+    }
+    Ok(out)
+}
+
+fn resolve(p: &std::path::Path) -> anyhow::Result<PathBuf> {
+    p.canonicalize()
+        .with_context(|| format!("model file {}", p.display()))
+}
+
+/// A worker's engine flags for one model (never a secret: they go through argv).
+fn engine_args(args: &Args, model: &str, path: Option<&std::path::Path>) -> Vec<String> {
+    match args.engine {
+        EngineKind::Synthetic => vec![
+            "--engine".into(),
+            "synthetic".into(),
+            "--model".into(),
+            model.to_owned(),
+            "--synthetic-ttft".into(),
+            args.synthetic_ttft.clone(),
+            "--synthetic-tps".into(),
+            args.synthetic_tps.to_string(),
+            "--synthetic-seed".into(),
+            args.synthetic_seed.to_string(),
+            "--synthetic-load".into(),
+            args.synthetic_load.clone(),
+            "--synthetic-weights-mib".into(),
+            args.synthetic_weights_mib.to_string(),
+        ],
         EngineKind::Gguf => {
-            let Some(path) = args.model_path.as_ref() else {
-                let model = args
-                    .model
-                    .clone()
-                    .context("--engine gguf needs --model-path FILE, or --model NAME to fetch NAME from the queen's catalogue")?;
-                // `--model-path` is added once the file is provisioned.
-                let engine = vec![
-                    "--engine".into(),
-                    "gguf".into(),
-                    "--model".into(),
-                    model.clone(),
-                ];
-                return Ok((model, engine));
-            };
-            let path = path
-                .canonicalize()
-                .with_context(|| format!("model file {}", path.display()))?;
-            let model = match &args.model {
-                Some(m) => m.clone(),
-                None => path
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .context("model file name is not UTF-8; pass --model")?
-                    .to_owned(),
-            };
-            let engine = vec![
+            let mut v = vec![
                 "--engine".into(),
                 "gguf".into(),
                 "--model".into(),
-                model.clone(),
-                "--model-path".into(),
-                path.to_string_lossy().into_owned(),
+                model.to_owned(),
             ];
-            Ok((model, engine))
+            if let Some(p) = path {
+                v.push("--model-path".into());
+                v.push(p.to_string_lossy().into_owned());
+            }
+            v
         }
     }
 }

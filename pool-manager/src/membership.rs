@@ -31,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::Speed;
 use crate::inventory;
+use crate::models::ModelSet;
 use crate::supervisor::Slots;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -55,7 +56,10 @@ pub struct Membership {
     pub work: Arc<Slots>,
     /// The engine's warm-up figures, sent with every registration and heartbeat.
     pub speed: Arc<Speed>,
+    /// Every model this pool serves, by name (known before any is provisioned).
     pub models: Vec<String>,
+    /// Their state (warm, loading, load times, memory), once the workers are started.
+    pub model_set: Option<Arc<ModelSet>>,
     pub key: watch::Sender<Option<TokenDigest>>,
     /// The queen's CA certificate (PEM) when the queen URL is https.
     pub queen_ca: Option<String>,
@@ -231,9 +235,11 @@ impl Membership {
     /// queen forgets this node or cannot be reached.
     pub async fn run(self, creds: Credentials) -> Result<(), MembershipError> {
         // The queen judges this pool's first jobs by these figures: wait for them, a while.
-        if self.speed.wait_for_figures(FIGURES_WAIT).await.is_none() {
+        // Every model is measured at start, one after another.
+        let wait = FIGURES_WAIT.saturating_mul(self.models.len().max(1) as u32);
+        if self.speed.wait_for_figures(wait).await.is_none() {
             warn!(
-                waited_s = FIGURES_WAIT.as_secs(),
+                waited_s = wait.as_secs(),
                 "no warm-up figures yet; registering without them"
             );
         }
@@ -257,20 +263,39 @@ impl Membership {
         }
     }
 
-    /// The warm-up figures for every model served (one engine serves them all), if measured.
+    /// The warm-up figures of every model measured so far.
     fn figures(&self) -> Vec<EngineFigures> {
-        let Some(f) = self.speed.figures() else {
+        let Some(set) = &self.model_set else {
             return Vec::new();
         };
         self.models
             .iter()
-            .map(|model| EngineFigures {
-                model: model.clone(),
-                first_token_us: f.first_token_us,
-                per_token_us: f.per_token_us,
-                slots: self.slots as u32,
+            .filter_map(|model| {
+                let f = set.figures(model)?;
+                Some(EngineFigures {
+                    model: model.clone(),
+                    first_token_us: f.first_token_us,
+                    per_token_us: f.per_token_us,
+                    slots: self.slots as u32,
+                })
             })
             .collect()
+    }
+
+    /// Every model's state and the budget they share.
+    fn model_states(&self) -> (Vec<skep_proto::v1::ModelState>, u64) {
+        match &self.model_set {
+            Some(set) => (set.states(), set.budget()),
+            None => (Vec::new(), 0),
+        }
+    }
+
+    /// Models warm now.
+    fn warm(&self) -> Vec<String> {
+        self.model_set
+            .as_ref()
+            .map(|s| s.warm())
+            .unwrap_or_default()
     }
 
     /// The catalogue client, authenticated as this node.
@@ -356,6 +381,7 @@ impl Membership {
         // A fresh dispatch key per registration, known here before the queen can use it.
         let key = Secret::generate();
         self.key.send_replace(Some(TokenDigest::of(key.expose())));
+        let (model_states, memory_budget_bytes) = self.model_states();
         let reg = client
             .register(RegisterRequest {
                 name: self.name.clone(),
@@ -365,8 +391,8 @@ impl Membership {
                 dispatch_key: key.expose().to_owned(),
                 node_id: creds.node_id.clone(),
                 figures: self.figures(),
-                model_states: Vec::new(),
-                memory_budget_bytes: 0,
+                model_states,
+                memory_budget_bytes,
             })
             .await?
             .into_inner();
@@ -376,20 +402,20 @@ impl Membership {
         let gpus = inventory::gpus();
         loop {
             tokio::time::sleep(every).await;
+            let (model_states, memory_budget_bytes) = self.model_states();
             let ack = client
                 .heartbeat(HeartbeatRequest {
                     node_id: reg.node_id.clone(),
                     free_slots: self.work.idle(),
                     models: self.models.clone(),
-                    // Each worker loads its model once at start and keeps it warm.
                     inventory: Some(inventory::read(
                         &gpus,
-                        &self.models,
+                        &self.warm(),
                         crate::provision::held(&self.data_dir.join("models")),
                     )),
                     figures: self.figures(),
-                    model_states: Vec::new(),
-                    memory_budget_bytes: 0,
+                    model_states,
+                    memory_budget_bytes,
                 })
                 .await?
                 .into_inner();

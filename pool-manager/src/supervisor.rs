@@ -17,10 +17,19 @@
 //! held and the jobs queued behind it fail UNAVAILABLE, so the queen can place them elsewhere
 //! rather than wait for a model to reload.
 //!
-//! Slot 0 runs one warm-up job through the real lane path as soon as its first worker beats,
-//! and publishes the engine's speed (`Speed::publish`) for membership to send to the queen.
+//! A pool serves a set of models (`models::ModelSet`): each slot keeps one worker per wanted
+//! model, so a warm model's job starts at once and N slots of one model cost one copy of its
+//! weights (mapped read-only by every worker) plus N workers' own memory. The *keeper* thread
+//! starts the workers of models being loaded, stops those of unloaded models, health-checks idle
+//! workers and tells the model set when a model turned warm (its load is then timed and its
+//! memory measured). A slot thread takes the worker of its head job's model while it runs the
+//! job; a head job whose model is still loading waits (the queen predicted its start after the
+//! load), nothing else passes it.
+//!
+//! At start, every model is loaded once in turn (`measure_models`): its load time, its memory
+//! and, through one warm-up job on slot 0, its speed, which membership sends to the queen.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -42,6 +51,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::audit::{Audit, events};
+use crate::models::{ModelSet, ModelSpec};
 use crate::{Error, Event, Figures, Sink, Speed};
 use skep_audit::Fields;
 
@@ -89,8 +99,9 @@ pub fn check_lane_config(cfg: &LaneConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// How to start a worker process. Engine flags only: secrets never go through argv. Its lanes
-/// are sealed memfds handed over by fd, so they have no path.
+/// How to start a worker process of a one-model pool (`spawn_slots`). Engine flags only:
+/// secrets never go through argv. Its lanes are sealed memfds handed over by fd, so they have no
+/// path.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
     pub program: PathBuf,
@@ -98,6 +109,14 @@ pub struct WorkerSpec {
     pub lane: LaneConfig,
     /// The model the workers serve (named in the warm-up request).
     pub model: String,
+}
+
+/// How to start any worker of a pool: the binary and its lanes; the engine flags come from the
+/// model set.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub lane: LaneConfig,
 }
 
 /// A job accepted from a session, waiting in (or at the head of) a slot's queue.
@@ -121,6 +140,13 @@ pub struct QueuedJob {
 }
 
 impl QueuedJob {
+    /// The model this job needs loaded.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+impl QueuedJob {
     /// Sends one event to the job's session; false once the session is gone.
     fn send(&self, event: Event) -> bool {
         self.events.send((self.handle, event)).is_ok()
@@ -132,6 +158,7 @@ impl QueuedJob {
 struct Running {
     session: u64,
     handle: u64,
+    model: String,
     seq: u64,
     requests: Arc<Lane>,
     cancelled: Arc<AtomicBool>,
@@ -161,10 +188,12 @@ pub struct Slot {
 
 /// What the slot thread gets from its queue.
 #[derive(Debug)]
-enum Next {
-    /// The head job, now recorded as running under `seq`.
-    Job(QueuedJob, Arc<AtomicBool>),
-    /// Nothing arrived within the wait.
+enum Next<W = Worker> {
+    /// The head job, now recorded as running on the worker taken for it.
+    Job(QueuedJob, Arc<AtomicBool>, W),
+    /// The head job, past its deadline before a worker took it.
+    Expired(QueuedJob),
+    /// Nothing arrived within the wait, or the head job's model is not ready yet.
     Idle,
     Closed,
 }
@@ -244,9 +273,11 @@ impl Slot {
         self.lock().queue.drain(..).collect()
     }
 
-    /// Waits up to `wait` for a job; the one returned is recorded as running as `seq` on
-    /// `requests`, so a cancel can reach it from now on.
-    fn next(&self, wait: Duration, requests: &Arc<Lane>, seq: u64) -> Next {
+    /// Waits up to `wait` for a job whose model has a ready worker here (`take` hands it
+    /// over); the job returned is recorded as running on that worker's next `seq`, so a cancel
+    /// can reach it from now on. Only the head job is considered: the queen predicted this
+    /// order, loads included.
+    fn next<W: Claim>(&self, wait: Duration, take: impl FnOnce(&str) -> Option<W>) -> Next<W> {
         let mut st = self.lock();
         if st.queue.is_empty() && !st.closed {
             st = self
@@ -258,18 +289,49 @@ impl Slot {
         if st.closed {
             return Next::Closed;
         }
-        let Some(job) = st.queue.pop_front() else {
+        let Some(head) = st.queue.front() else {
             return Next::Idle;
         };
+        if head.deadline.is_expired() {
+            let job = st.queue.pop_front().expect("head present");
+            return Next::Expired(job);
+        }
+        let Some(mut worker) = take(&head.model) else {
+            // Its model is still loading: look again after a short wait.
+            drop(st);
+            std::thread::sleep(POLL);
+            return Next::Idle;
+        };
+        let job = st.queue.pop_front().expect("head present");
+        let (requests, seq) = worker.claim();
         let cancelled = Arc::new(AtomicBool::new(false));
         st.running = Some(Running {
             session: job.session,
             handle: job.handle,
+            model: job.model.clone(),
             seq,
-            requests: Arc::clone(requests),
+            requests,
             cancelled: Arc::clone(&cancelled),
         });
-        Next::Job(job, cancelled)
+        Next::Job(job, cancelled, worker)
+    }
+
+    /// Models of the jobs running or queued here.
+    fn models_in_use(&self, into: &mut HashSet<String>) {
+        let st = self.lock();
+        into.extend(st.queue.iter().map(|q| q.model.clone()));
+        if let Some(r) = &st.running {
+            into.insert(r.model.clone());
+        }
+    }
+
+    /// Takes out the queued jobs of `model` (its load failed).
+    fn drain_model(&self, model: &str) -> Vec<QueuedJob> {
+        let mut st = self.lock();
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) =
+            st.queue.drain(..).partition(|q| q.model == model);
+        st.queue = kept;
+        gone.into()
     }
 
     /// The running job is over: clear it *before* its terminal event leaves, so a queen that
@@ -300,6 +362,18 @@ impl Slot {
     }
 }
 
+/// A worker a job is about to run on: its next request `seq` and the lane a cancel writes to.
+trait Claim {
+    fn claim(&mut self) -> (Arc<Lane>, u64);
+}
+
+impl Claim for Worker {
+    fn claim(&mut self) -> (Arc<Lane>, u64) {
+        self.seq += 1;
+        (Arc::clone(&self.requests), self.seq)
+    }
+}
+
 /// What `Slot::cancel` found.
 #[derive(Debug)]
 enum Cancelled {
@@ -308,9 +382,11 @@ enum Cancelled {
 }
 
 /// All slots of this pool: what the sessions queue jobs on and cancel them through.
-#[derive(Debug)]
 pub struct Slots {
     slots: Vec<Slot>,
+    /// Per slot, its idle workers by model (a running job's worker is out, with its thread).
+    /// Lock order: a slot's queue before its map, never the other way round.
+    workers: Vec<Mutex<HashMap<String, Worker>>>,
     per_slot: u32,
     /// Set by `close`: also stops the warm-up job, which no session can cancel.
     closed: AtomicBool,
@@ -337,6 +413,7 @@ impl Slots {
     pub fn new(count: usize, per_slot: u32) -> Arc<Slots> {
         Arc::new(Slots {
             slots: (0..count).map(|_| Slot::default()).collect(),
+            workers: (0..count).map(|_| Mutex::new(HashMap::new())).collect(),
             per_slot,
             closed: AtomicBool::new(false),
             workers_up: watch::Sender::new(0),
@@ -401,6 +478,34 @@ impl Slots {
         self.slots.iter().map(|s| s.cancel_session(session)).sum()
     }
 
+    /// Models with a job running or queued at this pool: never unloaded.
+    pub fn models_in_use(&self) -> HashSet<String> {
+        let mut set = HashSet::new();
+        for s in &self.slots {
+            s.models_in_use(&mut set);
+        }
+        set
+    }
+
+    /// Fails every queued job of `model` with `error` (its load failed).
+    fn fail_model(&self, model: &str, why: &str) {
+        for s in &self.slots {
+            for job in s.drain_model(model) {
+                let error = Error::LoadFailed {
+                    model: model.to_owned(),
+                    why: why.to_owned(),
+                };
+                job.send(Event::Failed { error, tokens: 0 });
+            }
+        }
+    }
+
+    fn workers(&self, slot: u32) -> MutexGuard<'_, HashMap<String, Worker>> {
+        self.workers[slot as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Slots with nothing running and nothing queued (reported in heartbeats).
     pub fn idle(&self) -> u32 {
         self.slots.iter().filter(|s| s.load() == 0).count() as u32
@@ -415,7 +520,7 @@ impl Slots {
     }
 }
 
-/// The slot threads; `shutdown` stops them and their workers.
+/// The slot threads and the keeper; `shutdown` stops them and their workers.
 pub struct Supervisor {
     slots: Arc<Slots>,
     threads: Vec<JoinHandle<()>>,
@@ -429,25 +534,54 @@ impl Supervisor {
         for t in self.threads {
             let _ = t.join();
         }
+        // Idle workers are killed as they drop.
+        for s in 0..self.slots.count() as u32 {
+            self.slots.workers(s).clear();
+        }
     }
 }
 
-/// Starts one thread per slot of `slots`.
+/// Starts a one-model pool: `spec`'s model on every slot of `slots`, measured at start.
 pub fn spawn_slots(
     spec: Arc<WorkerSpec>,
     slots: Arc<Slots>,
     speed: Arc<Speed>,
     audit: Audit,
 ) -> std::io::Result<Supervisor> {
-    check_lane_config(&spec.lane)
+    let models = Arc::new(ModelSet::new(
+        vec![ModelSpec {
+            name: spec.model.clone(),
+            args: spec.args.clone(),
+            file_bytes: 0,
+        }],
+        0,
+        slots.count(),
+    ));
+    let launch = Launch {
+        program: spec.program.clone(),
+        lane: spec.lane,
+    };
+    spawn_pool(launch, models, slots, speed, audit)
+}
+
+/// Starts one thread per slot of `slots`, the keeper, and the start-up measurement of every
+/// model (whose end `speed` announces).
+pub fn spawn_pool(
+    launch: Launch,
+    models: Arc<ModelSet>,
+    slots: Arc<Slots>,
+    speed: Arc<Speed>,
+    audit: Audit,
+) -> std::io::Result<Supervisor> {
+    check_lane_config(&launch.lane)
         .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
-    let mut threads = Vec::with_capacity(slots.count());
+    let launch = Arc::new(launch);
+    let mut threads = Vec::with_capacity(slots.count() + 2);
     for slot in 0..slots.count() as u32 {
         let thread = SlotThread {
             slot,
-            spec: Arc::clone(&spec),
             slots: Arc::clone(&slots),
-            speed: Arc::clone(&speed),
+            models: Arc::clone(&models),
             audit: audit.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -455,14 +589,299 @@ pub fn spawn_slots(
             .spawn(move || thread.run())?;
         threads.push(handle);
     }
+    let keeper = Keeper {
+        launch,
+        slots: Arc::clone(&slots),
+        models: Arc::clone(&models),
+        audit,
+    };
+    threads.push(
+        std::thread::Builder::new()
+            .name("worker-keeper".into())
+            .spawn(move || keeper.run())?,
+    );
+    let (s, m) = (Arc::clone(&slots), models);
+    threads.push(
+        std::thread::Builder::new()
+            .name("model-measure".into())
+            .spawn(move || measure_models(&s, &m, &speed))?,
+    );
     Ok(Supervisor { slots, threads })
+}
+
+/// Loads every model once, last first (so that with a tight budget the first one named ends
+/// warm), waits until it is warm, runs one warm-up job on slot 0 and records its figures; then
+/// publishes the first model's figures, which membership waits for before registering.
+fn measure_models(slots: &Slots, models: &ModelSet, speed: &Speed) {
+    let mut first = None;
+    for spec in models.specs().iter().rev() {
+        let name = &spec.name;
+        if slots.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = models.request(name, &[], &slots.models_in_use()) {
+            warn!(model = %name, error = %e, "cannot load the model to measure it");
+            continue;
+        }
+        let begun = Instant::now();
+        while !models.is_warm(name) && models.is_wanted(name) {
+            if slots.closed.load(Ordering::Acquire) || begun.elapsed() > STARTUP_GRACE {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        if !models.is_warm(name) {
+            warn!(model = %name, "the model did not load; it stays cold");
+            continue;
+        }
+        let mut figures = None;
+        for _ in 0..WARM_UP_ATTEMPTS {
+            let Some(mut w) = wait_for_worker(slots, models, 0, name) else {
+                break;
+            };
+            let (f, death) = warm_up(&mut w, name, &slots.closed);
+            match death {
+                Some(death) => {
+                    warn!(model = %name, reason = %death, "worker lost during warm-up");
+                    models.set_ready(name, 0, false);
+                }
+                None => {
+                    slots.workers(0).insert(name.clone(), w);
+                }
+            }
+            if f.is_some() {
+                figures = f;
+                break;
+            }
+        }
+        if let Some(f) = figures {
+            info!(
+                model = %name,
+                load_ms = models.states().iter().find(|s| &s.model == name).map_or(0, |s| s.load_us / 1000),
+                first_token_us = f.first_token_us,
+                per_token_us = f.per_token_us,
+                "model measured"
+            );
+            models.set_figures(name, f);
+            first = Some(f);
+        }
+    }
+    // The first model named was measured last; any figures tell membership start-up is over.
+    let named_first = models.specs().first().and_then(|s| models.figures(&s.name));
+    if let Some(f) = named_first.or(first) {
+        speed.publish(f);
+    }
+}
+
+/// Takes `slot`'s ready worker for `model` out of the pool, waiting while it loads.
+fn wait_for_worker(slots: &Slots, models: &ModelSet, slot: u32, model: &str) -> Option<Worker> {
+    let begun = Instant::now();
+    loop {
+        if slots.closed.load(Ordering::Acquire)
+            || !models.is_wanted(model)
+            || begun.elapsed() > STARTUP_GRACE
+        {
+            return None;
+        }
+        {
+            let mut map = slots.workers(slot);
+            if map.get(model).is_some_and(|w| w.loaded) {
+                return map.remove(model);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Keeps each slot's workers in line with the model set: starts workers for wanted models,
+/// stops those of unloaded ones, health-checks the idle ones, and records loads as they finish.
+struct Keeper {
+    launch: Arc<Launch>,
+    slots: Arc<Slots>,
+    models: Arc<ModelSet>,
+    audit: Audit,
+}
+
+/// Worker starts a model may fail in a row before its jobs are failed and it is unloaded.
+const LOAD_ATTEMPTS: u32 = 3;
+
+impl Keeper {
+    fn run(self) {
+        let n = self.slots.count() as u32;
+        let mut generation = vec![0u64; n as usize];
+        // Per (slot, model): failed starts in a row, and when to try again.
+        let mut failures: HashMap<(u32, String), (u32, Instant)> = HashMap::new();
+        // Per model: why its last worker start failed (for the jobs it fails).
+        let mut last_error: HashMap<String, String> = HashMap::new();
+        let mut checked = Instant::now();
+        while !self.slots.closed.load(Ordering::Acquire) {
+            let wanted = self.models.wanted();
+            let health = checked.elapsed() >= HEALTH_EVERY;
+            // Models that turned warm in this round, measured once no map is locked.
+            let mut warmed = Vec::new();
+            if health {
+                checked = Instant::now();
+            }
+            for slot in 0..n {
+                // The running job's worker is out of the map: not started twice. Read before
+                // the map is locked: the slot thread locks its queue, then the map.
+                let running = self.slots.slots[slot as usize]
+                    .lock()
+                    .running
+                    .as_ref()
+                    .map(|r| r.model.clone());
+                let mut map = self.slots.workers(slot);
+                // Unloaded models' idle workers go (a running one goes when its job ends).
+                map.retain(|m, w| {
+                    let keep = wanted.contains(m);
+                    if !keep {
+                        info!(slot, model = %m, generation = w.generation, "model unloaded; worker stopped");
+                    }
+                    keep
+                });
+                let mut dead = Vec::new();
+                for (m, w) in map.iter_mut() {
+                    if w.loaded && !health {
+                        continue;
+                    }
+                    match w.check().and_then(|()| w.poll_loaded()) {
+                        Ok(true) => {
+                            if self.models.set_ready(m, slot, true) {
+                                warmed.push(m.clone());
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(death) => dead.push((m.clone(), death)),
+                    }
+                }
+                for (m, death) in dead {
+                    let w = map.remove(&m).expect("found above");
+                    self.models.set_ready(&m, slot, false);
+                    if let Some(c) = self.slots.counters.get() {
+                        c.restarts.inc();
+                    }
+                    warn!(slot, model = %m, generation = w.generation, reason = %death, "idle worker lost; restarting it");
+                    if !w.loaded {
+                        last_error.insert(m.clone(), format!("its worker did not load: {death}"));
+                        failures
+                            .entry((slot, m.clone()))
+                            .or_insert((0, Instant::now()))
+                            .0 += 1;
+                    }
+                }
+                for m in &wanted {
+                    if map.contains_key(m) || running.as_deref() == Some(m.as_str()) {
+                        continue;
+                    }
+                    let key = (slot, m.clone());
+                    if let Some((count, next)) = failures.get(&key) {
+                        if *count >= LOAD_ATTEMPTS {
+                            continue;
+                        }
+                        if Instant::now() < *next {
+                            continue;
+                        }
+                    }
+                    let Some(spec) = self.models.spec(m) else {
+                        continue;
+                    };
+                    generation[slot as usize] += 1;
+                    let g = generation[slot as usize];
+                    match Worker::start(&self.launch, &spec.args, slot, g) {
+                        Ok(w) => {
+                            info!(slot, model = %m, generation = g, pid = w.child.id(), "worker started");
+                            map.insert(m.clone(), w);
+                        }
+                        Err(e) => {
+                            error!(slot, model = %m, generation = g, error = %e, "cannot start worker");
+                            last_error
+                                .insert(m.clone(), format!("its worker could not start: {e}"));
+                            let f = failures.entry(key).or_insert((0, Instant::now()));
+                            f.0 += 1;
+                            f.1 = Instant::now() + RESTART_BACKOFF;
+                        }
+                    }
+                }
+                drop(map);
+            }
+            for m in warmed {
+                self.on_warm(&m);
+            }
+            // A model whose workers keep failing to start: its jobs fail now, not at their
+            // deadlines, and it is unloaded so another pool can be chosen.
+            let given_up: Vec<String> = failures
+                .iter()
+                .filter(|(_, (c, _))| *c >= LOAD_ATTEMPTS)
+                .map(|((_, m), _)| m.clone())
+                .collect();
+            for m in given_up {
+                failures.retain(|(_, fm), _| *fm != m);
+                error!(model = %m, "model could not be loaded; failing its jobs");
+                self.models.drop_model(&m);
+                let why = last_error
+                    .remove(&m)
+                    .unwrap_or_else(|| "its workers failed to start".into());
+                self.slots.fail_model(&m, &why);
+            }
+            // Ready workers reset their failure counts.
+            failures.retain(|(s, m), _| !self.slots.workers(*s).get(m).is_some_and(|w| w.loaded));
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// A model just turned warm: measure what it takes (its file once, plus every worker's
+    /// own memory) and audit the load.
+    fn on_warm(&self, model: &str) {
+        let file = self.models.spec(model).map_or(0, |s| s.file_bytes);
+        let mut own = 0u64;
+        for s in 0..self.slots.count() as u32 {
+            if let Some(w) = self.slots.workers(s).get(model) {
+                own = own.saturating_add(private_bytes(w.child.id()));
+            }
+        }
+        let footprint = file.saturating_add(own);
+        let unloaded = self
+            .models
+            .set_footprint(model, footprint, &self.slots.models_in_use());
+        for m in unloaded {
+            info!(model = %m, loaded = model, "model unloaded to keep the memory budget");
+            let fields = Fields::new().model(&m).str("for_model", model);
+            self.audit
+                .record(events::MODEL_EVICTED, events::ACTOR_SYSTEM, fields);
+        }
+        let load_us = self
+            .models
+            .states()
+            .into_iter()
+            .find(|s| s.model == model)
+            .map_or(0, |s| s.load_us);
+        info!(model, load_ms = load_us / 1000, footprint, "model warm");
+        let fields = Fields::new()
+            .model(model)
+            .num("load_us", load_us)
+            .num("footprint_bytes", footprint);
+        self.audit
+            .record(events::MODEL_LOADED, events::ACTOR_SYSTEM, fields);
+    }
+}
+
+/// A process's own memory: its anonymous pages (heap, KV cache, repacked tensors), not the
+/// file pages it shares with the other workers of its model. 0 when unreadable.
+pub fn private_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("Anonymous:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
 
 struct SlotThread {
     slot: u32,
-    spec: Arc<WorkerSpec>,
     slots: Arc<Slots>,
-    speed: Arc<Speed>,
+    models: Arc<ModelSet>,
     audit: Audit,
 }
 
@@ -473,87 +892,52 @@ impl SlotThread {
 
     fn run(self) {
         let slot = self.slot;
-        let mut generation = 0u64;
-        let mut worker: Option<Worker> = None;
-        let mut warm_ups = if slot == 0 { WARM_UP_ATTEMPTS } else { 0 };
-        let mut checked = Instant::now();
-        // Whether this slot's worker is counted in `workers_up`.
         let mut up = false;
         loop {
-            let Some(w) = worker.as_mut() else {
-                if self.queue().is_closed() {
-                    break;
-                }
-                generation += 1;
-                match Worker::start(&self.spec, slot, generation) {
-                    Ok(w) => {
-                        info!(slot, generation, pid = w.child.id(), "worker started");
-                        worker = Some(w);
-                    }
-                    Err(e) => {
-                        error!(slot, generation, error = %e, "cannot start worker");
-                        self.fail_queued(&format!("worker could not start: {e}"));
-                        std::thread::sleep(RESTART_BACKOFF);
-                    }
-                }
-                continue;
-            };
-            if w.ready && !up {
-                up = true;
-                self.slots.workers_up.send_modify(|n| *n += 1);
+            // Health follows whether this slot has any worker ready.
+            let any_ready = self.slots.workers(slot).values().any(|w| w.loaded);
+            if any_ready != up {
+                up = any_ready;
+                self.slots
+                    .workers_up
+                    .send_modify(|n| *n = if up { *n + 1 } else { n.saturating_sub(1) });
             }
-            if warm_ups > 0 && w.ready {
-                warm_ups -= 1;
-                let (figures, death) = warm_up(w, &self.spec.model, &self.slots.closed);
-                if let Some(f) = figures {
-                    info!(
-                        slot,
-                        first_token_us = f.first_token_us,
-                        per_token_us = f.per_token_us,
-                        "engine warmed up"
-                    );
-                    self.speed.publish(f);
-                    warm_ups = 0;
+            let next = self.queue().next(HEALTH_EVERY, |model| {
+                let mut map = self.slots.workers(slot);
+                if map.get(model).is_some_and(|w| w.loaded) {
+                    map.remove(model)
+                } else {
+                    None
                 }
-                if let Some(death) = death {
-                    self.retire(worker.take(), &death, &mut up);
-                }
-                continue;
-            }
-            w.seq += 1;
-            let seq = w.seq;
-            let requests = Arc::clone(&w.requests);
-            match self.queue().next(HEALTH_EVERY, &requests, seq) {
+            });
+            match next {
                 Next::Closed => break,
-                Next::Idle => {
-                    if checked.elapsed() >= HEALTH_EVERY {
-                        checked = Instant::now();
-                        if let Err(death) = w.check() {
-                            self.retire(worker.take(), &death, &mut up);
-                        }
-                    }
+                Next::Idle => {}
+                Next::Expired(job) => {
+                    let error = Error::LateArrival;
+                    self.queue()
+                        .finish(&job, Event::Failed { error, tokens: 0 });
                 }
-                Next::Job(job, cancelled) => {
-                    let (terminal, death) = if job.deadline.is_expired() {
-                        let e = Error::LateArrival;
-                        (
-                            Event::Failed {
-                                error: e,
-                                tokens: 0,
-                            },
-                            None,
-                        )
-                    } else {
-                        self.run_job(w, seq, &job, &cancelled)
-                    };
+                Next::Job(job, cancelled, mut w) => {
+                    self.models.touch(&job.model);
+                    let seq = w.seq;
+                    let (terminal, death) = self.run_job(&mut w, seq, &job, &cancelled);
                     if let Event::Finished { first_token_us, .. } = &terminal {
-                        self.speed.observe_first_token(*first_token_us);
+                        self.models.observe_first_token(&job.model, *first_token_us);
                     }
                     self.queue().finish(&job, terminal);
-                    if let Some(death) = death {
-                        self.retire(worker.take(), &death, &mut up);
+                    match death {
+                        Some(death) => {
+                            self.models.set_ready(&job.model, slot, false);
+                            self.retire(w, &death);
+                        }
+                        None => {
+                            // Unloaded while it ran: it goes now.
+                            if self.models.is_wanted(&job.model) {
+                                self.slots.workers(slot).insert(job.model.clone(), w);
+                            }
+                        }
                     }
-                    checked = Instant::now();
                 }
             }
         }
@@ -563,7 +947,6 @@ impl SlotThread {
                 .workers_up
                 .send_modify(|n| *n = n.saturating_sub(1));
         }
-        drop(worker);
         debug!(slot, "slot thread stopped");
     }
 
@@ -589,15 +972,10 @@ impl SlotThread {
         w.run(seq, &req, cancelled, &mut emit)
     }
 
-    /// Replaces a broken worker: audits lane corruption and fails the jobs queued behind it
-    /// (UNAVAILABLE) so the queen can place them on a live worker.
-    fn retire(&self, worker: Option<Worker>, death: &Death, up: &mut bool) {
-        let Some(w) = worker else { return };
-        if std::mem::take(up) {
-            self.slots
-                .workers_up
-                .send_modify(|n| *n = n.saturating_sub(1));
-        }
+    /// Replaces a broken worker (the keeper starts its successor): audits lane corruption and
+    /// fails the jobs queued behind it (UNAVAILABLE) so the queen can place them on a live
+    /// worker.
+    fn retire(&self, w: Worker, death: &Death) {
         if let Some(c) = self.slots.counters.get() {
             c.restarts.inc();
             if matches!(death, Death::Lane(_)) {
@@ -692,8 +1070,22 @@ struct Worker {
     requests: Arc<Lane>,
     responses: Lane,
     started: Instant,
+    /// Beating (alive), maybe still loading.
     ready: bool,
+    /// Its engine said it has loaded: it can take jobs.
+    loaded: bool,
     seq: u64,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("slot", &self.slot)
+            .field("generation", &self.generation)
+            .field("pid", &self.child.id())
+            .field("loaded", &self.loaded)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a worker is no longer usable.
@@ -717,19 +1109,24 @@ impl std::fmt::Display for Death {
 // === impl Worker ===
 
 impl Worker {
-    fn start(spec: &WorkerSpec, slot: u32, generation: u64) -> Result<Worker, LaneError> {
+    fn start(
+        launch: &Launch,
+        args: &[String],
+        slot: u32,
+        generation: u64,
+    ) -> Result<Worker, LaneError> {
         // Sealed memfds, not files: no peer (the worker included) can shrink them under this
         // process, which would kill it with SIGBUS, and nothing else can open them by name.
         let requests =
-            Lane::create_sealed(&format!("skep-slot-{slot}-req"), spec.lane, generation)?;
+            Lane::create_sealed(&format!("skep-slot-{slot}-req"), launch.lane, generation)?;
         let responses =
-            Lane::create_sealed(&format!("skep-slot-{slot}-resp"), spec.lane, generation)?;
-        let mut command = Command::new(&spec.program);
+            Lane::create_sealed(&format!("skep-slot-{slot}-resp"), launch.lane, generation)?;
+        let mut command = Command::new(&launch.program);
         // Exactly these two fds reach this worker; other slots' workers never inherit them.
         let request_fd = requests.pass_to(&mut command);
         let response_fd = responses.pass_to(&mut command);
         let child = command
-            .args(&spec.args)
+            .args(args)
             .arg("--request-lane-fd")
             .arg(request_fd.to_string())
             .arg("--response-lane-fd")
@@ -768,6 +1165,7 @@ impl Worker {
             responses,
             started: Instant::now(),
             ready: false,
+            loaded: false,
             seq: 0,
         })
     }
@@ -789,6 +1187,32 @@ impl Worker {
             return Err(Death::Hung(age));
         }
         Ok(())
+    }
+
+    /// Reads the worker's one-time "engine loaded" message, if it has come; true once loaded.
+    /// Anything else on an idle worker's response lane breaks the protocol. A worker that beats
+    /// but has not loaded within the start-up grace is hung.
+    fn poll_loaded(&mut self) -> Result<bool, Death> {
+        if self.loaded {
+            return Ok(true);
+        }
+        let mut buf = Vec::new();
+        match self.responses.pop_timeout(&mut buf, Duration::ZERO) {
+            Ok(false) if self.started.elapsed() > STARTUP_GRACE => {
+                Err(Death::Hung(self.started.elapsed()))
+            }
+            Ok(false) => Ok(false),
+            Ok(true) => match LaneResponse::decode(buf.as_slice()) {
+                Ok(r) if r.seq == 0 && matches!(r.kind, Some(lane_response::Kind::Ready(_))) => {
+                    self.loaded = true;
+                    Ok(true)
+                }
+                _ => Err(Death::Lane(
+                    "a message other than its ready message before any job".into(),
+                )),
+            },
+            Err(e) => Err(Death::Lane(e.to_string())),
+        }
     }
 
     /// Runs one request as `seq`, handing `Started` and `Token` events to `emit` (false = the
@@ -961,6 +1385,11 @@ impl Worker {
                         message: e.message,
                     };
                     return (failed(worker, tokens, cancelled_at), None);
+                }
+                Some(lane_response::Kind::Ready(_)) => {
+                    let why = "a second ready message".to_owned();
+                    let lost = Error::WorkerLost(why.clone());
+                    return (failed(lost, tokens, cancelled_at), Some(Death::Lane(why)));
                 }
                 None => {
                     let lost = Error::WorkerLost("empty response".into());

@@ -48,6 +48,13 @@ struct Args {
     /// text (as a machine whose kernels round differently would).
     #[arg(long, default_value_t = 0)]
     synthetic_seed: u64,
+    /// Synthetic engine: time its "model" takes to load (tests of loading and eviction).
+    #[arg(long, default_value = "0ms", value_parser = humantime_duration)]
+    synthetic_load: Duration,
+    /// Synthetic engine: MiB of private memory held as its "weights" (tests of the memory
+    /// budget: the pool measures it like a real model's).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
+    synthetic_weights_mib: u32,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -72,12 +79,16 @@ fn main() -> anyhow::Result<()> {
     };
     let load = || -> anyhow::Result<Box<dyn Engine>> {
         Ok(match args.engine {
-            EngineKind::Synthetic => Box::new(SyntheticEngine::new(SyntheticConfig {
-                model: args.model.clone(),
-                time_to_first_token: args.synthetic_ttft,
-                tokens_per_sec: args.synthetic_tps,
-                seed: args.synthetic_seed,
-            })),
+            EngineKind::Synthetic => {
+                std::thread::sleep(args.synthetic_load);
+                hold_weights(args.synthetic_weights_mib);
+                Box::new(SyntheticEngine::new(SyntheticConfig {
+                    model: args.model.clone(),
+                    time_to_first_token: args.synthetic_ttft,
+                    tokens_per_sec: args.synthetic_tps,
+                    seed: args.synthetic_seed,
+                }))
+            }
             EngineKind::Gguf => load_gguf(&args)?,
         })
     };
@@ -93,6 +104,17 @@ fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn Engine>> {
     let engine = GgufEngine::load(path, &args.model, GgufOptions::default())
         .with_context(|| format!("loading {}", path.display()))?;
     Ok(Box::new(engine))
+}
+
+/// Holds `mib` MiB of touched private memory for the life of the process, as a loaded model's
+/// weights would be.
+fn hold_weights(mib: u32) {
+    if mib == 0 {
+        return;
+    }
+    let weights = vec![1u8; (mib as usize) << 20];
+    // Kept until exit, like a model's weights; never read.
+    std::mem::forget(std::hint::black_box(weights));
 }
 
 /// The lane session secret, handed over by the pool manager on stdin (never argv or env).

@@ -17,7 +17,7 @@ use skep_common::secret::Secret;
 use skep_common::{session, validate};
 use skep_lane::{Lane, LaneError, monotonic_ns};
 use skep_proto::v1::{
-    LaneDone, LaneError as LaneErr, LaneRequest, LaneResponse, LaneToken, lane_response,
+    LaneDone, LaneError as LaneErr, LaneReady, LaneRequest, LaneResponse, LaneToken, lane_response,
 };
 use tracing::{debug, info, warn};
 
@@ -83,6 +83,11 @@ pub fn serve<E: std::fmt::Display>(
             .map_err(|e| ServeError::Load(e.to_string()))
             .and_then(|mut engine| {
                 info!(generation, model = engine.model(), "worker ready");
+                let ready = LaneResponse {
+                    seq: 0,
+                    kind: Some(lane_response::Kind::Ready(LaneReady {})),
+                };
+                responses.push_timeout(&ready.encode_to_vec(), PUSH_WAIT)?;
                 serve_loop(&requests, &responses, session, engine.as_mut(), parent)
             });
         stop.store(true, Ordering::Relaxed);

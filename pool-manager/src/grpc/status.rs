@@ -14,7 +14,11 @@ pub(crate) fn code(e: &Error) -> Code {
         | Error::ReservedHandle
         | Error::DuplicateHandle(_)
         | Error::NoSuchSlot { .. } => Code::InvalidArgument,
-        Error::NotRegistered | Error::ShuttingDown | Error::WorkerLost(_) => Code::Unavailable,
+        Error::NotRegistered
+        | Error::ShuttingDown
+        | Error::WorkerLost(_)
+        | Error::OverBudget { .. }
+        | Error::LoadFailed { .. } => Code::Unavailable,
         Error::SlotFull { .. } => Code::ResourceExhausted,
         Error::UnknownModel(_) => Code::NotFound,
         Error::LateArrival | Error::DeadlineExceeded | Error::Infeasible { .. } => {

@@ -7,6 +7,7 @@ use futures_util::StreamExt;
 use tonic::Code;
 
 use super::*;
+use crate::models::ModelSpec;
 
 fn frame() -> JobFrame {
     JobFrame {
@@ -27,6 +28,15 @@ fn frame() -> JobFrame {
 
 fn models() -> Vec<String> {
     vec!["synthetic".into()]
+}
+
+fn model_set() -> Arc<ModelSet> {
+    let spec = ModelSpec {
+        name: "synthetic".into(),
+        args: Vec::new(),
+        file_bytes: 0,
+    };
+    Arc::new(ModelSet::new(vec![spec], 0, 2))
 }
 
 /// The gRPC code a frame is refused with, or `None` if accepted.
@@ -309,9 +319,14 @@ async fn the_outbound_stream_opens_with_credit_and_closes_on_a_key_change() {
     let (tx, rx) = mpsc::unbounded_channel();
     let (close_tx, close_rx) = oneshot::channel();
     tx.send(token(3, 0)).unwrap();
-    let mut out = Box::pin(outbound(credit(), rx, close_rx));
+    let models = model_set();
+    let mut out = Box::pin(outbound(credit(), Arc::clone(&models), rx, close_rx));
     let first = out.next().await.unwrap().unwrap();
-    assert_eq!(first.events, [credit()], "the credit comes first, alone");
+    assert_eq!(
+        first.events,
+        [credit(), models_event(&models)],
+        "the credit comes first, with the models' state"
+    );
     let second = out.next().await.unwrap().unwrap();
     assert_eq!(second.events[0].handle, 3);
     close_tx.send(Close::KeyChanged).unwrap();
@@ -325,7 +340,7 @@ async fn the_outbound_stream_opens_with_credit_and_closes_on_a_key_change() {
 async fn the_outbound_stream_ends_quietly_when_the_queen_is_gone() {
     let (_tx, rx) = mpsc::unbounded_channel();
     let (close_tx, close_rx) = oneshot::channel();
-    let mut out = Box::pin(outbound(credit(), rx, close_rx));
+    let mut out = Box::pin(outbound(credit(), model_set(), rx, close_rx));
     out.next().await.unwrap().unwrap();
     close_tx.send(Close::QueenGone).unwrap();
     assert!(out.next().await.is_none());
@@ -336,8 +351,8 @@ fn session(slots: &Arc<Slots>) -> (Session, mpsc::UnboundedReceiver<(u64, Event)
     let s = Session {
         id: 1,
         slots: Arc::clone(slots),
-        models: models(),
-        speed: Arc::new(Speed::default()),
+        models: model_set(),
+        names: models(),
         events,
         audit: None,
     };
@@ -504,7 +519,7 @@ async fn a_session_frame_that_does_not_decode_is_invalid_argument_and_audited() 
     let audit = Audit::start(&dir).unwrap();
     let dispatch_key = "skep_the_queens_dispatch_key";
     let (_tx, key) = watch::channel(Some(TokenDigest::of(dispatch_key)));
-    let service = PoolService::new(Slots::new(1, 2), models(), Arc::new(Speed::default()), key);
+    let service = PoolService::new(Slots::new(1, 2), model_set(), key);
     let limits = Arc::new(RateLimits::new(
         DEFAULT_IDENTITY_QUOTA,
         DEFAULT_BAD_AUTH_QUOTA,

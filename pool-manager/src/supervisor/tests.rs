@@ -61,10 +61,25 @@ fn done() -> Event {
     }
 }
 
+/// Stands for a worker with its request lane, about to run request `seq`.
+#[derive(Debug)]
+struct FakeWorker(Arc<Lane>, u64);
+
+impl Claim for FakeWorker {
+    fn claim(&mut self) -> (Arc<Lane>, u64) {
+        (Arc::clone(&self.0), self.1)
+    }
+}
+
+/// `slot`'s next job, taken as on a worker, within `wait`.
+fn next(slots: &Slots, slot: usize, lane: &TempLane, seq: u64, wait: Duration) -> Next<FakeWorker> {
+    slots.slots[slot].next(wait, |_| Some(FakeWorker(Arc::clone(&lane.lane), seq)))
+}
+
 /// The next job of `slot`, which must have one queued.
 fn pop(slots: &Slots, slot: usize, lane: &TempLane, seq: u64) -> (QueuedJob, Arc<AtomicBool>) {
-    match slots.slots[slot].next(Duration::ZERO, &lane.lane, seq) {
-        Next::Job(job, cancelled) => (job, cancelled),
+    match next(slots, slot, lane, seq, Duration::ZERO) {
+        Next::Job(job, cancelled, _) => (job, cancelled),
         other => panic!("expected a queued job, got {other:?}"),
     }
 }
@@ -94,7 +109,7 @@ fn jobs_with_equal_order_keys_run_in_arrival_order() {
         "jobs must leave in the order they arrived"
     );
     assert!(matches!(
-        slots.slots[0].next(Duration::ZERO, &lane.lane, 5),
+        next(&slots, 0, &lane, 5, Duration::ZERO),
         Next::Idle
     ));
 }
@@ -250,14 +265,14 @@ fn losing_a_session_drops_its_queued_jobs_and_cancels_its_running_one() {
     // Nobody is left to tell about the queued ones.
     assert!(drain(&mut rx_a).is_empty());
     slots.slots[0].finish(&running, done());
-    let (next, _) = pop(&slots, 0, &lane, 8);
+    let (left, _) = pop(&slots, 0, &lane, 8);
     assert_eq!(
-        (next.session, next.handle),
+        (left.session, left.handle),
         (2, 1),
         "only session 2's job is left"
     );
     assert!(matches!(
-        slots.slots[1].next(Duration::ZERO, &lane.lane, 9),
+        next(&slots, 1, &lane, 9, Duration::ZERO),
         Next::Idle
     ));
 }
@@ -288,7 +303,7 @@ fn a_closed_slot_refuses_jobs_and_wakes_its_thread() {
     ));
     // Would wait for a minute if close did not count as a reason to return.
     assert!(matches!(
-        slots.slots[0].next(Duration::from_secs(60), &lane.lane, 1),
+        next(&slots, 0, &lane, 1, Duration::from_secs(60)),
         Next::Closed
     ));
 }
@@ -544,7 +559,7 @@ fn jobs_on_a_slot_whose_worker_cannot_start_fail_unavailable() {
     slots.enqueue(0, job(1, 1, &sink)).unwrap();
     match rx.next(1) {
         Event::Failed {
-            error: Error::WorkerLost(why),
+            error: Error::LoadFailed { why, .. },
             tokens: 0,
         } => assert!(why.contains("could not start"), "{why}"),
         other => panic!("expected UNAVAILABLE, got {other:?}"),

@@ -51,6 +51,17 @@ impl Pool {
         let worker_secret = Secret::from_string(session.expose().to_owned());
         let worker =
             std::thread::spawn(move || serve(config, &worker_secret, || Ok::<_, String>(make())));
+        // The worker says once that its engine is loaded, before any request.
+        let mut buf = Vec::new();
+        assert!(
+            responses.pop_timeout(&mut buf, WAIT).unwrap(),
+            "the worker never said it was ready"
+        );
+        let ready = LaneResponse::decode(buf.as_slice()).unwrap();
+        assert!(
+            ready.seq == 0 && matches!(ready.kind, Some(lane_response::Kind::Ready(_))),
+            "{ready:?}"
+        );
         Pool {
             session,
             requests,
