@@ -119,6 +119,12 @@ enum Command {
         #[command(subcommand)]
         command: models::ModelCommand,
     },
+    /// Which models are warm and where, with each one's cold-load time on each pool.
+    Models {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage API tokens (admin).
     Token {
         #[command(subcommand)]
@@ -370,6 +376,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Token { command } => token(&queen, command).await,
         Command::Model { command } => models::run(&queen, command).await,
+        Command::Models { json } => models::show(&queen, json).await,
         Command::Audit { .. } | Command::Approver { .. } | Command::Approve(_) => Ok(()),
         Command::Cluster {
             command: ClusterCommand::Id,

@@ -15,7 +15,7 @@ use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use crate::Error;
-use crate::dispatch::{DispatchHandle, Figures, Target};
+use crate::dispatch::{DispatchHandle, Figures, ModelState, NodeModels, Target};
 
 /// Heartbeats missed before a node is suspect, then dead.
 const SUSPECT_AFTER_BEATS: u32 = 3;
@@ -43,6 +43,10 @@ pub struct NodeInfo {
     pub last_heartbeat: Duration,
     /// The latest machine inventory the node reported (wire type: it is only passed through).
     pub inventory: Option<skep_proto::v1::Inventory>,
+    /// Every model it can load, warm or not, with its load time, as its last report said.
+    pub model_states: Vec<ModelState>,
+    /// Memory its warm models may take (bytes); 0 = unlimited or not reported.
+    pub memory_budget: u64,
 }
 
 struct Entry {
@@ -171,6 +175,8 @@ pub struct NewNode {
     pub node_id: Option<String>,
     /// Engine speed the pool measured at warm-up, per model.
     pub figures: Vec<(String, Figures)>,
+    /// Its models' states and memory budget, if it reports them.
+    pub model_states: Option<NodeModels>,
 }
 
 pub struct Registered {
@@ -188,6 +194,7 @@ struct Register {
     /// The enrolled id, or `None` for a fresh one.
     node_id: Option<String>,
     figures: Vec<(String, Figures)>,
+    model_states: Option<NodeModels>,
 }
 
 impl Handler<Register> for Registry {
@@ -257,6 +264,12 @@ impl Handler<Register> for Registry {
                     health: NodeHealth::Healthy,
                     last_heartbeat: Duration::ZERO,
                     inventory: None,
+                    model_states: msg
+                        .model_states
+                        .as_ref()
+                        .map(|m| m.states.clone())
+                        .unwrap_or_default(),
+                    memory_budget: msg.model_states.as_ref().map_or(0, |m| m.budget),
                 },
                 target: target.clone(),
                 last_seen: Instant::now(),
@@ -267,7 +280,9 @@ impl Handler<Register> for Registry {
             for id in stale {
                 sched.node_down(&id).await?;
             }
-            sched.node_up(target, msg.models, msg.figures).await?;
+            sched
+                .node_up(target, msg.models, msg.figures, msg.model_states)
+                .await?;
             Ok(Registered { node_id })
         })
     }
@@ -281,6 +296,7 @@ struct Heartbeat {
     models: Vec<String>,
     inventory: Option<skep_proto::v1::Inventory>,
     figures: Vec<(String, Figures)>,
+    model_states: Option<NodeModels>,
 }
 
 impl Handler<Heartbeat> for Registry {
@@ -295,16 +311,20 @@ impl Handler<Heartbeat> for Registry {
         e.last_seen = Instant::now();
         e.info.free_slots = msg.free_slots;
         e.info.inventory = msg.inventory;
+        if let Some(m) = &msg.model_states {
+            e.info.model_states = m.states.clone();
+            e.info.memory_budget = m.budget;
+        }
         let revived = e.info.health == NodeHealth::Suspect || e.info.models != msg.models;
         e.info.models = msg.models;
         e.info.health = NodeHealth::Healthy;
         if !revived {
-            if msg.figures.is_empty() {
+            if msg.figures.is_empty() && msg.model_states.is_none() {
                 return Box::pin(async { Ok(true) });
             }
             let (sched, id) = (self.dispatch.clone(), msg.node_id);
             return Box::pin(async move {
-                sched.figures(&id, msg.figures).await?;
+                sched.figures(&id, msg.figures, msg.model_states).await?;
                 Ok(true)
             });
         }
@@ -315,7 +335,9 @@ impl Handler<Heartbeat> for Registry {
             e.info.models.clone(),
         );
         Box::pin(async move {
-            sched.node_up(target, models, msg.figures).await?;
+            sched
+                .node_up(target, models, msg.figures, msg.model_states)
+                .await?;
             Ok(true)
         })
     }
@@ -416,6 +438,7 @@ impl RegistryHandle {
                 dispatch_key: node.dispatch_key,
                 node_id: node.node_id,
                 figures: node.figures,
+                model_states: node.model_states,
             })
             .await?
     }
@@ -428,6 +451,7 @@ impl RegistryHandle {
         models: Vec<String>,
         inventory: Option<skep_proto::v1::Inventory>,
         figures: Vec<(String, Figures)>,
+        model_states: Option<NodeModels>,
     ) -> Result<bool, Error> {
         self.addr
             .send(Heartbeat {
@@ -436,6 +460,7 @@ impl RegistryHandle {
                 models,
                 inventory,
                 figures,
+                model_states,
             })
             .await?
     }

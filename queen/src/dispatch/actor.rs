@@ -175,7 +175,8 @@ impl Dispatcher {
                         attempt,
                         remaining,
                         order,
-                    } => self.send(key, node, (slot, order), attempt, remaining),
+                        evict,
+                    } => self.send(key, node, (slot, order, evict), attempt, remaining),
                     Action::Cancel { key, node } => {
                         if let Some(link) = self.links.get(&node) {
                             let _ = link.tx.send(SessionCmd::Cancel { handle: key });
@@ -191,7 +192,7 @@ impl Dispatcher {
         &mut self,
         key: JobKey,
         node: String,
-        (slot, order): (u32, u64),
+        (slot, order, evict): (u32, u64, Vec<String>),
         attempt: u32,
         remaining: Micros,
     ) {
@@ -224,6 +225,7 @@ impl Dispatcher {
                 remaining: Duration::from_micros(remaining),
                 slot,
                 order,
+                evict,
             }),
             route: Box::new(route),
         };
@@ -685,6 +687,7 @@ struct NodeUp {
     target: Target,
     models: Vec<String>,
     figures: Vec<(String, Figures)>,
+    states: Option<NodeModels>,
 }
 
 impl Handler<NodeUp> for Dispatcher {
@@ -693,6 +696,11 @@ impl Handler<NodeUp> for Dispatcher {
         let id = msg.target.node_id.clone();
         for (model, f) in &msg.figures {
             self.core.figures(&id, model, *f);
+        }
+        if let Some(m) = msg.states {
+            let now = self.now();
+            self.core.model_states(now, &id, m.states, m.budget);
+            self.perform(ctx);
         }
         if let Some(link) = self.links.get_mut(&id)
             && !link.tx.is_closed()
@@ -734,14 +742,53 @@ impl Handler<NodeUp> for Dispatcher {
 struct Figure {
     node: String,
     figures: Vec<(String, Figures)>,
+    states: Option<NodeModels>,
 }
 
 impl Handler<Figure> for Dispatcher {
     type Result = ();
-    fn handle(&mut self, msg: Figure, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Figure, ctx: &mut Self::Context) {
         for (model, f) in &msg.figures {
             self.core.figures(&msg.node, model, *f);
         }
+        if let Some(m) = msg.states {
+            let now = self.now();
+            self.core.model_states(now, &msg.node, m.states, m.budget);
+            self.perform(ctx);
+        }
+    }
+}
+
+/// The models of a pool and its memory budget (bytes; 0 = unlimited), as it reported them.
+#[derive(Debug, Clone, Default)]
+pub struct NodeModels {
+    pub states: Vec<core::ModelState>,
+    pub budget: u64,
+}
+
+/// A pool's session said its models changed (a load began or ended, a model was evicted).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ModelsChanged {
+    pub node: String,
+    pub generation: u64,
+    pub models: NodeModels,
+}
+
+impl Handler<ModelsChanged> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: ModelsChanged, ctx: &mut Self::Context) {
+        if self
+            .links
+            .get(&msg.node)
+            .is_none_or(|l| l.generation != msg.generation)
+        {
+            return;
+        }
+        let now = self.now();
+        self.core
+            .model_states(now, &msg.node, msg.models.states, msg.models.budget);
+        self.perform(ctx);
     }
 }
 
@@ -822,6 +869,7 @@ impl DispatchHandle {
         target: Target,
         models: Vec<String>,
         figures: Vec<(String, Figures)>,
+        states: Option<NodeModels>,
     ) -> Result<(), Error> {
         Ok(self
             .addr
@@ -829,16 +877,24 @@ impl DispatchHandle {
                 target,
                 models,
                 figures,
+                states,
             })
             .await?)
     }
 
-    pub async fn figures(&self, node: &str, figures: Vec<(String, Figures)>) -> Result<(), Error> {
+    /// A heartbeat's engine figures and model states (`None`: it reported none).
+    pub async fn figures(
+        &self,
+        node: &str,
+        figures: Vec<(String, Figures)>,
+        states: Option<NodeModels>,
+    ) -> Result<(), Error> {
         Ok(self
             .addr
             .send(Figure {
                 node: node.to_owned(),
                 figures,
+                states,
             })
             .await?)
     }
@@ -874,6 +930,10 @@ impl DispatchHandle {
     }
 
     pub(crate) async fn session_lost(&self, msg: SessionLost) {
+        let _ = self.addr.send(msg).await;
+    }
+
+    pub(crate) async fn models_changed(&self, msg: ModelsChanged) {
         let _ = self.addr.send(msg).await;
     }
 }

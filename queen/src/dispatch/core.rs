@@ -15,6 +15,15 @@
 //! slot are at the pool at once, so the worker starts its next job without a round trip while
 //! the queen keeps the freedom to order the rest.
 //!
+//! **Loads.** A pool serves a set of models, not all of them in memory (`core/models.rs`). A job
+//! starts no earlier than its model is ready on its pool: at once when warm, at the predicted end
+//! of the load under way, or a full cold-load time (the pool's own measure) after its slot frees
+//! for it; a model that does not fit beside the models with work on the pool waits here until
+//! that work has ended (a *drain*), and then loads. Admission, placement and the send all count
+//! this, so a job goes where it finishes first, loads included, and a job that no placement can
+//! finish in time, load included, is refused before anything is loaded. A job sent for a model
+//! that is not warm names the idle models the pool evicts for it.
+//!
 //! **Invariants** (checked by the property tests in `core/tests.rs`): an admitted job's
 //! predicted finish is within its deadline when it is admitted; no admission makes a job that
 //! was predicted on time predicted late; a job whose predicted finish is past its deadline is
@@ -24,6 +33,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
+pub use self::models::ModelState;
 use super::cost::{Cost, Figures, Sample};
 
 /// Microseconds on the caller's monotonic clock.
@@ -185,6 +195,9 @@ pub enum Action {
         remaining: Micros,
         /// The policy's sort key: the pool starts a slot's waiting job with the smallest.
         order: u64,
+        /// Warm models the pool must unload before it loads the job's model (least recently
+        /// used first; never one with a job at the pool, reserved here, or loading).
+        evict: Vec<String>,
     },
     /// Tell `node` to stop the job (it stays on its slot's ledger until the pool says it ended).
     Cancel { key: JobKey, node: String },
@@ -245,6 +258,9 @@ struct Live {
     zombie: bool,
     /// Admission order, for FCFS and ties.
     seq: u64,
+    /// Sent while its model was not warm there: its service time includes a load, which must
+    /// not be learnt as overhead.
+    after_load: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -268,6 +284,14 @@ struct Node {
     credits: u32,
     slots: Vec<Slot>,
     costs: HashMap<String, Cost>,
+    /// What the pool reported of each model it can load (empty: it reports none, and every
+    /// model it serves counts as warm), kept up to date by the queen's own sends.
+    loads: HashMap<String, models::Load>,
+    /// The pool's memory budget for warm models in bytes; 0 = unlimited (or not reported).
+    budget: u64,
+    /// A model this node loads only once every job of other models here has ended (it does
+    /// not fit beside them): its jobs wait here until then. See `core/models.rs`.
+    drain: Option<String>,
 }
 
 impl Node {
@@ -279,6 +303,9 @@ impl Node {
             credits: 0,
             slots: Vec::new(),
             costs: HashMap::new(),
+            loads: HashMap::new(),
+            budget: 0,
+            drain: None,
         }
     }
 }
@@ -320,12 +347,13 @@ type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
 /// The key under which `predict` reports a job that is only being considered.
 const EXTRA: JobKey = JobKey::MAX;
 
-/// A job being considered for a slot: its policy order, deadline and cost.
+/// A job being considered for a slot: its policy order, deadline, cost and model.
 #[derive(Debug, Clone, Copy)]
-struct Extra {
+struct Extra<'a> {
     order: u64,
     deadline: Micros,
     cost: Micros,
+    model: &'a str,
 }
 
 /// One job's predicted finish on a slot.
@@ -485,6 +513,7 @@ impl Core {
                 progress: Arc::clone(&progress),
                 zombie: false,
                 seq: key,
+                after_load: false,
             },
         );
         (key, progress)
@@ -512,6 +541,7 @@ impl Core {
             s.sent.retain(|k| *k != key);
             s.last_end = now;
         }
+        self.used(now, &node_id, &self.jobs[&key].spec.model.clone());
         let job = self.jobs.get_mut(&key).expect("checked above");
         if job.zombie {
             self.forget(key);
@@ -540,7 +570,15 @@ impl Core {
                 }
             }
         }
+        // The end of a job may end the node's drain, and its drained jobs wait on any slot.
+        let slots = self.nodes.get(&node_id).map_or(0, |n| n.slots.len() as u32);
+        let draining = self.nodes.get(&node_id).is_some_and(|n| n.drain.is_some());
         self.pump(now, &node_id, slot);
+        if draining {
+            for s in (0..slots).filter(|s| *s != slot) {
+                self.pump(now, &node_id, s);
+            }
+        }
     }
 
     /// Stops a job for its client. False if it is not live (unknown, or already ended).
@@ -629,6 +667,7 @@ impl Core {
             return;
         }
         node.up = false;
+        node.drain = None;
         let slots = std::mem::take(&mut node.slots);
         for slot in slots {
             for key in slot.sent {
@@ -744,7 +783,8 @@ impl Core {
     // --- admission ----------------------------------------------------------------------------
 
     /// The slot where `spec` would finish earliest while keeping everyone else on time (for
-    /// `Reserve`), or just earliest (other policies).
+    /// `Reserve`), or just earliest (other policies). A node whose memory cannot take the
+    /// model now (see `core/models.rs`) is no candidate.
     fn choose(
         &self,
         now: Micros,
@@ -767,8 +807,11 @@ impl Core {
                     order,
                     deadline: spec.deadline,
                     cost,
+                    model: &spec.model,
                 };
-                let (own, fits) = self.try_slot(now, node, s, extra);
+                let Some((own, fits)) = self.try_slot(now, node, s, extra) else {
+                    break;
+                };
                 best_any = Some(best_any.map_or(own, |b: Micros| b.min(own)));
                 if fits && best.as_ref().is_none_or(|b| own < b.2) {
                     best = Some((id.clone(), s as u32, own));
@@ -785,45 +828,54 @@ impl Core {
     }
 
     /// When a job would finish on a slot, and whether the policy lets it go there: under
-    /// `Reserve` it must finish by its deadline and make no job late that was predicted on time.
-    fn try_slot(&self, now: Micros, node: &Node, slot: usize, extra: Extra) -> (Micros, bool) {
+    /// `Reserve` it must finish by its deadline and make no job late that was predicted on time
+    /// (on this slot, or on any slot of the node when it moves the node's drain). `None` when
+    /// the node cannot take the model now (memory; see `core/models.rs`).
+    fn try_slot(
+        &self,
+        now: Micros,
+        node: &Node,
+        slot: usize,
+        extra: Extra<'_>,
+    ) -> Option<(Micros, bool)> {
+        let fit = self.fit(node, extra.model)?;
         let s = &node.slots[slot];
-        if s.sent.is_empty() && s.pending.is_empty() {
-            // An idle slot: the job starts now and delays nobody.
-            let own = now.saturating_add(extra.cost);
+        if s.sent.is_empty() && s.pending.is_empty() && fit.drain.is_none() {
+            // An idle slot: the job starts as soon as its model is ready and delays nobody.
+            let ready = self
+                .ready(now, node, extra.model)
+                .unwrap_or_else(|| now.saturating_add(self.load_time(node, extra.model)));
+            let own = now.max(ready).saturating_add(extra.cost);
             let fits = match self.cfg.policy {
                 Policy::Reserve => own <= extra.deadline,
                 Policy::Edf | Policy::Fcfs => extra.deadline > now,
             };
-            return (own, fits);
+            return Some((own, fits));
         }
-        let base = self.predict(now, node, slot, None);
-        let with = self.predict(now, node, slot, Some(extra));
+        let base_gate = self.gate(now, node, node.drain.as_deref(), None);
+        let with_gate = self.gate(now, node, fit.drain, Some((slot, extra)));
+        let base = self.simulate(now, node, slot, None, base_gate.as_ref()).0;
+        let with = self
+            .simulate(now, node, slot, Some(extra), with_gate.as_ref())
+            .0;
         let own = with
             .iter()
             .find(|p| p.key == EXTRA)
             .map_or(Micros::MAX, |p| p.finish);
         let fits = match self.cfg.policy {
             Policy::Reserve => {
-                own <= extra.deadline && {
-                    let mut before: Vec<(JobKey, bool)> = base
-                        .iter()
-                        .map(|p| (p.key, p.finish <= p.deadline))
-                        .collect();
-                    before.sort_unstable();
-                    let was_on_time = |key| {
-                        before
-                            .binary_search_by_key(&key, |b| b.0)
-                            .is_ok_and(|i| before[i].1)
-                    };
-                    !with
-                        .iter()
-                        .any(|p| p.key != EXTRA && p.finish > p.deadline && was_on_time(p.key))
-                }
+                own <= extra.deadline
+                    && !made_late(&base, &with)
+                    && (!fit.everywhere
+                        || (0..node.slots.len()).filter(|&o| o != slot).all(|o| {
+                            let b = self.simulate(now, node, o, None, base_gate.as_ref()).0;
+                            let w = self.simulate(now, node, o, None, with_gate.as_ref()).0;
+                            !made_late(&b, &w)
+                        }))
             }
             Policy::Edf | Policy::Fcfs => extra.deadline > now,
         };
-        (own, fits)
+        Some((own, fits))
     }
 
     fn order_key(&self, deadline: Micros, seq: u64) -> u64 {
@@ -847,21 +899,36 @@ impl Core {
         }
     }
 
+    /// When each job on a slot is predicted to finish (with the node's drain as it stands).
+    fn predict(&self, now: Micros, node: &Node, slot: usize) -> Vec<Predicted> {
+        let gate = self.gate(now, node, node.drain.as_deref(), None);
+        self.simulate(now, node, slot, None, gate.as_ref()).0
+    }
+
     /// When each job on a slot is predicted to finish, optionally with one extra job among the
-    /// waiting ones (reported under the key `EXTRA`).
+    /// waiting ones (reported under the key `EXTRA`); also when the slot's last job of a model
+    /// other than the drained one ends.
     ///
     /// This models the slot exactly as it runs: the job the pool has started runs to its end;
     /// whenever the slot frees, the pool starts the first (in policy order) of the jobs it
     /// holds; and while a job runs, the queen tops the pool's hold up to `credits` from its own
     /// queue, in policy order. A job that arrives later with an earlier deadline can thus pass
     /// jobs still here or in the pool's hold, but never the one running.
-    fn predict(
+    ///
+    /// Loads: a job starts no earlier than its model is ready there: at once when warm, at the
+    /// predicted end of the load under way when loading, and when cold a full load time after
+    /// the slot frees for it (the pool starts the load when the job arrives, which is no later
+    /// than that). The drained model's jobs (`gate`: the model, and when it will be ready, if
+    /// known) are held back here until every other job on the node has ended: they run after
+    /// all the others, no earlier than the gate.
+    fn simulate(
         &self,
         now: Micros,
         node: &Node,
         slot: usize,
-        extra: Option<Extra>,
-    ) -> Vec<Predicted> {
+        extra: Option<Extra<'_>>,
+        gate: Option<&(String, Option<Micros>)>,
+    ) -> (Vec<Predicted>, Micros) {
         let s = &node.slots[slot];
         let credits = node.credits as usize;
         let mut out = Vec::with_capacity(s.sent.len() + s.pending.len() + 1);
@@ -878,12 +945,22 @@ impl Core {
                 held.insert((self.order_key(job.spec.deadline, job.seq), *key));
             }
         }
-        // The queen's queue, with the extra job at its place.
+        let model_of = |key: JobKey| -> &str {
+            if key == EXTRA {
+                extra.expect("extra present").model
+            } else {
+                &self.jobs[&key].spec.model
+            }
+        };
+        let drained = |key: JobKey| gate.is_some_and(|(m, _)| m == model_of(key));
+        // The queen's queue, with the extra job at its place; the drained model's jobs wait
+        // apart (the queen sends none of them before the drain ends).
         let mut queue: Vec<(u64, JobKey)> = s.pending.iter().copied().collect();
         if let Some(e) = extra {
             let at = queue.partition_point(|q| *q < (e.order, EXTRA));
             queue.insert(at, (e.order, EXTRA));
         }
+        let (later, queue): (Vec<_>, Vec<_>) = queue.into_iter().partition(|(_, k)| drained(*k));
         let mut queue = queue.into_iter();
         let cost_of = |key: JobKey| -> (Micros, Micros) {
             if key == EXTRA {
@@ -911,10 +988,33 @@ impl Core {
                 }
             }
         };
+        // When each model is ready on this slot's timeline: a cold one is loaded once, by the
+        // first of its jobs to come up.
+        let mut ready: HashMap<String, Micros> = HashMap::new();
+        let start = |ready: &mut HashMap<String, Micros>, model: &str, t: Micros| -> Micros {
+            let r = match ready.get(model) {
+                Some(r) => *r,
+                None => {
+                    let r = self
+                        .ready(now, node, model)
+                        .unwrap_or_else(|| t.saturating_add(self.load_time(node, model)));
+                    ready.insert(model.to_owned(), r);
+                    r
+                }
+            };
+            t.max(r)
+        };
         let mut t = now;
         if let Some((key, r)) = running {
             let cost = self.cost(node, &r.spec.model);
-            t = head_end(now, r, &cost);
+            // A job the pool started has its model loaded.
+            let begin = if r.progress.started_at().is_some() {
+                ready.insert(r.spec.model.clone(), now);
+                now
+            } else {
+                start(&mut ready, &r.spec.model, now)
+            };
+            t = head_end(now, r, &cost, begin);
             if r.zombie {
                 // Cancelled: the worker stops at its next token.
                 t = t.min(now.saturating_add(cost.per_token() + cost.overhead()));
@@ -926,20 +1026,43 @@ impl Core {
             });
             refill(&mut held, &mut queue);
         }
+        let sent_at = |key: JobKey| match self.jobs.get(&key).map(|j| j.place) {
+            Some(Place::Sent { sent_at, .. }) if key != EXTRA => sent_at,
+            _ => 0,
+        };
         loop {
-            let next = match held.pop_first() {
-                Some((_, k)) => k,
-                None => match queue.next() {
-                    Some((_, k)) => k,
+            if held.is_empty() {
+                match queue.next() {
+                    Some(q) => {
+                        held.insert(q);
+                    }
                     None => break,
-                },
-            };
+                }
+            }
+            // The slot frees at `t`: the pool starts the smallest job it holds. If that job's
+            // model is not ready, the pool waits, and meanwhile takes what the queen sends it
+            // (up to its credit): the smallest of those then goes first.
+            let &(_, first) = held.first().expect("filled above");
+            let at = t.max(sent_at(first));
+            if cost_of(first).0 > 0 && start(&mut ready, model_of(first), at) > at {
+                while held.len() <= credits {
+                    match queue.next() {
+                        Some(q) => {
+                            held.insert(q);
+                        }
+                        None => break,
+                    }
+                }
+            }
+            let (_, next) = held.pop_first().expect("filled above");
             refill(&mut held, &mut queue);
             let (cost, deadline) = cost_of(next);
             // A job sent but not yet started begins no earlier than it was sent.
-            let begin = match self.jobs.get(&next).map(|j| j.place) {
-                Some(Place::Sent { sent_at, .. }) => t.max(sent_at),
-                _ => t,
+            let begin = t.max(sent_at(next));
+            let begin = if cost == 0 {
+                begin
+            } else {
+                start(&mut ready, model_of(next), begin)
             };
             t = begin.saturating_add(cost);
             out.push(Predicted {
@@ -948,7 +1071,19 @@ impl Core {
                 deadline,
             });
         }
-        out
+        let others_end = t;
+        if let Some((_, Some(open))) = gate {
+            for (_, next) in later {
+                let (cost, deadline) = cost_of(next);
+                t = t.max(*open).saturating_add(cost);
+                out.push(Predicted {
+                    key: next,
+                    finish: t,
+                    deadline,
+                });
+            }
+        }
+        (out, others_end)
     }
 
     // --- the ledger ---------------------------------------------------------------------------
@@ -969,6 +1104,7 @@ impl Core {
             s.pending.insert((order, key));
             self.queued += 1;
         }
+        self.begin_drain(node, key);
     }
 
     fn unqueue(&mut self, key: JobKey) {
@@ -992,6 +1128,7 @@ impl Core {
     /// Sends waiting jobs to the pool while the slot has credit, dropping those that can no
     /// longer finish in time; an idle slot takes work reserved elsewhere when that is sooner.
     fn pump(&mut self, now: Micros, node_id: &str, slot: u32) {
+        self.settle(now, node_id);
         loop {
             let Some(node) = self.nodes.get(node_id) else {
                 return;
@@ -1005,18 +1142,39 @@ impl Core {
             if s.sent.len() > node.credits as usize {
                 return;
             }
-            let Some(&(order, key)) = s.pending.first() else {
-                if s.sent.len() < 1 + node.credits as usize && !self.steal(now, node_id, slot) {
+            // The drained model's jobs stay here until the node's other work has ended.
+            let drain = node.drain.as_deref();
+            let first = s
+                .pending
+                .iter()
+                .find(|(_, k)| drain != Some(self.jobs[k].spec.model.as_str()))
+                .copied();
+            let Some((order, key)) = first else {
+                if !s.pending.is_empty() || !self.steal(now, node_id, slot) {
                     return;
                 }
                 continue;
             };
             let finish = self
-                .predict(now, node, slot as usize, None)
+                .predict(now, node, slot as usize)
                 .iter()
                 .find(|p| p.key == key)
                 .map_or(Micros::MAX, |p| p.finish);
             let deadline = self.jobs[&key].spec.deadline;
+            let hopeless = match self.cfg.policy {
+                Policy::Reserve => finish > deadline,
+                Policy::Edf | Policy::Fcfs => deadline <= now,
+            };
+            let model = self.jobs[&key].spec.model.clone();
+            let load = if hopeless {
+                None
+            } else {
+                match self.prepare_load(now, node_id, &model) {
+                    Some(load) => Some(load),
+                    // It cannot fit beside the models with work here: it waits for them.
+                    None => continue,
+                }
+            };
             let s = self
                 .nodes
                 .get_mut(node_id)
@@ -1024,11 +1182,7 @@ impl Core {
                 .expect("checked above");
             s.pending.remove(&(order, key));
             self.queued -= 1;
-            let hopeless = match self.cfg.policy {
-                Policy::Reserve => finish > deadline,
-                Policy::Edf | Policy::Fcfs => deadline <= now,
-            };
-            if hopeless {
+            let Some((evict, after_load)) = load else {
                 self.end(
                     key,
                     Outcome::Missed {
@@ -1039,7 +1193,7 @@ impl Core {
                     },
                 );
                 continue;
-            }
+            };
             // To an idle slot the job goes first whatever arrives with it: the pool runs the
             // smallest order first, and the ledger has it running from now.
             let head = s.sent.is_empty();
@@ -1047,8 +1201,10 @@ impl Core {
                 s.head = Some(key);
             }
             s.sent.push_back(key);
+            self.loading(now, node_id, &model, &evict);
             let job = self.jobs.get_mut(&key).expect("live");
             job.place = Place::Sent { slot, sent_at: now };
+            job.after_load = after_load;
             self.actions.push(Action::Send {
                 key,
                 node: node_id.to_owned(),
@@ -1056,6 +1212,7 @@ impl Core {
                 attempt: job.attempt,
                 remaining: deadline.saturating_sub(now),
                 order: if head { 0 } else { order },
+                evict,
             });
         }
     }
@@ -1085,7 +1242,7 @@ impl Core {
                     continue;
                 }
                 let there = self
-                    .predict(now, other, si, None)
+                    .predict(now, other, si)
                     .iter()
                     .find(|p| p.key == key)
                     .map_or(Micros::MAX, |p| p.finish);
@@ -1093,8 +1250,11 @@ impl Core {
                     order,
                     deadline: job.spec.deadline,
                     cost: self.cost(node, &job.spec.model).job(job.spec.max_tokens),
+                    model: &job.spec.model,
                 };
-                let (here, fits) = self.try_slot(now, node, slot as usize, extra);
+                let Some((here, fits)) = self.try_slot(now, node, slot as usize, extra) else {
+                    continue;
+                };
                 if fits && here < there && best.is_none_or(|(gain, _)| there - here > gain) {
                     best = Some((there - here, key));
                 }
@@ -1211,8 +1371,11 @@ impl Core {
                 // The job began when it was sent or when the slot's previous job ended.
                 let began = sent_at.max(last_end);
                 let service = now.saturating_sub(began);
-                sample.overhead_us =
-                    Some(service.saturating_sub(worker_first_token_us + generation_us));
+                // A job that waited for its model's load says nothing about the overhead.
+                if !job.after_load {
+                    sample.overhead_us =
+                        Some(service.saturating_sub(worker_first_token_us + generation_us));
+                }
                 sample.first_token_us = Some(*worker_first_token_us);
                 if *tokens > 1 {
                     sample.per_token_us = Some(generation_us / u64::from(tokens - 1));
@@ -1234,8 +1397,25 @@ impl Core {
     }
 }
 
-/// When the job at the head of a slot will end, from what its progress says.
-fn head_end(now: Micros, job: &Live, cost: &Cost) -> Micros {
+/// Whether admitting changed a job predicted on time (`base`) into one predicted late (`with`).
+fn made_late(base: &[Predicted], with: &[Predicted]) -> bool {
+    let mut before: Vec<(JobKey, bool)> = base
+        .iter()
+        .map(|p| (p.key, p.finish <= p.deadline))
+        .collect();
+    before.sort_unstable();
+    let was_on_time = |key| {
+        before
+            .binary_search_by_key(&key, |b| b.0)
+            .is_ok_and(|i| before[i].1)
+    };
+    with.iter()
+        .any(|p| p.key != EXTRA && p.finish > p.deadline && was_on_time(p.key))
+}
+
+/// When the job at the head of a slot will end, from what its progress says; `begin` is when
+/// it can start if it has not (its model ready).
+fn head_end(now: Micros, job: &Live, cost: &Cost, begin: Micros) -> Micros {
     let max = u64::from(job.spec.max_tokens);
     let p = &job.progress;
     let tokens = u64::from(p.tokens());
@@ -1249,6 +1429,7 @@ fn head_end(now: Micros, job: &Live, cost: &Cost) -> Micros {
         _ => match job.place {
             Place::Sent { sent_at, .. } => sent_at
                 .max(now)
+                .max(begin)
                 .saturating_add(cost.job(job.spec.max_tokens)),
             _ => now.saturating_add(cost.job(job.spec.max_tokens)),
         },
@@ -1256,5 +1437,6 @@ fn head_end(now: Micros, job: &Live, cost: &Cost) -> Micros {
     end.max(now)
 }
 
+mod models;
 #[cfg(test)]
 mod tests;

@@ -18,8 +18,8 @@ use skep_proto::v1::pool_client::PoolClient;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-pub use self::actor::{DispatchHandle, Dispatcher};
-pub use self::core::{Config, JobKey, Policy};
+pub use self::actor::{DispatchHandle, Dispatcher, NodeModels};
+pub use self::core::{Config, JobKey, ModelState, Policy};
 pub use self::cost::Figures;
 use crate::job::Event;
 pub use crate::job::NewJob;
@@ -49,6 +49,8 @@ pub struct Attempt {
     pub slot: u32,
     /// The policy's sort key among the slot's waiting jobs at the pool.
     pub order: u64,
+    /// Warm models the pool unloads first so that the job's model fits its budget.
+    pub evict: Vec<String>,
 }
 
 /// What a session needs to stream one job's events to its client.

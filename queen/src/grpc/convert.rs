@@ -61,8 +61,18 @@ pub fn node(n: NodeInfo, running: u32) -> pb::Node {
         last_heartbeat_ms_ago: micros(n.last_heartbeat) / 1000,
         running,
         inventory: n.inventory,
-        model_states: Vec::new(),
-        memory_budget_bytes: 0,
+        model_states: n
+            .model_states
+            .into_iter()
+            .map(|m| pb::ModelState {
+                model: m.model,
+                warm: m.warm,
+                loading: m.loading,
+                load_us: m.load_us,
+                footprint_bytes: m.footprint_bytes,
+            })
+            .collect(),
+        memory_budget_bytes: n.memory_budget,
     }
 }
 

@@ -214,6 +214,7 @@ impl Nodes for NodesService {
                 dispatch_key: key,
                 node_id,
                 figures: checked_figures(&r.figures)?,
+                model_states: checked_model_states(&r.model_states, r.memory_budget_bytes)?,
             })
             .await
             .inspect_err(|e| {
@@ -292,6 +293,7 @@ impl Nodes for NodesService {
                 r.models,
                 checked_inventory(r.inventory)?,
                 checked_figures(&r.figures)?,
+                checked_model_states(&r.model_states, r.memory_budget_bytes)?,
             )
             .await?;
         Ok(Response::new(HeartbeatResponse { known }))
@@ -313,6 +315,55 @@ impl Nodes for NodesService {
             .collect();
         Ok(Response::new(ListNodesResponse { nodes }))
     }
+}
+
+/// Model states a pool reported (register, heartbeat, or its session's `models` event), checked
+/// like any other input: bounded, known model names, each once, times and sizes that are not
+/// absurd. `None` when it reported none (a pool that serves its models warm, as before).
+pub(crate) fn checked_model_states(
+    states: &[skep_proto::v1::ModelState],
+    budget: u64,
+) -> Result<Option<crate::dispatch::NodeModels>, Status> {
+    /// A day: no load takes longer, and sums of these never overflow.
+    const MAX_LOAD_US: u64 = 86_400_000_000;
+    /// 1 PiB: more than any machine's memory, and far from overflowing a sum of 64.
+    const MAX_BYTES: u64 = 1 << 50;
+    if states.len() > MAX_MODELS {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_MODELS} model states per node"
+        )));
+    }
+    if states.is_empty() && budget == 0 {
+        return Ok(None);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(states.len());
+    for st in states {
+        validate::model_name(&st.model).map_err(Error::from)?;
+        if !seen.insert(st.model.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "model {:?} has two states",
+                st.model
+            )));
+        }
+        if st.load_us > MAX_LOAD_US || st.footprint_bytes > MAX_BYTES {
+            return Err(Status::invalid_argument(
+                "a model's load time must be at most a day and its footprint at most 1 PiB",
+            ));
+        }
+        out.push(crate::dispatch::ModelState {
+            model: st.model.clone(),
+            warm: st.warm,
+            // Warm wins: a model ready everywhere is not waiting for anything.
+            loading: st.loading && !st.warm,
+            load_us: st.load_us,
+            footprint_bytes: st.footprint_bytes,
+        });
+    }
+    Ok(Some(crate::dispatch::NodeModels {
+        states: out,
+        budget: budget.min(MAX_BYTES.saturating_mul(64)),
+    }))
 }
 
 /// Engine figures a pool measured, checked like any other input: known model names, and times
@@ -346,4 +397,45 @@ fn checked_figures(
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use skep_proto::v1::ModelState;
+
+    use super::*;
+
+    fn state(model: &str, load_us: u64, footprint_bytes: u64) -> ModelState {
+        ModelState {
+            model: model.into(),
+            warm: true,
+            loading: true,
+            load_us,
+            footprint_bytes,
+        }
+    }
+
+    #[test]
+    fn model_states_are_bounded_named_once_and_sane() {
+        assert!(checked_model_states(&[], 0).unwrap().is_none());
+        let ok = checked_model_states(&[state("smollm2", 900_000, 1 << 30)], 1 << 32)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ok.budget, 1 << 32);
+        // Warm wins over loading.
+        assert!(ok.states[0].warm && !ok.states[0].loading);
+        let bad = [
+            vec![state("bad name!", 1, 1)],
+            vec![state("a", 1, 1), state("a", 2, 2)],
+            vec![state("a", u64::MAX, 1)],
+            vec![state("a", 1, u64::MAX)],
+            (0..=MAX_MODELS)
+                .map(|i| state(&format!("m{i}"), 1, 1))
+                .collect(),
+        ];
+        for states in bad {
+            let e = checked_model_states(&states, 0).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{states:?}");
+        }
+    }
 }

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Request;
 use tracing::{debug, warn};
 
-use crate::dispatch::actor::{AttemptTimings, Ended, SessionLost, SessionReady};
+use crate::dispatch::actor::{AttemptTimings, Ended, ModelsChanged, SessionLost, SessionReady};
 use crate::dispatch::core::Report;
 use crate::dispatch::{Delivered, DispatchHandle, Route, SessionCmd, Target};
 use crate::job::Event;
@@ -110,7 +110,7 @@ async fn session(
                         temperature: attempt.sampling.temperature,
                         top_p: attempt.sampling.top_p,
                         seed: attempt.sampling.seed,
-                        evict: Vec::new(),
+                        evict: attempt.evict,
                     };
                     let _ = route.events.try_send(Event::Dispatched {
                         node_id: node.clone(),
@@ -170,16 +170,37 @@ async fn handle_event(
     let Some(kind) = ev.kind else {
         return;
     };
-    if let pool_event::Kind::Credit(c) = kind {
-        dispatch
-            .session_ready(SessionReady {
-                node: node.to_owned(),
-                generation,
-                slots: c.slots,
-                credits: c.per_slot,
-            })
-            .await;
-        return;
+    // Session-level events (handle 0) name no job.
+    match kind {
+        pool_event::Kind::Credit(c) => {
+            dispatch
+                .session_ready(SessionReady {
+                    node: node.to_owned(),
+                    generation,
+                    slots: c.slots,
+                    credits: c.per_slot,
+                })
+                .await;
+            return;
+        }
+        pool_event::Kind::Models(m) => {
+            match super::nodes::checked_model_states(&m.states, m.memory_budget_bytes) {
+                Ok(models) => {
+                    // An empty event: the pool reports no states (its models count as warm).
+                    let models = models.unwrap_or_default();
+                    dispatch
+                        .models_changed(ModelsChanged {
+                            node: node.to_owned(),
+                            generation,
+                            models,
+                        })
+                        .await;
+                }
+                Err(e) => warn!(node, error = %e.message(), "ignoring an invalid models event"),
+            }
+            return;
+        }
+        _ => {}
     }
     let Some(job) = jobs.get_mut(&ev.handle) else {
         debug!(

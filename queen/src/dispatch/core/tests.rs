@@ -15,10 +15,18 @@ struct PoolSpec {
     slots: u32,
     first_token: Micros,
     per_token: Micros,
+    /// Models on demand: the memory budget (0 = unlimited) and, for models `m` and `n`,
+    /// whether each starts warm and its load time. `None`: `m` only, always warm, no reports.
+    loads: Option<(u64, [(bool, Micros); 2])>,
 }
+
+/// Every model takes this much memory in the simulated pools.
+const FOOTPRINT: u64 = 100;
+const MODELS: [&str; 2] = ["m", "n"];
 
 #[derive(Debug, Clone)]
 struct Arrival {
+    model: &'static str,
     after: Micros,
     max_tokens: u32,
     budget: Micros,
@@ -37,6 +45,11 @@ enum Ev {
     Cancel(usize),
     Kill(String),
     Tick,
+    /// A load the pool started is done.
+    Loaded {
+        node: String,
+        model: String,
+    },
 }
 
 /// A pool as the core's ledger assumes it: a FIFO per slot, one job running per slot.
@@ -46,6 +59,9 @@ struct SimPool {
     /// Waiting jobs per slot, as (order, arrival, key): the pool starts the smallest.
     queues: Vec<BTreeSet<(u64, u64, JobKey)>>,
     running: Vec<Option<JobKey>>,
+    /// Per model: warm, or loading (ready at). Empty when the pool does not report models.
+    warm: BTreeMap<String, bool>,
+    loading: BTreeMap<String, Micros>,
 }
 
 struct Sim {
@@ -61,6 +77,12 @@ struct Sim {
     admitted: Vec<JobKey>,
     ends: HashMap<JobKey, Vec<Outcome>>,
     sent_after_end: Vec<JobKey>,
+    model_of: HashMap<JobKey, &'static str>,
+    /// Broken promises of the models protocol: an eviction of a model with work at the pool,
+    /// or a load the budget could not take.
+    model_faults: Vec<String>,
+    /// Loads each pool started, per model.
+    loads: BTreeMap<(String, String), usize>,
 }
 
 impl Sim {
@@ -75,25 +97,47 @@ impl Sim {
         let mut sim_pools = BTreeMap::new();
         for (i, p) in pools.iter().enumerate() {
             let id = format!("node-{i}");
+            let served: &[&str] = if p.loads.is_some() {
+                &MODELS
+            } else {
+                &MODELS[..1]
+            };
             // The pool measured itself at warm-up: its figures are its true speed.
-            core.figures(
+            for m in served {
+                core.figures(
+                    &id,
+                    m,
+                    Figures {
+                        first_token_us: p.first_token,
+                        per_token_us: p.per_token,
+                    },
+                );
+            }
+            let mut warm = BTreeMap::new();
+            if let Some((_, models)) = &p.loads {
+                for (m, (w, _)) in MODELS.iter().zip(models) {
+                    warm.insert((*m).to_owned(), *w);
+                }
+            }
+            let pool = SimPool {
+                spec: p.clone(),
+                alive: true,
+                queues: vec![BTreeSet::new(); p.slots as usize],
+                running: vec![None; p.slots as usize],
+                warm,
+                loading: BTreeMap::new(),
+            };
+            if let Some((states, budget)) = pool.report() {
+                core.model_states(0, &id, states, budget);
+            }
+            core.node_up(
+                0,
                 &id,
-                "m",
-                Figures {
-                    first_token_us: p.first_token,
-                    per_token_us: p.per_token,
-                },
+                p.slots,
+                2,
+                served.iter().map(|m| (*m).into()).collect(),
             );
-            core.node_up(0, &id, p.slots, 2, vec!["m".into()]);
-            sim_pools.insert(
-                id,
-                SimPool {
-                    spec: p.clone(),
-                    alive: true,
-                    queues: vec![BTreeSet::new(); p.slots as usize],
-                    running: vec![None; p.slots as usize],
-                },
-            );
+            sim_pools.insert(id, pool);
         }
         let mut sim = Sim {
             core,
@@ -108,6 +152,9 @@ impl Sim {
             admitted: Vec::new(),
             ends: HashMap::new(),
             sent_after_end: Vec::new(),
+            model_of: HashMap::new(),
+            model_faults: Vec::new(),
+            loads: BTreeMap::new(),
         };
         let mut t = 0;
         for (i, a) in arrivals.iter().enumerate() {
@@ -131,7 +178,7 @@ impl Sim {
         let mut out = HashMap::new();
         for node in self.core.nodes.values().filter(|n| n.up) {
             for s in 0..node.slots.len() {
-                for p in self.core.predict(self.now, node, s, None) {
+                for p in self.core.predict(self.now, node, s) {
                     out.insert(p.key, (p.finish, p.deadline));
                 }
             }
@@ -157,17 +204,22 @@ impl Sim {
                     node,
                     slot,
                     order,
+                    evict,
                     ..
                 } => {
                     if self.ends.contains_key(&key) {
                         self.sent_after_end.push(key);
                     }
-                    let Some(pool) = self.pools.get_mut(&node) else {
+                    let Some(pool) = self.pools.get(&node) else {
                         continue;
                     };
                     if !pool.alive {
                         continue;
                     }
+                    if pool.spec.loads.is_some() && !self.load(&node, key, &evict) {
+                        continue;
+                    }
+                    let pool = self.pools.get_mut(&node).expect("checked above");
                     self.seq += 1;
                     pool.queues[slot as usize].insert((order, self.seq, key));
                     self.start_next(&node, slot);
@@ -211,15 +263,80 @@ impl Sim {
         }
     }
 
+    /// What the pool does with a job for a model that is not warm: it unloads what the queen
+    /// named, then starts the load if the budget takes it; otherwise it fails the job
+    /// (UNAVAILABLE). False when the job was failed.
+    fn load(&mut self, node: &str, key: JobKey, evict: &[String]) -> bool {
+        let model = self.model_of[&key];
+        let now = self.now;
+        let pool = self.pools.get_mut(node).expect("pool");
+        if pool.warm[model] || pool.loading.contains_key(model) {
+            return true;
+        }
+        for e in evict {
+            let busy = pool
+                .queues
+                .iter()
+                .flatten()
+                .map(|q| q.2)
+                .chain(pool.running.iter().flatten().copied())
+                .any(|k| self.model_of[&k] == e.as_str());
+            if busy || pool.loading.contains_key(e) {
+                self.model_faults
+                    .push(format!("{node}: evicted {e}, which had work there"));
+            }
+            pool.warm.insert(e.clone(), false);
+        }
+        let (budget, loads) = pool.spec.loads.expect("a pool with models");
+        let resident = pool.warm.values().filter(|w| **w).count() + pool.loading.len();
+        if budget > 0 && (resident as u64 + 1) * FOOTPRINT > budget {
+            self.model_faults
+                .push(format!("{node}: asked to load {model} beyond its budget"));
+            self.core.ended(
+                now,
+                key,
+                node,
+                Report::Failed {
+                    code: CODE_UNAVAILABLE,
+                    message: "over budget".into(),
+                },
+            );
+            return false;
+        }
+        let load_us = loads[MODELS.iter().position(|m| *m == model).expect("known")].1;
+        pool.loading.insert(model.to_owned(), now + load_us);
+        *self
+            .loads
+            .entry((node.to_owned(), model.to_owned()))
+            .or_default() += 1;
+        let report = pool.report();
+        self.at(
+            now + load_us,
+            Ev::Loaded {
+                node: node.to_owned(),
+                model: model.to_owned(),
+            },
+        );
+        if let Some((states, budget)) = report {
+            self.core.model_states(now, node, states, budget);
+        }
+        true
+    }
+
     fn start_next(&mut self, node: &str, slot: u32) {
         let pool = self.pools.get_mut(node).expect("pool");
         let s = slot as usize;
         if pool.running[s].is_some() {
             return;
         }
-        let Some((_, _, key)) = pool.queues[s].pop_first() else {
+        // The job whose turn it is waits for its model to be ready.
+        let Some(&(_, _, key)) = pool.queues[s].first() else {
             return;
         };
+        if pool.spec.loads.is_some() && !pool.warm[self.model_of[&key]] {
+            return;
+        }
+        pool.queues[s].pop_first();
         pool.running[s] = Some(key);
         let tokens = u64::from(self.max_tokens[&key]);
         let took = pool.spec.first_token + pool.spec.per_token * tokens.saturating_sub(1);
@@ -244,7 +361,7 @@ impl Sim {
                     let before = self.predictions();
                     let caller = sim_caller(i);
                     let spec = JobSpec {
-                        model: "m".into(),
+                        model: a.model.into(),
                         max_tokens: a.max_tokens,
                         deadline: self.now + a.budget,
                         caller: Arc::clone(&caller),
@@ -257,6 +374,7 @@ impl Sim {
                         assert!(live_before >= SIM_SHARE, "refused below its share");
                     }
                     if let Ok(adm) = &r {
+                        self.model_of.insert(adm.key, a.model);
                         self.keys.insert(i, adm.key);
                         self.progress.insert(adm.key, Arc::clone(&adm.progress));
                         self.max_tokens.insert(adm.key, a.max_tokens);
@@ -290,6 +408,9 @@ impl Sim {
                         continue;
                     }
                     pool.running[slot as usize] = None;
+                    // The pool starts its next job at once, before the queen hears of this end.
+                    self.start_next(&node, slot);
+                    let pool = self.pools.get_mut(&node).expect("pool");
                     let tokens = self.max_tokens[&key];
                     let (ft, pt) = (pool.spec.first_token, pool.spec.per_token);
                     for _ in 0..tokens {
@@ -331,6 +452,20 @@ impl Sim {
                 Ev::Tick => {
                     self.core.tick(self.now);
                     self.apply_actions();
+                }
+                Ev::Loaded { node, model } => {
+                    let pool = self.pools.get_mut(&node).expect("pool");
+                    if !pool.alive || pool.loading.remove(&model).is_none() {
+                        continue;
+                    }
+                    pool.warm.insert(model, true);
+                    if let Some((states, budget)) = pool.report() {
+                        self.core.model_states(self.now, &node, states, budget);
+                    }
+                    self.apply_actions();
+                    for slot in 0..self.pools[&node].running.len() as u32 {
+                        self.start_next(&node, slot);
+                    }
                 }
             }
             self.assert_caller_counts();
@@ -390,6 +525,25 @@ impl Sim {
     }
 }
 
+impl SimPool {
+    /// The pool's models as its reports say (`None`: it reports none).
+    fn report(&self) -> Option<(Vec<ModelState>, u64)> {
+        let (budget, loads) = self.spec.loads?;
+        let states = MODELS
+            .iter()
+            .zip(loads)
+            .map(|(m, (_, load_us))| ModelState {
+                model: (*m).into(),
+                warm: self.warm[*m],
+                loading: self.loading.contains_key(*m),
+                load_us,
+                footprint_bytes: FOOTPRINT,
+            })
+            .collect();
+        Some((states, budget))
+    }
+}
+
 /// Tenants in the simulated traces (arrival i belongs to tenant i mod SIM_CALLERS), and the
 /// share each may hold: small enough that long traces hit it.
 const SIM_CALLERS: usize = 3;
@@ -405,6 +559,7 @@ fn pools() -> impl Strategy<Value = Vec<PoolSpec>> {
             slots,
             first_token: ft * MS,
             per_token: pt * MS,
+            loads: None,
         }),
         1..=3,
     )
@@ -419,6 +574,7 @@ fn arrivals(cancels: bool) -> impl Strategy<Value = Vec<Arrival>> {
             prop::option::weighted(0.2, 0u64..=500),
         )
             .prop_map(move |(after, max_tokens, budget, cancel)| Arrival {
+                model: "m",
                 after: after * MS,
                 max_tokens,
                 budget: budget * MS,
@@ -428,8 +584,86 @@ fn arrivals(cancels: bool) -> impl Strategy<Value = Vec<Arrival>> {
     )
 }
 
+/// Pools serving two models with loads: budgets that fit one model, both, or no limit.
+fn pools_with_loads() -> impl Strategy<Value = Vec<PoolSpec>> {
+    prop::collection::vec(
+        (
+            1u32..=3,
+            1u64..=50,
+            1u64..=20,
+            prop::sample::select(vec![0u64, FOOTPRINT, 2 * FOOTPRINT]),
+            any::<bool>(),
+            10u64..=1500,
+            10u64..=1500,
+        )
+            .prop_map(|(slots, ft, pt, budget, m_warm, lm, ln)| PoolSpec {
+                slots,
+                first_token: ft * MS,
+                per_token: pt * MS,
+                loads: Some((budget, [(m_warm, lm * MS), (false, ln * MS)])),
+            }),
+        1..=3,
+    )
+}
+
+/// Arrivals for either model.
+fn arrivals_two(cancels: bool) -> impl Strategy<Value = Vec<Arrival>> {
+    (arrivals(cancels), prop::collection::vec(any::<bool>(), 150)).prop_map(|(mut a, which)| {
+        for (x, n) in a.iter_mut().zip(which) {
+            x.model = if n { "n" } else { "m" };
+        }
+        a
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Models on demand: with honest load times and figures, every admitted job (cold loads,
+    /// drains and grouping included) finishes by its deadline, no admission makes another job
+    /// late, the queen never evicts a model with work at the pool nor asks for a load the
+    /// budget cannot take.
+    #[test]
+    fn admitted_jobs_finish_in_time_with_loads(
+        pools in pools_with_loads(),
+        arrivals in arrivals_two(false),
+    ) {
+        let mut sim = Sim::new(Policy::Reserve, &pools, arrivals);
+        sim.run(true);
+        sim.assert_every_admitted_job_ended_once();
+        prop_assert!(sim.model_faults.is_empty(), "{:?}", sim.model_faults);
+        for key in &sim.admitted {
+            prop_assert_eq!(&sim.ends[key][0], &Outcome::Done, "job {} missed", key);
+        }
+        // Where both models fit, nothing is evicted: each is loaded once at most.
+        for ((node, model), n) in &sim.loads {
+            let budget = sim.pools[node].spec.loads.expect("models").0;
+            if budget != FOOTPRINT {
+                prop_assert!(*n <= 1, "{} loaded {} {} times", node, model, n);
+            }
+        }
+    }
+
+    /// The same with cancels, ticks and a pool dying: every admitted job ends exactly once.
+    #[test]
+    fn every_job_ends_once_with_loads(
+        pools in pools_with_loads(),
+        arrivals in arrivals_two(true),
+        kill_at in prop::option::of(0u64..=2000),
+        ticks in 0u64..=40,
+    ) {
+        let n = pools.len();
+        let mut sim = Sim::new(Policy::Reserve, &pools, arrivals);
+        if let Some(k) = kill_at {
+            sim.at(k * MS, Ev::Kill(format!("node-{}", (k as usize) % n)));
+        }
+        for i in 0..ticks {
+            sim.at(i * 50 * MS, Ev::Tick);
+        }
+        sim.run(true);
+        sim.assert_every_admitted_job_ended_once();
+        prop_assert!(sim.model_faults.is_empty(), "{:?}", sim.model_faults);
+    }
 
     /// With honest warm-up figures, admission by reservation keeps every promise: each admitted
     /// job is predicted on time when admitted, no admission makes another job late, and every
