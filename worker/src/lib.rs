@@ -6,5 +6,6 @@
 
 pub mod engine;
 pub mod serve;
+pub mod synth;
 
 pub use serve::{ServeConfig, serve};
