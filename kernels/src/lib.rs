@@ -5,16 +5,45 @@
 //! (activations quantized to 8 bits per 32-value block, an integer dot product per block, scales
 //! applied per block, summed in ggml's AVX2 order) with AVX2 through `safe_arch` where the build
 //! targets it, and in portable Rust with the same summation order elsewhere.
+//!
+//! The matrices read their blocks in the GGUF file's own layout from [`WeightBytes`], normally a
+//! range of a read-only mapping of the model file ([`weights`]), so that the weights are never
+//! copied and every process on the same file shares their pages. `unsafe_code` is denied
+//! crate-wide; the one function that needs it (the mapping) opts in with `#[allow]` and a
+//! `SAFETY:` comment.
+
+#![deny(unsafe_code)]
 
 pub mod attention;
 mod pool;
 pub mod q4_1;
+pub mod q4_k;
+pub mod q6_k;
 pub mod q8;
 pub mod q8_1;
+pub mod weights;
 
 pub use q4_1::Q4_1Matrix;
+pub use q4_k::{Q4KMatrix, Q8KRow};
+pub use q6_k::Q6KMatrix;
 pub use q8::Q8Matrix;
 pub use q8_1::Q8_1Row;
+pub use weights::{Mapping, WeightBytes};
+
+/// Every f16 widened to f32 (256 KiB), indexed by its bits: one load per scale of the weights
+/// read in place. F16C's scalar conversion merges into a register, which chains a product's
+/// iterations through that register; ggml widened its scales through the same table before
+/// it used F16C.
+pub(crate) fn f16_table() -> &'static [f32; 1 << 16] {
+    static TABLE: std::sync::OnceLock<Box<[f32; 1 << 16]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Box::new([0f32; 1 << 16]);
+        for (bits, v) in t.iter_mut().enumerate() {
+            *v = half::f16::from_bits(bits as u16).to_f32();
+        }
+        t
+    })
+}
 
 /// Values per quantization block in the Q4_1 and Q8_1 formats.
 pub const QK: usize = 32;
@@ -30,6 +59,14 @@ pub enum KernelError {
         cols: usize,
         expected: usize,
         got: usize,
+    },
+    #[error("weights at byte {start} are not aligned to {alignment} bytes")]
+    Misaligned { start: usize, alignment: usize },
+    #[error("{len} bytes of weights at byte {start} run past the end of the {file}-byte file")]
+    OutOfFile {
+        start: usize,
+        len: usize,
+        file: usize,
     },
 }
 

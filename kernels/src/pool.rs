@@ -114,6 +114,33 @@ pub(crate) fn quantized_product<F>(
 ) where
     F: Fn(usize, &Q8_1Row) -> f32 + Sync,
 {
+    quantized_product_prepared(
+        rows,
+        cols,
+        x,
+        m,
+        out,
+        |r, row: &mut usize| *row = r,
+        |&r, a| row_dot(r, a),
+    );
+}
+
+/// Like `quantized_product`, for weights whose rows are worth decoding once per product rather
+/// than once per activation row: `prepare(r, scratch)` decodes row `r` into `scratch` (one per
+/// thread, reused), then `row_dot(scratch, a)` runs for each activation row `a`.
+pub(crate) fn quantized_product_prepared<S, P, F>(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    prepare: P,
+    row_dot: F,
+) where
+    S: Default,
+    P: Fn(usize, &mut S) + Sync,
+    F: Fn(&S, &Q8_1Row) -> f32 + Sync,
+{
     assert_eq!(x.len(), m * cols, "activations do not match the matrix");
     assert_eq!(out.len(), m * rows, "output does not match the matrix");
     if m == 0 || rows == 0 {
@@ -123,9 +150,11 @@ pub(crate) fn quantized_product<F>(
     let acts: Vec<Q8_1Row> = x.chunks_exact(cols).map(Q8_1Row::quantize).collect();
     for_row_ranges(rows, m, rows * cols * m, out, |range, buf| {
         let len = range.len();
+        let mut scratch = S::default();
         for (i, r) in range.enumerate() {
+            prepare(r, &mut scratch);
             for (t, a) in acts.iter().enumerate() {
-                buf[t * len + i] = row_dot(r, a);
+                buf[t * len + i] = row_dot(&scratch, a);
             }
         }
     });

@@ -2,23 +2,24 @@
 
 use half::f16;
 
-use crate::pool::quantized_product;
+use crate::pool::{quantized_product, quantized_product_prepared};
 use crate::q8_1::Q8_1Row;
+use crate::weights::WeightBytes;
 use crate::{KernelError, QK};
 
 /// Bytes of one GGUF Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
 const BLOCK_BYTES: usize = 4 + QK / 2;
 
 /// A `rows` x `cols` Q4_1 matrix (`rows` output features, each a dot product over `cols`
-/// inputs), repacked at load: scales widened to f32 once, nibbles kept packed (the products
-/// are memory-bound, so the weights stay 4-bit).
+/// inputs) in the file's block layout, read in place: per block the f16 scale `d` and minimum
+/// `m` (value = d * q + m), then value `j` in the low nibble of byte `j` and value `j + 16` in
+/// its high nibble. The scales are widened as each block is used (exactly, so the products are
+/// those of widening them at load), and the products are memory-bound, so the weights stay
+/// 4-bit.
 pub struct Q4_1Matrix {
     rows: usize,
     cols: usize,
-    /// `(d, m)` per block, row-major: value = d * q + m.
-    scales: Vec<[f32; 2]>,
-    /// Per block: value `j` in the low nibble of byte `j`, value `j + 16` in its high nibble.
-    qs: Vec<[u8; QK / 2]>,
+    bytes: WeightBytes,
 }
 
 impl std::fmt::Debug for Q4_1Matrix {
@@ -27,37 +28,38 @@ impl std::fmt::Debug for Q4_1Matrix {
     }
 }
 
-impl Q4_1Matrix {
-    /// Takes the raw bytes of a GGUF Q4_1 tensor whose shape is `rows` x `cols`.
-    pub fn from_gguf_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
-        if !cols.is_multiple_of(QK) {
-            return Err(KernelError::Ragged { cols });
-        }
-        let expected = rows * cols / QK * BLOCK_BYTES;
-        if bytes.len() != expected {
-            return Err(KernelError::Size {
-                rows,
-                cols,
-                expected,
-                got: bytes.len(),
-            });
-        }
-        let mut scales = Vec::with_capacity(rows * cols / QK);
-        let mut qs = Vec::with_capacity(rows * cols / QK);
-        for block in bytes.chunks_exact(BLOCK_BYTES) {
-            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
-            scales.push([d, m]);
-            let mut q = [0u8; QK / 2];
-            q.copy_from_slice(&block[4..]);
-            qs.push(q);
-        }
-        Ok(Self {
+/// Checks that `len` bytes are a `rows` x `cols` matrix of `block`-byte blocks of [`QK`] values.
+pub(crate) fn check_size(
+    rows: usize,
+    cols: usize,
+    len: usize,
+    block: usize,
+) -> Result<(), KernelError> {
+    if !cols.is_multiple_of(QK) {
+        return Err(KernelError::Ragged { cols });
+    }
+    let expected = rows * cols / QK * block;
+    if len != expected {
+        return Err(KernelError::Size {
             rows,
             cols,
-            scales,
-            qs,
-        })
+            expected,
+            got: len,
+        });
+    }
+    Ok(())
+}
+
+impl Q4_1Matrix {
+    /// A copy of the raw bytes of a GGUF Q4_1 tensor whose shape is `rows` x `cols`.
+    pub fn from_gguf_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
+        Self::new(rows, cols, WeightBytes::copied(bytes))
+    }
+
+    /// The GGUF Q4_1 tensor in `bytes` (shape `rows` x `cols`), used where it lies.
+    pub fn new(rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, KernelError> {
+        check_size(rows, cols, bytes.len(), BLOCK_BYTES)?;
+        Ok(Self { rows, cols, bytes })
     }
 
     /// Output features.
@@ -70,16 +72,29 @@ impl Q4_1Matrix {
         self.cols
     }
 
+    /// Where the blocks are read from.
+    pub fn weight_bytes(&self) -> &WeightBytes {
+        &self.bytes
+    }
+
+    /// The blocks of row `r`.
+    fn row(&self, r: usize) -> &[u8] {
+        let len = self.cols / QK * BLOCK_BYTES;
+        &self.bytes.as_slice()[r * len..(r + 1) * len]
+    }
+
     /// Row `r` as f32 values (for tests and reference computations).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let blocks = self.cols / QK;
         let mut out = vec![0f32; self.cols];
-        for b in 0..blocks {
-            let [d, m] = self.scales[r * blocks + b];
-            let q = &self.qs[r * blocks + b];
+        for (block, out) in self
+            .row(r)
+            .chunks_exact(BLOCK_BYTES)
+            .zip(out.chunks_exact_mut(QK))
+        {
+            let (d, m, q) = split(block);
             for j in 0..QK / 2 {
-                out[b * QK + j] = d * f32::from(q[j] & 15) + m;
-                out[b * QK + j + QK / 2] = d * f32::from(q[j] >> 4) + m;
+                out[j] = d * f32::from(q[j] & 15) + m;
+                out[j + QK / 2] = d * f32::from(q[j] >> 4) + m;
             }
         }
         out
@@ -88,12 +103,47 @@ impl Q4_1Matrix {
     /// `out = x · selfᵀ` for `m` rows of activations `x` (`m` x `cols`, row-major); `out` is
     /// `m` x `rows`. Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let blocks = self.cols / QK;
-        quantized_product(self.rows, self.cols, x, m, out, |r, a| {
-            let range = r * blocks..(r + 1) * blocks;
-            dot(&self.scales[range.clone()], &self.qs[range], a)
-        });
+        let (rows, cols) = (self.rows, self.cols);
+        if m == 1 {
+            return quantized_product(rows, cols, x, m, out, |r, a| dot(self.blocks(r), a));
+        }
+        // Several activation rows: each weight row's scales are widened once, not per token.
+        quantized_product_prepared(
+            rows,
+            cols,
+            x,
+            m,
+            out,
+            |r, row: &mut Vec<Block>| {
+                row.clear();
+                row.extend(self.blocks(r));
+            },
+            |row, a| dot(row.iter().copied(), a),
+        );
     }
+
+    /// The blocks of row `r`, widened as they are read.
+    fn blocks(&self, r: usize) -> impl Iterator<Item = Block> + '_ {
+        let table = crate::f16_table();
+        self.row(r).chunks_exact(BLOCK_BYTES).map(move |b| {
+            let half = |i: usize| table[usize::from(u16::from_le_bytes([b[i], b[i + 1]]))];
+            let mut q = [0u8; QK / 2];
+            q.copy_from_slice(&b[4..BLOCK_BYTES]);
+            (half(0), half(2), q)
+        })
+    }
+}
+
+/// A block's scale and minimum, widened, and its 16 bytes of nibbles.
+type Block = (f32, f32, [u8; QK / 2]);
+
+#[inline(always)]
+fn split(block: &[u8]) -> Block {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+    let mut q = [0u8; QK / 2];
+    q.copy_from_slice(&block[4..BLOCK_BYTES]);
+    (d, m, q)
 }
 
 /// One weight row against one quantized activation row, summed in the same order as ggml's
@@ -102,14 +152,14 @@ impl Q4_1Matrix {
 /// reduced pairwise at the end, then the minimum terms added. Same order, same rounding: the
 /// products are bit-identical to llama.cpp's, so near-tied logits break the same way.
 #[inline]
-fn dot(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
+fn dot(row: impl Iterator<Item = Block>, a: &Q8_1Row) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ))]
     {
-        dot_avx2(scales, qs, a)
+        dot_avx2(row, a)
     }
     #[cfg(not(all(
         target_arch = "x86_64",
@@ -117,7 +167,7 @@ fn dot(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
         target_feature = "fma"
     )))]
     {
-        dot_portable(scales, qs, a)
+        dot_portable(row, a)
     }
 }
 
@@ -130,12 +180,10 @@ fn dot(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
     ),
     allow(dead_code)
 )]
-fn dot_portable(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
+fn dot_portable(row: impl Iterator<Item = Block>, a: &Q8_1Row) -> f32 {
     let mut acc = [0f32; 8];
     let mut mins = 0f32;
-    for (((w, &[d, m]), aq), (&ad, &asum)) in
-        qs.iter().zip(scales).zip(&a.qs).zip(a.d.iter().zip(&a.s))
-    {
+    for (((d, m, w), aq), (&ad, &asum)) in row.zip(&a.qs).zip(a.d.iter().zip(&a.s)) {
         let mut p = [0i32; 8];
         for (l, pl) in p.iter_mut().enumerate() {
             let base = 4 * (l % 4);
@@ -172,16 +220,14 @@ pub(crate) fn hsum8(acc: [f32; 8]) -> f32 {
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn dot_avx2(scales: &[[f32; 2]], qs: &[[u8; QK / 2]], a: &Q8_1Row) -> f32 {
+fn dot_avx2(row: impl Iterator<Item = Block>, a: &Q8_1Row) -> f32 {
     use safe_arch::*;
     let low_nibbles = set_splat_i8_m256i(0x0F);
     let ones = set_splat_i16_m256i(1);
     let mut acc = zeroed_m256();
     let mut mins = 0f32;
-    for (((w, &[d, m]), aq), (&ad, &asum)) in
-        qs.iter().zip(scales).zip(&a.qs).zip(a.d.iter().zip(&a.s))
-    {
-        let packed = m128i::from(*w);
+    for (((d, m, w), aq), (&ad, &asum)) in row.zip(&a.qs).zip(a.d.iter().zip(&a.s)) {
+        let packed = m128i::from(w);
         let bytes = set_m128i_m256i(shr_imm_u16_m128i::<4>(packed), packed);
         let qx = bitand_m256i(bytes, low_nibbles);
         let qy = m256i::from(*aq);
@@ -324,24 +370,81 @@ mod tests {
         #[cfg(all(target_feature = "avx2", target_feature = "fma"))]
         {
             let (w, _) = matrix(64, 576, 9);
-            let blocks = 576 / QK;
             for seed in 0..8u32 {
                 let x: Vec<f32> = (0..576u32)
                     .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
                     .collect();
                 let a = Q8_1Row::quantize(&x);
                 for r in 0..64 {
-                    let (s, q) = (
-                        &w.scales[r * blocks..(r + 1) * blocks],
-                        &w.qs[r * blocks..(r + 1) * blocks],
+                    let avx2 = dot_avx2(w.blocks(r), &a);
+                    assert_eq!(
+                        avx2.to_bits(),
+                        dot_portable(w.blocks(r), &a).to_bits(),
+                        "row {r}"
                     );
-                    let avx2 = dot_avx2(s, q, &a);
-                    assert_eq!(avx2.to_bits(), dot_portable(s, q, &a).to_bits(), "row {r}");
                     // And the build's dispatch runs the AVX2 kernel.
-                    assert_eq!(dot(s, q, &a).to_bits(), avx2.to_bits(), "row {r}");
+                    assert_eq!(dot(w.blocks(r), &a).to_bits(), avx2.to_bits(), "row {r}");
                 }
             }
         }
+    }
+
+    /// A batch of activation rows (each weight row widened once) gives, row for row, the bits
+    /// of one activation row at a time (blocks widened as they are read): a prompt's products
+    /// do not depend on how it is chunked.
+    #[test]
+    fn a_batch_gives_the_bits_of_one_token_at_a_time() {
+        let (w, _) = matrix(40, 256, 12);
+        let m = 5;
+        let x: Vec<f32> = (0..m * 256)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0)
+            .collect();
+        let mut batch = vec![0f32; m * 40];
+        w.matmul(&x, m, &mut batch);
+        for t in 0..m {
+            let mut one = vec![1f32; 40];
+            w.matmul(&x[t * 256..(t + 1) * 256], 1, &mut one);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&batch[t * 40..(t + 1) * 40]), "token {t}");
+        }
+    }
+
+    /// A matrix read in place from a mapped file, at an aligned offset after other data,
+    /// multiplies exactly as a private copy of the same bytes does, and reads the file's pages.
+    #[test]
+    fn a_matrix_read_from_a_mapping_gives_the_copys_products_to_the_bit() {
+        let (copy, bytes) = matrix(48, 192, 4);
+        let mut file = vec![0xA5u8; 96];
+        file.extend_from_slice(&bytes);
+        let map =
+            crate::weights::Mapping::of_file(&crate::weights::tests::temp_file("q4_1", &file))
+                .unwrap();
+        let mapped = Q4_1Matrix::new(
+            48,
+            192,
+            WeightBytes::mapped(map.clone(), 96, bytes.len(), 32).unwrap(),
+        )
+        .unwrap();
+        assert!(std::ptr::eq(
+            mapped.weight_bytes().as_slice().as_ptr(),
+            map.bytes()[96..].as_ptr()
+        ));
+        let x: Vec<f32> = (0..3 * 192)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0)
+            .collect();
+        let (mut a, mut b) = (vec![0f32; 3 * 48], vec![1f32; 3 * 48]);
+        copy.matmul(&x, 3, &mut a);
+        mapped.matmul(&x, 3, &mut b);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+        assert!(matches!(
+            Q4_1Matrix::new(
+                48,
+                192,
+                WeightBytes::mapped(map, 96, bytes.len() - 20, 32).unwrap()
+            ),
+            Err(KernelError::Size { .. })
+        ));
     }
 
     proptest! {

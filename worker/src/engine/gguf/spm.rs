@@ -12,12 +12,19 @@
 //!    bytes as `<0xXX>` tokens (byte fallback).
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+
+use super::tokenizer::table::StrTable;
 
 /// The vocabulary, as needed for encoding.
 pub struct Spm {
-    /// Every token but the control tokens: what text may merge into.
-    ids: HashMap<String, u32>,
+    /// Every token's text (shared with the tokenizer's vocabulary).
+    texts: Arc<StrTable>,
+    /// Every token but the control tokens (what text may merge into), sorted by text, the
+    /// lowest id of equal texts only: a binary search instead of a map of a quarter of a
+    /// million strings, which cost Gemma 3's workers ~20 MB each.
+    sorted: Vec<u32>,
     scores: Vec<f32>,
     bytes: [Option<u32>; 256],
     unknown: Option<u32>,
@@ -65,20 +72,19 @@ struct Symbol {
 impl Spm {
     /// `kinds[i]` is llama.cpp's token type: 3 control, 4 user-defined, 6 byte.
     pub fn new(
-        tokens: &[String],
+        texts: Arc<StrTable>,
         scores: Vec<f32>,
         kinds: &[i64],
         unknown: Option<u32>,
         add_space_prefix: bool,
     ) -> Spm {
-        let mut ids = HashMap::with_capacity(tokens.len());
+        let mut sorted = Vec::with_capacity(texts.len());
         let mut bytes = [None; 256];
-        for (i, (t, &kind)) in tokens.iter().zip(kinds).enumerate() {
-            let id = i as u32;
+        for ((id, t), &kind) in texts.iter().zip(kinds) {
             // llama.cpp looks merges up in the whole vocabulary, so text like `<end_of_turn>`
             // could merge into the control token when special parsing is off; here it cannot.
             if kind != 3 {
-                ids.entry(t.clone()).or_insert(id);
+                sorted.push(id);
             }
             if kind == 6 {
                 let hex = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
@@ -87,13 +93,31 @@ impl Spm {
                 }
             }
         }
+        // By text, then id, so that the first of equal texts is the lowest id.
+        sorted.sort_by(|&a, &b| {
+            texts
+                .get(a as usize)
+                .cmp(&texts.get(b as usize))
+                .then(a.cmp(&b))
+        });
+        sorted.dedup_by(|b, a| texts.get(*a as usize) == texts.get(*b as usize));
+        sorted.shrink_to_fit();
         Spm {
-            ids,
+            texts,
+            sorted,
             scores,
             bytes,
             unknown,
             add_space_prefix,
         }
+    }
+
+    /// The id of the non-control token whose text is `text`.
+    fn id(&self, text: &str) -> Option<u32> {
+        self.sorted
+            .binary_search_by(|&id| self.texts.get(id as usize).unwrap_or("").cmp(text))
+            .ok()
+            .map(|i| self.sorted[i])
     }
 
     /// Token ids of `text` as plain text (no special tokens are parsed), no BOS.
@@ -122,7 +146,7 @@ impl Spm {
         let candidate = |syms: &[Symbol], heap: &mut BinaryHeap<Bigram>, l: usize, r: usize| {
             let (a, b) = (syms[l], syms[r]);
             let text = &s[a.start..b.start + b.len];
-            if let Some(&id) = self.ids.get(text) {
+            if let Some(id) = self.id(text) {
                 heap.push(Bigram {
                     score: self.scores.get(id as usize).copied().unwrap_or(0.0),
                     left: l,
@@ -156,8 +180,8 @@ impl Spm {
         while let Some(i) = at {
             let sym = syms[i];
             let text = &s[sym.start..sym.start + sym.len];
-            match self.ids.get(text) {
-                Some(&id) => out.push(id),
+            match self.id(text) {
+                Some(id) => out.push(id),
                 None => {
                     for b in text.bytes() {
                         if let Some(id) = self.bytes[b as usize].or(self.unknown) {
@@ -178,17 +202,16 @@ mod tests {
     fn vocab() -> Spm {
         // id: 0 <unk>(ctl) 1 <s>(ctl) 2 ▁ 3 a 4 b 5 ab 6 ▁a 7 ▁ab 8 <0x21> 9 <b>(user) 10 bb
         // 11 ba(ctl, best score of all: text must still never merge into it)
-        let tokens: Vec<String> = [
+        let tokens: StrTable = [
             "<unk>", "<s>", "▁", "a", "b", "ab", "▁a", "▁ab", "<0x21>", "<b>", "bb", "ba",
         ]
         .iter()
-        .map(|s| (*s).to_owned())
         .collect();
         let scores = vec![
             0.0, 0.0, -1.0, -2.0, -2.0, -1.5, -1.2, -0.5, 0.0, 0.0, -3.0, 10.0,
         ];
         let kinds = [3, 3, 1, 1, 1, 1, 1, 1, 6, 4, 1, 3];
-        Spm::new(&tokens, scores, &kinds, Some(0), false)
+        Spm::new(Arc::new(tokens), scores, &kinds, Some(0), false)
     }
 
     fn encode(v: &Spm, text: &str) -> Vec<u32> {

@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::Tokenizer;
@@ -17,6 +18,9 @@ use tokenizers::Tokenizer;
 use super::special::{Frag, Specials};
 
 mod bpe;
+pub(super) mod table;
+
+use self::table::{ByteTable, StrTable};
 
 /// llama.cpp's `llama_token_type` values as stored in `tokenizer.ggml.token_type`.
 const TOKEN_TYPE_NORMAL: i64 = 1;
@@ -66,10 +70,10 @@ pub struct GgufTokenizer {
     /// The token SentencePiece's byte fallback uses for a byte it has no token for.
     fallback: Option<u32>,
     /// The vocabulary as stored in the file.
-    tokens: Vec<String>,
+    tokens: Arc<StrTable>,
     /// Raw bytes each token id stands for, for streaming decode. Control tokens map to nothing,
     /// as in llama.cpp's `token_to_piece(.., special = false)`.
-    pieces: Vec<Vec<u8>>,
+    pieces: ByteTable,
     /// End-of-generation tokens: generation stops when one is sampled.
     eog: HashSet<u32>,
     bos: Option<u32>,
@@ -129,8 +133,9 @@ impl GgufTokenizer {
         };
         let bos = optional_id(md, "tokenizer.ggml.bos_token_id", n_vocab)?;
         let eos = optional_id(md, "tokenizer.ggml.eos_token_id", n_vocab)?;
+        let table: Arc<StrTable> = Arc::new(tokens.iter().collect());
         let ((inner, pieces), fallback) = if spm {
-            spm_parts(md, &tokens, &types)?
+            spm_parts(md, &table, &types)?
         } else {
             (bpe::parts(md, &pre, &tokens, &types)?, None)
         };
@@ -175,8 +180,8 @@ impl GgufTokenizer {
             specials,
             control,
             fallback,
-            tokens,
-            pieces,
+            tokens: table,
+            pieces: pieces.iter().collect(),
             eog,
             bos,
             eos,
@@ -275,7 +280,7 @@ impl GgufTokenizer {
 
     /// The raw bytes of one token (empty for control tokens), or `None` for an id outside the vocab.
     pub fn piece(&self, id: u32) -> Option<&[u8]> {
-        self.pieces.get(id as usize).map(Vec::as_slice)
+        self.pieces.get(id as usize)
     }
 
     /// Text of a sequence of ids; invalid UTF-8 becomes U+FFFD. Control tokens are dropped.
@@ -291,7 +296,7 @@ impl GgufTokenizer {
 
     /// The vocabulary entry for `id`, exactly as stored in the GGUF (e.g. `"Ġthe"`).
     pub fn token(&self, id: u32) -> Option<String> {
-        self.tokens.get(id as usize).cloned()
+        self.tokens.get(id as usize).map(str::to_owned)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -322,7 +327,7 @@ type Parts = (Splitter, Vec<Vec<u8>>);
 /// tokens are their byte, control tokens are nothing).
 fn spm_parts(
     md: &HashMap<String, Value>,
-    tokens: &[String],
+    tokens: &Arc<StrTable>,
     types: &[i64],
 ) -> Result<(Parts, Option<u32>), TokenizerError> {
     let scores = md
@@ -353,7 +358,7 @@ fn spm_parts(
     let pieces = tokens
         .iter()
         .zip(types)
-        .map(|(t, &ty)| match ty {
+        .map(|((_, t), &ty)| match ty {
             TOKEN_TYPE_CONTROL => Vec::new(),
             TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
             TOKEN_TYPE_BYTE => t
@@ -364,7 +369,7 @@ fn spm_parts(
             _ => t.replace('\u{2581}', " ").into_bytes(),
         })
         .collect();
-    let spm = super::spm::Spm::new(tokens, scores, types, unknown, add_space_prefix);
+    let spm = super::spm::Spm::new(Arc::clone(tokens), scores, types, unknown, add_space_prefix);
     Ok(((Splitter::Spm(Box::new(spm)), pieces), unknown))
 }
 
