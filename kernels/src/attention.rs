@@ -27,12 +27,13 @@ pub struct AttentionSpec {
     pub window: Option<usize>,
 }
 
-/// Keys and values of the positions seen so far, position-major: `[pos][kv_head][head_dim]`,
-/// so appending a token is one `extend`.
+/// Keys and values of the positions seen so far, one buffer per kv head, position-major
+/// (`[kv_head][pos][head_dim]`): a head's attention reads one contiguous stream, and appending
+/// a token is one `extend` per kv head.
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     len: usize,
 }
 
@@ -55,6 +56,7 @@ impl KvCache {
 
 /// `a · b` with sixteen partial sums, which the compiler keeps in vector registers (a single
 /// running sum would serialize every addition).
+#[inline(always)]
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -146,47 +148,72 @@ pub fn attend(
     let table = rotary_table(spec, pos, seq);
     rotate(q, heads, spec, &table);
     rotate(k, kvh, spec, &table);
-    cache.k.extend_from_slice(k);
-    cache.v.extend_from_slice(v);
+    cache.k.resize_with(kvh, Vec::new);
+    cache.v.resize_with(kvh, Vec::new);
+    for (kt, vt) in k.chunks_exact(kvh * hd).zip(v.chunks_exact(kvh * hd)) {
+        for (h, (kh, vh)) in kt.chunks_exact(hd).zip(vt.chunks_exact(hd)).enumerate() {
+            cache.k[h].extend_from_slice(kh);
+            cache.v[h].extend_from_slice(vh);
+        }
+    }
     cache.len += seq;
 
     let rep = heads / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let stride = kvh * hd;
     let mut out = vec![0f32; seq * heads * hd];
     let q: &[f32] = q;
     let cache: &KvCache = cache;
-    // One work item per (token, head); each writes its own `head_dim` values.
+    // One work item per (token, head), each writing its own `head_dim` values; a range of items
+    // is walked in runs of adjacent heads sharing a kv head, so each cached key and value row is
+    // read once per run rather than once per head (at depth, reading the cache bounds the time).
+    // One token has few heads: one range per thread keeps the runs whole.
     let items = seq * heads;
     let work = items * (pos + seq) * hd * 2;
-    for_item_ranges(items, hd, work, &mut out, |range, part| {
+    let per_thread = if seq == 1 { 1 } else { 4 };
+    for_item_ranges(items, hd, work, per_thread, &mut out, |range, part| {
         let mut scores = Vec::new();
-        for (row, item) in part.chunks_exact_mut(hd).zip(range) {
-            let (t, h) = (item / heads, item % heads);
+        let mut start = range.start;
+        while start < range.end {
+            let (t, h) = (start / heads, start % heads);
+            let kv = h / rep;
+            let end = range.end.min(t * heads + (kv + 1) * rep);
+            let run = end - start;
             let p = pos + t;
             let lo = spec.window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let qh = &q[item * hd..(item + 1) * hd];
-            let kv = h / rep;
+            let n = p + 1 - lo;
+            let qs = &q[start * hd..end * hd];
+            let (keys, values) = (&cache.k[kv], &cache.v[kv]);
+            let off = (start - range.start) * hd;
+            let rows = &mut part[off..off + run * hd];
             scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in lo..=p {
-                let kj = &cache.k[j * stride + kv * hd..j * stride + (kv + 1) * hd];
-                let s = dot_f32(qh, kj) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut sum = 0f32;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (j, s) in (lo..=p).zip(&scores) {
-                let w = s / sum;
-                let vj = &cache.v[j * stride + kv * hd..j * stride + (kv + 1) * hd];
-                for (o, x) in row.iter_mut().zip(vj) {
-                    *o += w * x;
+            scores.resize(run * n, 0f32);
+            for (i, j) in (lo..=p).enumerate() {
+                let kj = &keys[j * hd..(j + 1) * hd];
+                for (r, qh) in qs.chunks_exact(hd).enumerate() {
+                    scores[r * n + i] = dot_f32(qh, kj) * scale;
                 }
             }
+            for s in scores.chunks_exact_mut(n) {
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for x in s.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                for x in s.iter_mut() {
+                    *x /= sum;
+                }
+            }
+            for (i, j) in (lo..=p).enumerate() {
+                let vj = &values[j * hd..(j + 1) * hd];
+                for (r, row) in rows.chunks_exact_mut(hd).enumerate() {
+                    let w = scores[r * n + i];
+                    for (o, x) in row.iter_mut().zip(vj) {
+                        *o += w * x;
+                    }
+                }
+            }
+            start = end;
         }
     });
     out

@@ -53,12 +53,20 @@ where
 /// Calls `fill(items, out_part)` for disjoint item ranges covering `0..items` on the pool's
 /// threads, where `out` holds `width` values per item, item-major, and `out_part` is the slice
 /// of `out` belonging to the range. `work` is the operation count, as for `for_row_ranges`.
-pub(crate) fn for_item_ranges<F>(items: usize, width: usize, work: usize, out: &mut [f32], fill: F)
-where
+/// `per_thread` ranges per thread: a few balance threads slowed by something else; one keeps
+/// adjacent items together for callers whose neighbours share reads.
+pub(crate) fn for_item_ranges<F>(
+    items: usize,
+    width: usize,
+    work: usize,
+    per_thread: usize,
+    out: &mut [f32],
+    fill: F,
+) where
     F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 {
     debug_assert_eq!(out.len(), items * width);
-    match plan(items, 1, work) {
+    match plan_split(items, 1, work, per_thread) {
         Some((pool, piece)) => for_item_ranges_in(pool, piece, items, width, out, fill),
         None => fill(0..items, out),
     }
@@ -71,13 +79,22 @@ fn plan(
     min_piece: usize,
     work: usize,
 ) -> Option<(&'static candle_core::utils::BarrierPool, usize)> {
+    plan_split(items, min_piece, work, 4)
+}
+
+fn plan_split(
+    items: usize,
+    min_piece: usize,
+    work: usize,
+    per_thread: usize,
+) -> Option<(&'static candle_core::utils::BarrierPool, usize)> {
     if work < INLINE_BELOW {
         return None;
     }
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
     // A few pieces per thread so a thread slowed by something else is made up for by the others.
-    Some((pool, items.div_ceil(threads * 4).max(min_piece)))
+    Some((pool, items.div_ceil(threads * per_thread).max(min_piece)))
 }
 
 fn for_item_ranges_in<F>(
@@ -155,6 +172,42 @@ pub(crate) fn quantized_product_prepared<S, P, F>(
             prepare(r, &mut scratch);
             for (t, a) in acts.iter().enumerate() {
                 buf[t * len + i] = row_dot(&scratch, a);
+            }
+        }
+    });
+}
+
+/// Like `quantized_product_prepared`, with `row_dots(scratch, acts, out)` computing the prepared
+/// row's products with all the activation rows at once (`out[t]` for `acts[t]`), so a kernel can
+/// unpack each weight block once for several activation rows.
+pub(crate) fn quantized_product_batched<S, P, F>(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    prepare: P,
+    row_dots: F,
+) where
+    S: Default,
+    P: Fn(usize, &mut S) + Sync,
+    F: Fn(&S, &[Q8_1Row], &mut [f32]) + Sync,
+{
+    assert_eq!(x.len(), m * cols, "activations do not match the matrix");
+    assert_eq!(out.len(), m * rows, "output does not match the matrix");
+    if m == 0 || rows == 0 {
+        return;
+    }
+    let acts: Vec<Q8_1Row> = x.chunks_exact(cols).map(Q8_1Row::quantize).collect();
+    for_row_ranges(rows, m, rows * cols * m, out, |range, buf| {
+        let len = range.len();
+        let mut scratch = S::default();
+        let mut dots = vec![0f32; m];
+        for (i, r) in range.enumerate() {
+            prepare(r, &mut scratch);
+            row_dots(&scratch, &acts, &mut dots);
+            for (t, d) in dots.iter().enumerate() {
+                buf[t * len + i] = *d;
             }
         }
     });
