@@ -14,7 +14,6 @@
 
 #![deny(unsafe_code)]
 
-pub mod activation;
 pub mod attention;
 mod pool;
 pub mod q4_1;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 use skep_kernels::Q8Matrix;
-use skep_kernels::activation::gelu_tanh_mul;
 pub use skep_kernels::attention::Rope;
 use skep_kernels::attention::{AttentionSpec, KvCache, attend};
 
@@ -218,18 +217,11 @@ impl Decoder {
             x = (x + out)?;
             let h = l.ffn_norm.forward(&x)?;
             let gate = l.gate.forward(&h)?;
-            let up = l.up.forward(&h)?;
-            let act = match activation {
-                Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
-                // candle's GELU is a libm tanh per value; this one vectorizes and fuses the product.
-                Activation::GeluTanh => {
-                    let shape = gate.shape().clone();
-                    let mut g = gate.flatten_all()?.to_vec1::<f32>()?;
-                    gelu_tanh_mul(&mut g, &up.flatten_all()?.to_vec1::<f32>()?);
-                    Tensor::from_vec(g, shape, &self.device)?
-                }
+            let gate = match activation {
+                Activation::Silu => candle_nn::ops::silu(&gate)?,
+                Activation::GeluTanh => gate.gelu()?,
             };
-            let mut ff = l.down.forward(&act)?;
+            let mut ff = l.down.forward(&(gate * l.up.forward(&h)?)?)?;
             if let Some(n) = &l.post_ffn_norm {
                 ff = n.forward(&ff)?;
             }
