@@ -4,7 +4,7 @@ use half::f16;
 
 use crate::pool::{quantized_product, quantized_product_batched};
 use crate::q8_1::Q8_1Row;
-use crate::weights::WeightBytes;
+use crate::weights::{Blocks, WeightBytes};
 use crate::{KernelError, QK};
 
 /// Bytes of one GGUF Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
@@ -17,37 +17,18 @@ const BLOCK_BYTES: usize = 4 + QK / 2;
 /// those of widening them at load), and the products are memory-bound, so the weights stay
 /// 4-bit.
 pub struct Q4_1Matrix {
-    rows: usize,
-    cols: usize,
-    bytes: WeightBytes,
+    blocks: Blocks,
 }
 
 impl std::fmt::Debug for Q4_1Matrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4_1Matrix({}x{})", self.rows, self.cols)
+        write!(
+            f,
+            "Q4_1Matrix({}x{})",
+            self.blocks.rows(),
+            self.blocks.cols()
+        )
     }
-}
-
-/// Checks that `len` bytes are a `rows` x `cols` matrix of `block`-byte blocks of [`QK`] values.
-pub(crate) fn check_size(
-    rows: usize,
-    cols: usize,
-    len: usize,
-    block: usize,
-) -> Result<(), KernelError> {
-    if !cols.is_multiple_of(QK) {
-        return Err(KernelError::Ragged { cols });
-    }
-    let expected = rows * cols / QK * block;
-    if len != expected {
-        return Err(KernelError::Size {
-            rows,
-            cols,
-            expected,
-            got: len,
-        });
-    }
-    Ok(())
 }
 
 impl Q4_1Matrix {
@@ -58,35 +39,31 @@ impl Q4_1Matrix {
 
     /// The GGUF Q4_1 tensor in `bytes` (shape `rows` x `cols`), used where it lies.
     pub fn new(rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, KernelError> {
-        check_size(rows, cols, bytes.len(), BLOCK_BYTES)?;
-        Ok(Self { rows, cols, bytes })
+        Ok(Self {
+            blocks: Blocks::new(rows, cols, QK, BLOCK_BYTES, bytes)?,
+        })
     }
 
     /// Output features.
     pub fn rows(&self) -> usize {
-        self.rows
+        self.blocks.rows()
     }
 
     /// Inputs per output feature.
     pub fn cols(&self) -> usize {
-        self.cols
+        self.blocks.cols()
     }
 
     /// Where the blocks are read from.
     pub fn weight_bytes(&self) -> &WeightBytes {
-        &self.bytes
-    }
-
-    /// The blocks of row `r`.
-    fn row(&self, r: usize) -> &[u8] {
-        let len = self.cols / QK * BLOCK_BYTES;
-        &self.bytes.as_slice()[r * len..(r + 1) * len]
+        self.blocks.bytes()
     }
 
     /// Row `r` as f32 values (for tests and reference computations).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let mut out = vec![0f32; self.cols];
+        let mut out = vec![0f32; self.blocks.cols()];
         for (block, out) in self
+            .blocks
             .row(r)
             .chunks_exact(BLOCK_BYTES)
             .zip(out.chunks_exact_mut(QK))
@@ -103,7 +80,7 @@ impl Q4_1Matrix {
     /// `out = x · selfᵀ` for `m` rows of activations `x` (`m` x `cols`, row-major); `out` is
     /// `m` x `rows`. Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.rows, self.cols);
+        let (rows, cols) = (self.blocks.rows(), self.blocks.cols());
         if m == 1 {
             return quantized_product(rows, cols, x, m, out, |r, a| dot(self.blocks(r), a));
         }
@@ -125,7 +102,7 @@ impl Q4_1Matrix {
     /// The blocks of row `r`, widened as they are read.
     fn blocks(&self, r: usize) -> impl Iterator<Item = Block> + '_ {
         let table = crate::f16_table();
-        self.row(r).chunks_exact(BLOCK_BYTES).map(move |b| {
+        self.blocks.row(r).chunks_exact(BLOCK_BYTES).map(move |b| {
             let half = |i: usize| table[usize::from(u16::from_le_bytes([b[i], b[i + 1]]))];
             let mut q = [0u8; QK / 2];
             q.copy_from_slice(&b[4..BLOCK_BYTES]);

@@ -4,7 +4,7 @@ use half::f16;
 
 use crate::KernelError;
 use crate::q4_1::hsum8;
-use crate::weights::WeightBytes;
+use crate::weights::{Blocks, WeightBytes};
 
 /// Values per k-quant super-block (ggml's `QK_K`).
 pub const QK_K: usize = 256;
@@ -86,31 +86,6 @@ impl Q8KRow {
     }
 }
 
-/// Checks that `len` bytes are a `rows` x `cols` matrix of `block`-byte blocks of [`QK_K`]
-/// values.
-pub(crate) fn check_k_size(
-    rows: usize,
-    cols: usize,
-    len: usize,
-    block: usize,
-) -> Result<(), KernelError> {
-    if !cols.is_multiple_of(QK_K) {
-        return Err(KernelError::Ragged { cols });
-    }
-    let expected = rows
-        .checked_mul(cols / QK_K)
-        .and_then(|b| b.checked_mul(block));
-    if expected != Some(len) {
-        return Err(KernelError::Size {
-            rows,
-            cols,
-            expected: expected.unwrap_or(usize::MAX),
-            got: len,
-        });
-    }
-    Ok(())
-}
-
 /// `out = x · Wᵀ` for a `rows` x `cols` k-quant matrix whose row `r` is `row(r)`: the
 /// activations are quantized to Q8_K once, then `dots.1(row, tokens)` gives the products of one
 /// weight row with [`TOKENS`] activation rows, `dots.0` with one (the rows left over). Rows are
@@ -169,14 +144,17 @@ pub(crate) fn k_product<'a, R, D1, D>(
 /// `32j + l` holds value `64j + l` in its low nibble and value `64j + 32 + l` in its high one;
 /// value `i` is `d * sc[i / 32] * q - dmin * mn[i / 32]`.
 pub struct Q4KMatrix {
-    rows: usize,
-    cols: usize,
-    bytes: WeightBytes,
+    blocks: Blocks,
 }
 
 impl std::fmt::Debug for Q4KMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4KMatrix({}x{})", self.rows, self.cols)
+        write!(
+            f,
+            "Q4KMatrix({}x{})",
+            self.blocks.rows(),
+            self.blocks.cols()
+        )
     }
 }
 
@@ -188,36 +166,32 @@ impl Q4KMatrix {
 
     /// The GGUF Q4_K tensor in `bytes` (shape `rows` x `cols`), used where it lies.
     pub fn new(rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, KernelError> {
-        check_k_size(rows, cols, bytes.len(), BLOCK_BYTES)?;
-        Ok(Self { rows, cols, bytes })
+        Ok(Self {
+            blocks: Blocks::new(rows, cols, QK_K, BLOCK_BYTES, bytes)?,
+        })
     }
 
     /// Output features.
     pub fn rows(&self) -> usize {
-        self.rows
+        self.blocks.rows()
     }
 
     /// Inputs per output feature.
     pub fn cols(&self) -> usize {
-        self.cols
+        self.blocks.cols()
     }
 
     /// Where the blocks are read from.
     pub fn weight_bytes(&self) -> &WeightBytes {
-        &self.bytes
-    }
-
-    /// The blocks of row `r`.
-    fn row(&self, r: usize) -> &[u8] {
-        let len = self.cols / QK_K * BLOCK_BYTES;
-        &self.bytes.as_slice()[r * len..(r + 1) * len]
+        self.blocks.bytes()
     }
 
     /// Row `r` as f32 values, as ggml's `dequantize_row_q4_K` computes them (for tests and
     /// reference computations).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let mut out = vec![0f32; self.cols];
+        let mut out = vec![0f32; self.blocks.cols()];
         for (block, out) in self
+            .blocks
             .row(r)
             .chunks_exact(BLOCK_BYTES)
             .zip(out.chunks_exact_mut(QK_K))
@@ -244,12 +218,12 @@ impl Q4KMatrix {
     /// `m` x `rows`. Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         k_product(
-            self.rows,
-            self.cols,
+            self.blocks.rows(),
+            self.blocks.cols(),
             x,
             m,
             out,
-            |r| self.row(r),
+            |r| self.blocks.row(r),
             (dots::<1>, dots::<TOKENS>),
         );
     }

@@ -4,8 +4,8 @@ use half::f16;
 
 use crate::KernelError;
 use crate::q4_1::hsum8;
-use crate::q4_k::{Q8KRow, QK_K, check_k_size, k_product};
-use crate::weights::WeightBytes;
+use crate::q4_k::{Q8KRow, QK_K, k_product};
+use crate::weights::{Blocks, WeightBytes};
 
 /// Bytes of one GGUF Q6_K block: 128 bytes of low nibbles, 64 bytes of high bit pairs, sixteen
 /// signed 8-bit scales, f16 `d` (last).
@@ -18,14 +18,17 @@ const BLOCK_BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
 /// top two bits at bit `2k` of byte `32h + l` of the high-bit area, is stored plus 32, and is
 /// scaled by `d * scales[i / 16]`.
 pub struct Q6KMatrix {
-    rows: usize,
-    cols: usize,
-    bytes: WeightBytes,
+    blocks: Blocks,
 }
 
 impl std::fmt::Debug for Q6KMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q6KMatrix({}x{})", self.rows, self.cols)
+        write!(
+            f,
+            "Q6KMatrix({}x{})",
+            self.blocks.rows(),
+            self.blocks.cols()
+        )
     }
 }
 
@@ -37,36 +40,32 @@ impl Q6KMatrix {
 
     /// The GGUF Q6_K tensor in `bytes` (shape `rows` x `cols`), used where it lies.
     pub fn new(rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, KernelError> {
-        check_k_size(rows, cols, bytes.len(), BLOCK_BYTES)?;
-        Ok(Self { rows, cols, bytes })
+        Ok(Self {
+            blocks: Blocks::new(rows, cols, QK_K, BLOCK_BYTES, bytes)?,
+        })
     }
 
     /// Output features.
     pub fn rows(&self) -> usize {
-        self.rows
+        self.blocks.rows()
     }
 
     /// Inputs per output feature.
     pub fn cols(&self) -> usize {
-        self.cols
+        self.blocks.cols()
     }
 
     /// Where the blocks are read from.
     pub fn weight_bytes(&self) -> &WeightBytes {
-        &self.bytes
-    }
-
-    /// The blocks of row `r`.
-    fn row(&self, r: usize) -> &[u8] {
-        let len = self.cols / QK_K * BLOCK_BYTES;
-        &self.bytes.as_slice()[r * len..(r + 1) * len]
+        self.blocks.bytes()
     }
 
     /// Row `r` as f32 values, as ggml's `dequantize_row_q6_K` computes them (for tests and
     /// reference computations).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let mut out = vec![0f32; self.cols];
+        let mut out = vec![0f32; self.blocks.cols()];
         for (block, out) in self
+            .blocks
             .row(r)
             .chunks_exact(BLOCK_BYTES)
             .zip(out.chunks_exact_mut(QK_K))
@@ -83,12 +82,12 @@ impl Q6KMatrix {
     /// `m` x `rows`. Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         k_product(
-            self.rows,
-            self.cols,
+            self.blocks.rows(),
+            self.blocks.cols(),
             x,
             m,
             out,
-            |r| self.row(r),
+            |r| self.blocks.row(r),
             // Two activation rows at a time: with four, the unpacked block, its scales and the
             // sums no longer fit in the sixteen vector registers and the kernel runs slower.
             (dots::<1>, |row, [a, b, c, d]| {

@@ -2,9 +2,8 @@
 //! Q5_0), multiplied with Q8_0-quantized activations, read in place in the file's layout.
 
 use crate::pool::{quantized_product, quantized_product_prepared};
-use crate::q4_1::check_size;
 use crate::q8_1::Q8_1Row;
-use crate::weights::WeightBytes;
+use crate::weights::{Blocks, WeightBytes};
 use crate::{KernelError, QK};
 
 /// GGUF block sizes: Q8_0 is an f16 scale and 32 bytes; Q5_0 an f16 scale, 32 high bits and
@@ -21,10 +20,8 @@ type Block = (f32, [u8; QK]);
 /// read weights in place), per row once per product when a product has several activation rows,
 /// and with llama.cpp's bit tricks when it has one.
 pub struct Q8Matrix {
-    rows: usize,
-    cols: usize,
     format: Format,
-    bytes: WeightBytes,
+    blocks: Blocks,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +35,9 @@ impl std::fmt::Debug for Q8Matrix {
         write!(
             f,
             "Q8Matrix({:?}, {}x{})",
-            self.format, self.rows, self.cols
+            self.format,
+            self.blocks.rows(),
+            self.blocks.cols()
         )
     }
 }
@@ -56,55 +55,36 @@ impl Q8Matrix {
 
     /// The GGUF Q8_0 tensor in `bytes` (shape `rows` x `cols`), used where it lies.
     pub fn q8_0(rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, KernelError> {
-        check_size(rows, cols, bytes.len(), Q8_0_BYTES)?;
         Ok(Self {
-            rows,
-            cols,
             format: Format::Q8_0,
-            bytes,
+            blocks: Blocks::new(rows, cols, QK, Q8_0_BYTES, bytes)?,
         })
     }
 
     /// The GGUF Q5_0 tensor in `bytes` (shape `rows` x `cols`), used where it lies.
     pub fn q5_0(rows: usize, cols: usize, bytes: WeightBytes) -> Result<Self, KernelError> {
-        check_size(rows, cols, bytes.len(), Q5_0_BYTES)?;
         Ok(Self {
-            rows,
-            cols,
             format: Format::Q5_0,
-            bytes,
+            blocks: Blocks::new(rows, cols, QK, Q5_0_BYTES, bytes)?,
         })
     }
 
     pub fn rows(&self) -> usize {
-        self.rows
+        self.blocks.rows()
     }
 
     pub fn cols(&self) -> usize {
-        self.cols
+        self.blocks.cols()
     }
 
     /// Where the blocks are read from.
     pub fn weight_bytes(&self) -> &WeightBytes {
-        &self.bytes
-    }
-
-    fn block_bytes(&self) -> usize {
-        match self.format {
-            Format::Q8_0 => Q8_0_BYTES,
-            Format::Q5_0 => Q5_0_BYTES,
-        }
-    }
-
-    /// The blocks of row `r`, in the file's layout.
-    fn row(&self, r: usize) -> &[u8] {
-        let len = self.cols / QK * self.block_bytes();
-        &self.bytes.as_slice()[r * len..(r + 1) * len]
+        self.blocks.bytes()
     }
 
     /// Calls `f` on each block of row `r`, widened.
     fn for_each_block(&self, r: usize, f: impl FnMut(Block)) {
-        let (t, row) = (crate::f16_table(), self.row(r));
+        let (t, row) = (crate::f16_table(), self.blocks.row(r));
         match self.format {
             Format::Q8_0 => row
                 .chunks_exact(Q8_0_BYTES)
@@ -120,7 +100,7 @@ impl Q8Matrix {
     /// Writes row `r` as f32 (`d * q`, as ggml widens it) into `out`. `None` if `r` is out of
     /// range or `out` is not `cols` long; this is how token embeddings are looked up.
     pub fn row_into(&self, r: usize, out: &mut [f32]) -> Option<()> {
-        if r >= self.rows || out.len() != self.cols {
+        if r >= self.blocks.rows() || out.len() != self.blocks.cols() {
             return None;
         }
         let mut chunks = out.chunks_exact_mut(QK);
@@ -137,12 +117,13 @@ impl Q8Matrix {
     /// `out = x · selfᵀ` for `m` rows of activations (`m` x `cols`); `out` is `m` x `rows`.
     /// Panics if the lengths do not match (a bug in the caller, not bad input).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.rows, self.cols);
+        let (rows, cols) = (self.blocks.rows(), self.blocks.cols());
         if m == 1 && self.format == Format::Q8_0 {
             let t = crate::f16_table();
             return quantized_product(rows, cols, x, m, out, |r, a| {
                 dot(
-                    self.row(r)
+                    self.blocks
+                        .row(r)
                         .chunks_exact(Q8_0_BYTES)
                         .map(|b| q8_0_block(b, t)),
                     a,
@@ -413,7 +394,12 @@ mod tests {
                 let a = Q8_1Row::quantize(&x[t * cols..(t + 1) * cols]);
                 for r in 0..rows {
                     let t = crate::f16_table();
-                    let blocks = || w.row(r).chunks_exact(Q8_0_BYTES).map(|b| q8_0_block(b, t));
+                    let blocks = || {
+                        w.blocks
+                            .row(r)
+                            .chunks_exact(Q8_0_BYTES)
+                            .map(|b| q8_0_block(b, t))
+                    };
                     let avx2 = dot_avx2(blocks(), &a);
                     assert_eq!(
                         avx2.to_bits(),

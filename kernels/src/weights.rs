@@ -207,3 +207,62 @@ pub(crate) mod tests {
         ));
     }
 }
+
+/// A quantized matrix's shape and blocks: `rows` rows of `cols` values, each row a run of blocks
+/// of `block_values` values in `block_bytes` bytes each, in the file's layout. The one place a
+/// tensor's length is checked against its shape (with checked arithmetic: the shape comes from
+/// the file) and a row's blocks are found.
+#[derive(Clone)]
+pub(crate) struct Blocks {
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    bytes: WeightBytes,
+}
+
+impl Blocks {
+    pub(crate) fn new(
+        rows: usize,
+        cols: usize,
+        block_values: usize,
+        block_bytes: usize,
+        bytes: WeightBytes,
+    ) -> Result<Self, KernelError> {
+        if !cols.is_multiple_of(block_values) {
+            return Err(KernelError::Ragged { cols });
+        }
+        let row_bytes = cols / block_values * block_bytes;
+        let expected = rows.checked_mul(row_bytes);
+        if expected != Some(bytes.len()) {
+            return Err(KernelError::Size {
+                rows,
+                cols,
+                expected: expected.unwrap_or(usize::MAX),
+                got: bytes.len(),
+            });
+        }
+        Ok(Blocks {
+            rows,
+            cols,
+            row_bytes,
+            bytes,
+        })
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub(crate) fn bytes(&self) -> &WeightBytes {
+        &self.bytes
+    }
+
+    /// The blocks of row `r`.
+    pub(crate) fn row(&self, r: usize) -> &[u8] {
+        &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}

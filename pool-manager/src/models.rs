@@ -52,6 +52,15 @@ struct Entry {
     first_token_us: u64,
 }
 
+impl Entry {
+    /// No longer wanted: its workers are stopped and it reads cold.
+    fn unload(&mut self) {
+        self.wanted = false;
+        self.load_started = None;
+        self.ready.iter_mut().for_each(|r| *r = false);
+    }
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct ModelSet {
@@ -236,10 +245,7 @@ impl ModelSet {
             }
         }
         for &i in &unload {
-            let u = &mut e[i];
-            u.wanted = false;
-            u.load_started = None;
-            u.ready.iter_mut().for_each(|r| *r = false);
+            e[i].unload();
         }
         let w = &mut e[want];
         w.wanted = true;
@@ -256,12 +262,7 @@ impl ModelSet {
     /// Stops wanting `model` (its load failed): its workers are stopped.
     pub fn drop_model(&self, model: &str) {
         let Some(i) = self.index(model) else { return };
-        let mut e = self.lock();
-        let m = &mut e[i];
-        m.wanted = false;
-        m.load_started = None;
-        m.ready.iter_mut().for_each(|r| *r = false);
-        drop(e);
+        self.lock()[i].unload();
         self.bump();
     }
 
@@ -323,16 +324,18 @@ impl ModelSet {
                     break;
                 }
                 used = used.saturating_sub(self.cost(i, &e[i]));
-                let u = &mut e[i];
-                u.wanted = false;
-                u.load_started = None;
-                u.ready.iter_mut().for_each(|r| *r = false);
+                e[i].unload();
                 unload.push(self.specs[i].name.clone());
             }
         }
         drop(e);
         self.bump();
         unload
+    }
+
+    /// The last measured cold load of `model` (0 = never measured).
+    pub fn load_us(&self, model: &str) -> u64 {
+        self.index(model).map_or(0, |i| self.lock()[i].load_us)
     }
 
     pub fn footprint(&self, model: &str) -> u64 {

@@ -657,7 +657,7 @@ fn measure_models(slots: &Slots, models: &ModelSet, speed: &Speed) {
         if let Some(f) = figures {
             info!(
                 model = %name,
-                load_ms = models.states().iter().find(|s| &s.model == name).map_or(0, |s| s.load_us / 1000),
+                load_ms = models.load_us(name) / 1000,
                 first_token_us = f.first_token_us,
                 per_token_us = f.per_token_us,
                 "model measured"
@@ -757,10 +757,7 @@ impl Keeper {
                 for (m, death) in dead {
                     let w = map.remove(&m).expect("found above");
                     self.models.set_ready(&m, slot, false);
-                    if let Some(c) = self.slots.counters.get() {
-                        c.restarts.inc();
-                    }
-                    warn!(slot, model = %m, generation = w.generation, reason = %death, "idle worker lost; restarting it");
+                    record_death(&self.slots, &self.audit, slot, w.generation, &death);
                     if !w.loaded {
                         last_error.insert(m.clone(), format!("its worker did not load: {death}"));
                         failures
@@ -849,12 +846,7 @@ impl Keeper {
             self.audit
                 .record(events::MODEL_EVICTED, events::ACTOR_SYSTEM, fields);
         }
-        let load_us = self
-            .models
-            .states()
-            .into_iter()
-            .find(|s| s.model == model)
-            .map_or(0, |s| s.load_us);
+        let load_us = self.models.load_us(model);
         info!(model, load_ms = load_us / 1000, footprint, "model warm");
         let fields = Fields::new()
             .model(model)
@@ -863,6 +855,25 @@ impl Keeper {
         self.audit
             .record(events::MODEL_LOADED, events::ACTOR_SYSTEM, fields);
     }
+}
+
+/// Counts a lost worker (idle or mid-job) for the metrics and audits a corrupt lane; its
+/// successor is started by the keeper.
+fn record_death(slots: &Slots, audit: &Audit, slot: u32, generation: u64, death: &Death) {
+    if let Some(c) = slots.counters.get() {
+        c.restarts.inc();
+        if matches!(death, Death::Lane(_)) {
+            c.lane_corruptions.inc();
+        }
+    }
+    if let Death::Lane(why) = death {
+        let fields = Fields::new()
+            .num("slot", u64::from(slot))
+            .num("generation", generation)
+            .reason(why);
+        audit.record(events::LANE_CORRUPT, events::ACTOR_SYSTEM, fields);
+    }
+    warn!(slot, generation, reason = %death, "restarting worker");
 }
 
 /// A process's own memory: its anonymous pages (heap, KV cache, repacked tensors), not the
@@ -976,21 +987,7 @@ impl SlotThread {
     /// fails the jobs queued behind it (UNAVAILABLE) so the queen can place them on a live
     /// worker.
     fn retire(&self, w: Worker, death: &Death) {
-        if let Some(c) = self.slots.counters.get() {
-            c.restarts.inc();
-            if matches!(death, Death::Lane(_)) {
-                c.lane_corruptions.inc();
-            }
-        }
-        if let Death::Lane(why) = death {
-            let fields = Fields::new()
-                .num("slot", u64::from(self.slot))
-                .num("generation", w.generation)
-                .reason(why);
-            self.audit
-                .record(events::LANE_CORRUPT, events::ACTOR_SYSTEM, fields);
-        }
-        warn!(slot = self.slot, generation = w.generation, reason = %death, "restarting worker");
+        record_death(&self.slots, &self.audit, self.slot, w.generation, death);
         drop(w);
         self.fail_queued(&death.to_string());
     }

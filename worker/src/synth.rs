@@ -11,6 +11,8 @@
 mod rng;
 mod vocab;
 
+pub use vocab::GEMMA3_IT_TEMPLATE;
+
 use std::borrow::Cow;
 use std::io::{Seek, Write};
 use std::sync::Mutex;

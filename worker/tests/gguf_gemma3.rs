@@ -9,6 +9,8 @@ mod common;
 use std::path::PathBuf;
 
 use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
+// The instruction-tuned models' chat template, for the base model whose file has none.
+use skep_worker::synth::GEMMA3_IT_TEMPLATE;
 
 const MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 
@@ -89,50 +91,6 @@ fn gemma3_tokenizer_matches_llama_cpp() {
         }
     }
 }
-
-/// The chat template of the instruction-tuned Gemma 3 models (gemma-3-*-it), for the base model
-/// whose file has none.
-const GEMMA3_IT_TEMPLATE: &str = r#"{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\n'}}
-{%- endif -%}
-"#;
 
 /// A user who writes Gemma's turn markers cannot open a turn: llama.cpp would parse
 /// `<start_of_turn>` in the prompt into the control token; here the user's markers are text, and

@@ -132,12 +132,19 @@ fn avx2_and_portable_paths_agree_to_the_bit() {
             let acts: Vec<Q8KRow> = x.chunks(cols).map(Q8KRow::quantize).collect();
             let four = [&acts[0], &acts[1], &acts[2], &acts[3]];
             for r in 0..rows {
-                let tiled = dots_avx2(w.row(r), four);
-                assert_eq!(dots(w.row(r), four), tiled, "row {r}: the build runs AVX2");
+                let tiled = dots_avx2(w.blocks.row(r), four);
+                assert_eq!(
+                    dots(w.blocks.row(r), four),
+                    tiled,
+                    "row {r}: the build runs AVX2"
+                );
                 for (t, a) in acts.iter().enumerate() {
-                    let portable = dot_portable(w.row(r), a);
+                    let portable = dot_portable(w.blocks.row(r), a);
                     assert_eq!(portable.to_bits(), tiled[t].to_bits(), "row {r} token {t}");
-                    assert_eq!(portable.to_bits(), dots_avx2(w.row(r), [a])[0].to_bits());
+                    assert_eq!(
+                        portable.to_bits(),
+                        dots_avx2(w.blocks.row(r), [a])[0].to_bits()
+                    );
                 }
             }
         }

@@ -17,8 +17,9 @@ use super::SynthError;
 /// SmolLM2-135M-Instruct's chat template, verbatim from its GGUF metadata.
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// The chat template of the instruction-tuned Gemma 3 models (gemma-3-*-it).
-const GEMMA3_TEMPLATE: &str = r#"{{ bos_token }}
+/// The chat template of the instruction-tuned Gemma 3 models (gemma-3-*-it); also what the
+/// tests give the base Gemma 3 file, which has none.
+pub const GEMMA3_IT_TEMPLATE: &str = r#"{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}
         {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
@@ -143,7 +144,7 @@ pub fn gemma3(size: usize) -> Result<Vec<(String, Value)>, SynthError> {
         md("tokenizer.ggml.add_sep_token", Value::Bool(false)),
         md("tokenizer.ggml.add_eos_token", Value::Bool(false)),
         md("tokenizer.ggml.add_space_prefix", Value::Bool(false)),
-        md("tokenizer.chat_template", string(GEMMA3_TEMPLATE)),
+        md("tokenizer.chat_template", string(GEMMA3_IT_TEMPLATE)),
     ])
 }
 
