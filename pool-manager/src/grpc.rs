@@ -207,10 +207,15 @@ impl Session {
             }));
         }
         // A model not loaded yet starts loading now, alongside whatever runs, so the job waits
-        // only for the rest of the load when its turn comes (what the queen predicted).
-        let unloaded = self
-            .models
-            .request(&job.model, &job.evict, &self.slots.models_in_use())?;
+        // only for the rest of the load when its turn comes (what the queen predicted). The
+        // models in use (every slot's lock) are gathered only when a load may unload one.
+        let unloaded = if self.models.is_wanted(&job.model) {
+            self.models.touch(&job.model);
+            Vec::new()
+        } else {
+            self.models
+                .request(&job.model, &job.evict, &self.slots.models_in_use())?
+        };
         for m in unloaded {
             info!(model = %m, loading = %job.model, "model unloaded to make room");
             if let Some(audit) = &self.audit {
