@@ -32,6 +32,8 @@ pub struct RequestFields<'a> {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+    /// Non-zero: the request cancels the job sent as this seq (and runs nothing).
+    pub cancel_seq: u64,
 }
 
 /// MAC over every field of a lane request. Variable-length fields are length-prefixed, so no
@@ -49,6 +51,7 @@ pub fn request_mac(session: &Secret, req: &RequestFields<'_>) -> [u8; 32] {
     mac.update(&req.temperature.to_bits().to_le_bytes());
     mac.update(&req.top_p.to_bits().to_le_bytes());
     mac.update(&req.seed.to_le_bytes());
+    mac.update(&req.cancel_seq.to_le_bytes());
     for field in [req.job_id, req.model, req.prompt] {
         mac.update(&(field.len() as u64).to_le_bytes());
         mac.update(field.as_bytes());
@@ -76,6 +79,7 @@ mod tests {
         temperature: 0.8,
         top_p: 0.9,
         seed: 42,
+        cancel_seq: 0,
     };
 
     #[test]
@@ -113,6 +117,10 @@ mod tests {
             },
             RequestFields { top_p: 1.0, ..REQ },
             RequestFields { seed: 43, ..REQ },
+            RequestFields {
+                cancel_seq: 1,
+                ..REQ
+            },
         ];
         for edited in edits {
             assert!(!verify_request(&s, &edited, &m), "{edited:?}");

@@ -1236,6 +1236,7 @@ impl Worker {
             temperature: job.sampling.temperature,
             top_p: job.sampling.top_p,
             seed: job.sampling.seed,
+            cancel_seq: 0,
         };
         let mac = session::request_mac(&self.session, &fields);
         let lane_req = LaneRequest {
@@ -1249,6 +1250,7 @@ impl Worker {
             temperature: job.sampling.temperature,
             top_p: job.sampling.top_p,
             seed: job.sampling.seed,
+            cancel_seq: 0,
         };
         let mut tokens = 0u32;
         let mut cancelled_at: Option<Instant> = None;

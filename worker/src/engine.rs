@@ -82,3 +82,49 @@ pub trait Engine: Send {
         between: &mut dyn FnMut() -> ControlFlow<Stop>,
     ) -> Result<Finish, EngineError>;
 }
+
+/// A job's handle inside a batched engine: the caller's own id for it (the lane `seq`).
+pub type SeqId = u64;
+
+/// One job's share of a batched step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    pub id: SeqId,
+    /// Prompt tokens it may run in this step while its prompt pass lasts (at least 1 is run);
+    /// ignored once the job decodes, when it advances by one token.
+    pub prompt_tokens: usize,
+}
+
+/// What a batched step produced for one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Emitted {
+    /// Text to stream (never empty), with the id of the model token that completed it.
+    Token { id: u32, text: String },
+    /// The job is over ([`Finish::Complete`]); the engine still holds it until `release`.
+    Finished(Finish),
+    /// This job failed (the others of the step are unaffected).
+    Failed(String),
+}
+
+/// An engine that holds several jobs at once, each with its own context, and advances any set
+/// of them in one step: one pass over the weights for every job's next token (or next chunk of
+/// its prompt). The caller (the worker's step scheduler) decides which jobs advance each step;
+/// the engine decides nothing about order, deadlines or cancellation.
+pub trait BatchEngine: Send {
+    /// Name of the model this engine serves.
+    fn model(&self) -> &str;
+
+    /// Takes a job in: checks and tokenizes its prompt. It then holds its context until
+    /// `release`. Returns the prompt's length in tokens.
+    fn admit(&mut self, id: SeqId, req: &GenerateRequest) -> Result<u32, EngineError>;
+
+    /// Prompt tokens of job `id` not yet run (0 once it generates).
+    fn pending_prompt(&self, id: SeqId) -> usize;
+
+    /// Advances every job of `work` once, in one pass, appending what each produced to `out`.
+    /// An `Err` means the pass itself failed: every job of `work` is then lost.
+    fn step(&mut self, work: &[Work], out: &mut Vec<(SeqId, Emitted)>) -> Result<(), EngineError>;
+
+    /// Forgets job `id` and frees its context.
+    fn release(&mut self, id: SeqId);
+}

@@ -5,6 +5,7 @@
 //! tokens. It has no network listener at all: the lanes are its only interface.
 
 pub mod engine;
+pub mod schedule;
 pub mod serve;
 pub mod synth;
 

@@ -9,7 +9,7 @@ use skep_common::secret::Secret;
 use skep_common::telemetry::{self, LogFormat};
 use skep_lane::Lane;
 use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
-use skep_worker::engine::{Engine, SyntheticConfig, SyntheticEngine};
+use skep_worker::engine::{BatchEngine, SyntheticConfig, SyntheticEngine};
 use skep_worker::{ServeConfig, serve};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -55,6 +55,14 @@ struct Args {
     /// budget: the pool measures it like a real model's).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
     synthetic_weights_mib: u32,
+    /// Jobs run at once, batched into one pass per step (the pool manager sends at most this
+    /// many).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    batch: u16,
+    /// Prompt tokens per step, in all: bounds how long a long prompt delays the jobs
+    /// generating beside it.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    prefill_chunk: u32,
     #[arg(long, default_value = "pretty")]
     log_format: LogFormat,
 }
@@ -76,8 +84,10 @@ fn main() -> anyhow::Result<()> {
             .context("opening the request lane")?,
         responses: Lane::open_inherited(args.response_lane_fd, args.generation)
             .context("opening the response lane")?,
+        batch: usize::from(args.batch),
+        prefill_chunk: args.prefill_chunk as usize,
     };
-    let load = || -> anyhow::Result<Box<dyn Engine>> {
+    let load = || -> anyhow::Result<Box<dyn BatchEngine>> {
         Ok(match args.engine {
             EngineKind::Synthetic => {
                 std::thread::sleep(args.synthetic_load);
@@ -96,12 +106,16 @@ fn main() -> anyhow::Result<()> {
     serve(config, &session, || load().map_err(|e| format!("{e:#}"))).context("worker stopped")
 }
 
-fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn Engine>> {
+fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn BatchEngine>> {
     let path = args
         .model_path
         .as_ref()
         .context("--engine gguf needs --model-path")?;
-    let engine = GgufEngine::load(path, &args.model, GgufOptions::default())
+    let opts = GgufOptions {
+        prefill_chunk: args.prefill_chunk as usize,
+        ..GgufOptions::default()
+    };
+    let engine = GgufEngine::load(path, &args.model, opts)
         .with_context(|| format!("loading {}", path.display()))?;
     Ok(Box::new(engine))
 }

@@ -591,6 +591,7 @@ fn the_largest_valid_request_fits_the_lane() {
         temperature: 2.0,
         top_p: 0.5,
         seed: u64::MAX,
+        cancel_seq: 0,
     };
     let mac = session::request_mac(&secret, &fields);
     assert_eq!(mac.len(), validate::LANE_MAC_BYTES);
@@ -605,6 +606,7 @@ fn the_largest_valid_request_fits_the_lane() {
         temperature: 2.0,
         top_p: 0.5,
         seed: u64::MAX,
+        cancel_seq: 0,
     };
     assert_eq!(req.encoded_len(), validate::MAX_LANE_REQUEST_BYTES);
     let cfg = LaneConfig::default();

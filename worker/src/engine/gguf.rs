@@ -6,6 +6,7 @@
 //! 0, so jobs never see each other's context. With the `cuda` cargo feature the weights
 //! go to the first CUDA GPU when one is present.
 
+mod batch;
 mod decoder;
 mod gemma3;
 mod linear;
@@ -119,6 +120,8 @@ pub struct GgufEngine {
     /// that one job's KV cache stays within a home machine's memory).
     context_len: usize,
     opts: GgufOptions,
+    /// Jobs held when it serves as a `BatchEngine` (the one-job path uses none).
+    jobs: batch::Seqs,
 }
 
 // Hand-written so that logging an engine never dumps (or walks) the weights.
@@ -214,6 +217,7 @@ impl GgufEngine {
             device,
             context_len,
             opts,
+            jobs: batch::Seqs::new(),
         })
     }
 
@@ -318,6 +322,40 @@ impl GgufEngine {
                 break;
             }
             out.push(next);
+            logits = self.step(next, pos)?;
+            pos += 1;
+        }
+        Ok(out)
+    }
+
+    /// Like `greedy_token_ids`, with each step's margin: how far the chosen token's logit is
+    /// ahead of the runner-up's. Where two implementations' tokens differ, a small margin there
+    /// says it was a near-tie that rounding can flip.
+    pub fn greedy_with_margins(
+        &mut self,
+        prompt: &str,
+        n: usize,
+    ) -> Result<Vec<(u32, f32)>, EngineError> {
+        let ids = self.prompt_ids(prompt)?;
+        let mut out = Vec::with_capacity(n);
+        let mut logits = self.start(&ids)?;
+        let mut pos = ids.len();
+        while out.len() < n && pos < self.context_len {
+            let v = logits.to_vec1::<f32>().map_err(inference)?;
+            let (mut best, mut second) = ((0usize, f32::NEG_INFINITY), f32::NEG_INFINITY);
+            for (i, &x) in v.iter().enumerate() {
+                if x > best.1 {
+                    second = best.1;
+                    best = (i, x);
+                } else if x > second {
+                    second = x;
+                }
+            }
+            let next = best.0 as u32;
+            if self.tokenizer.is_eog(next) {
+                break;
+            }
+            out.push((next, best.1 - second));
             logits = self.step(next, pos)?;
             pos += 1;
         }

@@ -8,12 +8,15 @@
 //! same text and another seed other text (the temperature's value and top_p play no further
 //! part). The prompt's token count is its number of whitespace-separated words.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{Engine, EngineError, Finish, GenerateRequest, Sampling, Stop};
+use super::{
+    BatchEngine, Emitted, Engine, EngineError, Finish, GenerateRequest, Sampling, SeqId, Stop, Work,
+};
 
 const WORDS: &[&str] = &[
     "the", "hive", "hums", "while", "queens", "plan", "and", "workers", "stream", "tokens",
@@ -47,13 +50,28 @@ impl Default for SyntheticConfig {
 
 pub struct SyntheticEngine {
     config: SyntheticConfig,
+    /// Jobs held as a `BatchEngine`.
+    jobs: HashMap<SeqId, Paced>,
+}
+
+/// A batched job: its request and when its next token is due.
+struct Paced {
+    prompt: String,
+    sampling: Sampling,
+    max_tokens: u32,
+    deadline: Option<Instant>,
+    next: u32,
+    due: Instant,
 }
 
 // === impl SyntheticEngine ===
 
 impl SyntheticEngine {
     pub fn new(config: SyntheticConfig) -> SyntheticEngine {
-        SyntheticEngine { config }
+        SyntheticEngine {
+            config,
+            jobs: HashMap::new(),
+        }
     }
 
     /// How many tokens this engine counts a prompt as: its whitespace-separated words.
@@ -135,6 +153,79 @@ impl Engine for SyntheticEngine {
             tokens: req.max_tokens,
             prompt_tokens: Self::prompt_tokens(&req.prompt),
         })
+    }
+}
+
+/// Batched, every job keeps its own pace: its first token `time_to_first_token` after it was
+/// admitted, each later one a token interval after the one before, as a batched model whose step
+/// time does not grow with the batch would. A step waits for the earliest token due among its
+/// jobs (never past their earliest deadline) and emits every token due by then.
+impl BatchEngine for SyntheticEngine {
+    fn model(&self) -> &str {
+        &self.config.model
+    }
+
+    fn admit(&mut self, id: SeqId, req: &GenerateRequest) -> Result<u32, EngineError> {
+        if self.jobs.contains_key(&id) {
+            return Err(EngineError::Prompt(format!("job {id} is already running")));
+        }
+        self.jobs.insert(
+            id,
+            Paced {
+                prompt: req.prompt.clone(),
+                sampling: req.sampling,
+                max_tokens: req.max_tokens,
+                deadline: req.deadline,
+                next: 0,
+                due: Instant::now() + self.config.time_to_first_token,
+            },
+        );
+        Ok(Self::prompt_tokens(&req.prompt))
+    }
+
+    fn pending_prompt(&self, _id: SeqId) -> usize {
+        // No prompt pass to schedule: the wait for the first token is the job's own.
+        0
+    }
+
+    fn step(&mut self, work: &[Work], out: &mut Vec<(SeqId, Emitted)>) -> Result<(), EngineError> {
+        let mine = || work.iter().filter_map(|w| self.jobs.get(&w.id));
+        let Some(due) = mine().map(|j| j.due).min() else {
+            return Ok(());
+        };
+        let wake = mine()
+            .filter_map(|j| j.deadline)
+            .min()
+            .map_or(due, |d| d.min(due));
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let pause = self.pause();
+        for w in work {
+            let Some(j) = self.jobs.get_mut(&w.id) else {
+                continue;
+            };
+            if j.due > now || j.next >= j.max_tokens {
+                continue;
+            }
+            let (id, text) = Self::sampled(&j.prompt, self.config.seed, &j.sampling, j.next);
+            out.push((w.id, Emitted::Token { id, text }));
+            j.next += 1;
+            j.due = now + pause;
+            if j.next == j.max_tokens {
+                out.push((
+                    w.id,
+                    Emitted::Finished(Finish::Complete {
+                        tokens: j.max_tokens,
+                        prompt_tokens: Self::prompt_tokens(&j.prompt),
+                    }),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, id: SeqId) {
+        self.jobs.remove(&id);
     }
 }
 

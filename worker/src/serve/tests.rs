@@ -1,5 +1,5 @@
-//! The serve loop against a lane scribbler (edited fields and replayed requests never run), and
-//! a cancel that reaches a job still in its prompt pass.
+//! The serve loop against a lane scribbler (edited fields and replayed requests never run), a
+//! cancel that reaches a job still in its prompt pass, and a batched worker's several jobs.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -9,7 +9,10 @@ use std::time::Duration;
 use skep_lane::LaneConfig;
 
 use super::*;
-use crate::engine::{SyntheticConfig, SyntheticEngine};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use crate::engine::{EngineError, SyntheticConfig, SyntheticEngine, Work};
 
 const GEN: u64 = 3;
 /// Bounds a broken build's wait for a response; never a speed assertion.
@@ -25,18 +28,14 @@ struct Pool {
 
 impl Pool {
     fn start() -> Pool {
-        Pool::start_with(|| {
-            Box::new(SyntheticEngine::new(SyntheticConfig {
-                model: "synthetic".into(),
-                time_to_first_token: Duration::ZERO,
-                tokens_per_sec: 0.0,
-                seed: 0,
-            }))
-        })
+        Pool::start_with(1, || Box::new(synthetic(0.0)))
     }
 
-    /// A worker serving with the engine `make` builds.
-    fn start_with(make: impl FnOnce() -> Box<dyn Engine> + Send + 'static) -> Pool {
+    /// A worker holding up to `batch` jobs, serving with the engine `make` builds.
+    fn start_with(
+        batch: usize,
+        make: impl FnOnce() -> Box<dyn BatchEngine> + Send + 'static,
+    ) -> Pool {
         let session = Secret::generate();
         let requests = Lane::create_sealed("req", LaneConfig::default(), GEN).unwrap();
         let responses = Lane::create_sealed("resp", LaneConfig::default(), GEN).unwrap();
@@ -47,6 +46,8 @@ impl Pool {
         let config = ServeConfig {
             requests: peer(&requests),
             responses: peer(&responses),
+            batch,
+            prefill_chunk: 16,
         };
         let worker_secret = Secret::from_string(session.expose().to_owned());
         let worker =
@@ -59,7 +60,8 @@ impl Pool {
         );
         let ready = LaneResponse::decode(buf.as_slice()).unwrap();
         assert!(
-            ready.seq == 0 && matches!(ready.kind, Some(lane_response::Kind::Ready(_))),
+            ready.seq == 0
+                && matches!(ready.kind, Some(lane_response::Kind::Ready(ref r)) if r.batch as usize == batch),
             "{ready:?}"
         );
         Pool {
@@ -72,7 +74,7 @@ impl Pool {
 
     /// A genuine request as the pool manager builds it, MAC included.
     fn request(&self, seq: u64, max_tokens: u32) -> LaneRequest {
-        let mut req = LaneRequest {
+        self.sign(LaneRequest {
             seq,
             job_id: format!("job-{seq}"),
             model: "synthetic".into(),
@@ -83,7 +85,12 @@ impl Pool {
             temperature: 0.5,
             top_p: 0.9,
             seed: 7,
-        };
+            cancel_seq: 0,
+        })
+    }
+
+    /// `req` with its MAC made over its fields as they are now.
+    fn sign(&self, mut req: LaneRequest) -> LaneRequest {
         let fields = session::RequestFields {
             seq: req.seq,
             job_id: &req.job_id,
@@ -94,9 +101,41 @@ impl Pool {
             temperature: req.temperature,
             top_p: req.top_p,
             seed: req.seed,
+            cancel_seq: req.cancel_seq,
         };
         req.mac = session::request_mac(&self.session, &fields).to_vec();
         req
+    }
+
+    /// A genuine request as `seq` that cancels the job sent as `target`.
+    fn cancel(&self, seq: u64, target: u64) -> LaneRequest {
+        self.sign(LaneRequest {
+            seq,
+            cancel_seq: target,
+            ..LaneRequest::default()
+        })
+    }
+
+    /// Every response until `jobs` jobs have ended, grouped by job.
+    fn until_ended(&self, jobs: usize) -> (HashMap<u64, Vec<LaneResponse>>, Vec<u64>) {
+        let mut by_job: HashMap<u64, Vec<LaneResponse>> = HashMap::new();
+        // The order tokens arrived in, by job.
+        let mut order = Vec::new();
+        let mut ended = 0;
+        let mut buf = Vec::new();
+        while ended < jobs {
+            assert!(
+                self.responses.pop_timeout(&mut buf, WAIT).unwrap(),
+                "the worker did not answer"
+            );
+            let r = LaneResponse::decode(buf.as_slice()).unwrap();
+            if !matches!(r.kind, Some(lane_response::Kind::Token(_))) {
+                ended += 1;
+            }
+            order.push(r.seq);
+            by_job.entry(r.seq).or_default().push(r);
+        }
+        (by_job, order)
     }
 
     /// Writes raw bytes into the request lane, as anything holding the lane can.
@@ -182,7 +221,7 @@ fn edited_fields_and_replayed_requests_never_run() {
 
     // Each field of a fresh genuine request, edited in the lane.
     let second = pool.request(2, 2);
-    let edits: [(&str, Vec<u8>); 10] = [
+    let edits: [(&str, Vec<u8>); 11] = [
         ("max_tokens", edited(&second, |r| r.max_tokens = 50)),
         ("model", edited(&second, |r| r.model = "other".into())),
         ("prompt", edited(&second, |r| r.prompt.push('!'))),
@@ -192,6 +231,7 @@ fn edited_fields_and_replayed_requests_never_run() {
         ("temperature", edited(&second, |r| r.temperature = 0.0)),
         ("top_p", edited(&second, |r| r.top_p = 1.0)),
         ("seed", edited(&second, |r| r.seed += 1)),
+        ("cancel_seq", edited(&second, |r| r.cancel_seq = 1)),
         ("mac", edited(&second, |r| r.mac[0] ^= 1)),
     ];
     for (field, bytes) in &edits {
@@ -216,46 +256,45 @@ fn edited_fields_and_replayed_requests_never_run() {
     pool.assert_runs(10, 1);
 }
 
-/// An engine whose prompt pass never ends by itself: it only asks `between`, as the GGUF engine
-/// does between prompt chunks, and says when it has begun.
+/// An engine whose prompt pass never ends: each step runs a chunk of a prompt that always has
+/// more, as a very long prompt would, and says when it has begun.
 struct EndlessPromptPass {
     begun: Arc<AtomicBool>,
 }
 
-impl Engine for EndlessPromptPass {
+impl BatchEngine for EndlessPromptPass {
     fn model(&self) -> &str {
         "synthetic"
     }
 
-    fn generate_checked(
-        &mut self,
-        _req: &GenerateRequest,
-        _emit: &mut dyn FnMut(u32, &str) -> ControlFlow<Stop>,
-        between: &mut dyn FnMut() -> ControlFlow<Stop>,
-    ) -> Result<Finish, crate::engine::EngineError> {
-        self.begun.store(true, Ordering::Release);
-        let started = Instant::now();
-        // Bounded so that a worker that never passes on the cancel fails the test, not hangs it.
-        while started.elapsed() < WAIT {
-            if let ControlFlow::Break(reason) = between() {
-                return Ok(Finish::Stopped { tokens: 0, reason });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(Finish::Complete {
-            tokens: 0,
-            prompt_tokens: 1,
-        })
+    fn admit(&mut self, _id: SeqId, _req: &GenerateRequest) -> Result<u32, EngineError> {
+        Ok(u32::MAX)
     }
+
+    fn pending_prompt(&self, _id: SeqId) -> usize {
+        usize::MAX
+    }
+
+    fn step(&mut self, work: &[Work], _out: &mut Vec<(SeqId, Emitted)>) -> Result<(), EngineError> {
+        assert!(
+            work.iter().all(|w| w.prompt_tokens <= 16),
+            "more than a chunk: {work:?}"
+        );
+        self.begun.store(true, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(())
+    }
+
+    fn release(&mut self, _id: SeqId) {}
 }
 
 #[test]
 fn a_cancel_reaches_a_job_still_in_its_prompt_pass() {
     let begun = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&begun);
-    let pool = Pool::start_with(move || Box::new(EndlessPromptPass { begun: flag }));
+    let pool = Pool::start_with(1, move || Box::new(EndlessPromptPass { begun: flag }));
     pool.push(&pool.request(1, 8).encode_to_vec());
-    let since = Instant::now();
+    let since = std::time::Instant::now();
     while !begun.load(Ordering::Acquire) {
         assert!(since.elapsed() < WAIT, "the job never began");
         std::thread::sleep(Duration::from_millis(1));
@@ -271,3 +310,109 @@ fn a_cancel_reaches_a_job_still_in_its_prompt_pass() {
 
 /// gRPC's CANCELLED, as lane errors carry it.
 const CANCELLED: i32 = 1;
+
+/// gRPC's RESOURCE_EXHAUSTED, as lane errors carry it.
+const RESOURCE_EXHAUSTED: i32 = 8;
+
+/// A synthetic engine: first token at once, then `tps` tokens per second (0: unpaced).
+fn synthetic(tps: f64) -> SyntheticEngine {
+    SyntheticEngine::new(SyntheticConfig {
+        model: "synthetic".into(),
+        time_to_first_token: Duration::ZERO,
+        tokens_per_sec: tps,
+        seed: 0,
+    })
+}
+
+fn texts(rs: &[LaneResponse]) -> Vec<String> {
+    rs.iter()
+        .filter_map(|r| match &r.kind {
+            Some(lane_response::Kind::Token(t)) => Some(t.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn code(r: &LaneResponse) -> Option<i32> {
+    match &r.kind {
+        Some(lane_response::Kind::Error(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_batched_worker_runs_several_jobs_at_once_each_with_its_own_stream() {
+    let pool = Pool::start_with(3, || Box::new(synthetic(200.0)));
+    let prompts = ["one two", "three", "four five six"];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut req = pool.request(i as u64 + 1, 12);
+        req.prompt = (*prompt).into();
+        req.temperature = 0.0;
+        let req = pool.sign(req);
+        pool.push(&req.encode_to_vec());
+    }
+    let (by_job, order) = pool.until_ended(3);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let seq = i as u64 + 1;
+        let rs = &by_job[&seq];
+        let want: Vec<String> = (0..12).map(|k| SyntheticEngine::token(prompt, k)).collect();
+        assert_eq!(
+            texts(rs),
+            want,
+            "job {seq} got another job's text or lost some"
+        );
+        assert!(
+            matches!(&rs.last().unwrap().kind, Some(lane_response::Kind::Done(d)) if d.tokens == 12),
+            "{rs:?}"
+        );
+    }
+    // The streams overlap: some job's first token came before another job's last one, so the
+    // jobs ran together, not one after the other.
+    let first_of = |s: u64| order.iter().position(|&x| x == s).unwrap();
+    let last_of = |s: u64| order.iter().rposition(|&x| x == s).unwrap();
+    assert!(
+        first_of(3) < last_of(1) && first_of(2) < last_of(1),
+        "jobs ran one after the other: {order:?}"
+    );
+}
+
+#[test]
+fn a_cancel_request_stops_one_job_and_the_others_go_on() {
+    let pool = Pool::start_with(2, || Box::new(synthetic(200.0)));
+    pool.push(&pool.request(1, 400).encode_to_vec());
+    pool.push(&pool.request(2, 20).encode_to_vec());
+    // A forged cancel (no valid MAC) for job 2 is refused and stops nothing.
+    let mut forged = pool.cancel(3, 2);
+    forged.mac[0] ^= 1;
+    pool.push(&forged.encode_to_vec());
+    pool.push(&pool.cancel(4, 1).encode_to_vec());
+    let (by_job, _) = pool.until_ended(3);
+    let one = &by_job[&1];
+    assert_eq!(code(one.last().unwrap()), Some(CANCELLED), "{one:?}");
+    assert!(
+        one.len() < 400,
+        "job 1 ran to the end: {} responses",
+        one.len()
+    );
+    assert_eq!(code(&by_job[&3][0]), Some(CODE_UNAUTHENTICATED));
+    let two = &by_job[&2];
+    assert_eq!(texts(two).len(), 20, "{two:?}");
+    assert!(
+        matches!(&two.last().unwrap().kind, Some(lane_response::Kind::Done(d)) if d.tokens == 20)
+    );
+}
+
+#[test]
+fn a_job_beyond_the_batch_is_refused_and_the_held_ones_finish() {
+    let pool = Pool::start_with(2, || Box::new(synthetic(200.0)));
+    for seq in 1..=3 {
+        pool.push(&pool.request(seq, 30).encode_to_vec());
+    }
+    let (by_job, _) = pool.until_ended(3);
+    let refused = &by_job[&3];
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(code(&refused[0]), Some(RESOURCE_EXHAUSTED));
+    for seq in [1, 2] {
+        assert_eq!(texts(&by_job[&seq]).len(), 30, "job {seq}");
+    }
+}

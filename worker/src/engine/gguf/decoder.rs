@@ -50,7 +50,6 @@ pub struct Layer {
     /// Sliding window in tokens, or `None` for a layer that attends to the whole context.
     pub window: Option<usize>,
     pub rope_base: f64,
-    pub cache: KvCache,
 }
 
 /// Token embeddings: rows of the file's table, widened as they are looked up.
@@ -110,13 +109,25 @@ pub struct Decoder {
     pub rope: Rope,
     pub activation: Activation,
     pub device: Device,
+    /// The one-job path's context (`forward`), one cache per layer; a batched engine keeps a
+    /// context per job and passes it to `forward_batch`.
+    pub caches: Vec<KvCache>,
+}
+
+/// One job's share of a batched pass: its next tokens, where they start, and its context.
+pub struct Part<'a> {
+    pub ids: &'a [u32],
+    pub pos: usize,
+    /// One cache per layer (grown to the layer count on first use).
+    pub caches: &'a mut Vec<KvCache>,
+    /// Whether the logits after its last token are wanted (a prompt chunk other than the
+    /// last needs none).
+    pub logits: bool,
 }
 
 impl Decoder {
     pub fn clear_kv_cache(&mut self) {
-        for l in &mut self.layers {
-            l.cache.clear();
-        }
+        self.caches.clear();
     }
 
     /// Checks that every weight has the shape the hyper-parameters imply, so that a file whose
@@ -177,21 +188,50 @@ impl Decoder {
 
     /// Logits `(1, vocab)` for the token after `ids`, which start at position `pos`.
     pub fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
-        let seq = ids.len();
-        if seq == 0 {
+        let mut caches = std::mem::take(&mut self.caches);
+        let logits = self.forward_batch(&mut [Part {
+            ids,
+            pos,
+            caches: &mut caches,
+            logits: true,
+        }]);
+        self.caches = caches;
+        // (1, vocab): one row, as before.
+        logits
+    }
+
+    /// One pass for several jobs at once: every part's tokens are rows of the same products
+    /// (each weight block read once for all of them), and each part attends only to its own
+    /// context. Returns `(parts wanting logits, vocab)`, in the order of `parts`.
+    pub fn forward_batch(&self, parts: &mut [Part<'_>]) -> Result<Tensor> {
+        let rows: usize = parts.iter().map(|p| p.ids.len()).sum();
+        if rows == 0 || parts.iter().any(|p| p.ids.is_empty()) {
             candle_core::bail!("no tokens to run");
         }
+        let layers = self.layers.len();
+        for p in parts.iter_mut() {
+            if p.caches.len() != layers {
+                p.caches.resize_with(layers, KvCache::default);
+            }
+            if p.caches[0].len() != p.pos {
+                candle_core::bail!(
+                    "position {} after {} cached tokens",
+                    p.pos,
+                    p.caches[0].len()
+                );
+            }
+        }
+        let ids: Vec<u32> = parts.iter().flat_map(|p| p.ids.iter().copied()).collect();
         let mut x = self
             .embed
-            .lookup(ids, &self.device)?
-            .reshape((1, seq, self.hidden))?;
+            .lookup(&ids, &self.device)?
+            .reshape((1, rows, self.hidden))?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
         let (hd, heads, kv_heads) = (self.head_dim, self.heads, self.kv_heads);
-        let rope = self.rope;
-        let activation = self.activation;
-        for l in &mut self.layers {
+        let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+        for (li, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
             let mut q = l.q.forward_vec(&h)?;
             let mut k = l.k.forward_vec(&h)?;
@@ -200,16 +240,31 @@ impl Decoder {
                 heads,
                 kv_heads,
                 head_dim: hd,
-                rope,
+                rope: self.rope,
                 rope_base: l.rope_base,
                 window: l.window,
             };
-            if l.cache.len() != pos {
-                candle_core::bail!("position {pos} after {} cached tokens", l.cache.len());
-            }
             let qk_norm = l.qk_norm.as_ref().map(|(q, k, eps)| (&q[..], &k[..], *eps));
-            let out = attend(&spec, &mut q, &mut k, &v, qk_norm, &mut l.cache, pos);
-            let out = Tensor::from_vec(out, (1, seq, heads * hd), &self.device)?;
+            let mut out = Vec::with_capacity(rows * q_width);
+            let mut row = 0;
+            for p in parts.iter_mut() {
+                let n = p.ids.len();
+                let (qs, ks) = (
+                    row * q_width..(row + n) * q_width,
+                    row * kv_width..(row + n) * kv_width,
+                );
+                out.extend(attend(
+                    &spec,
+                    &mut q[qs],
+                    &mut k[ks.clone()],
+                    &v[ks],
+                    qk_norm,
+                    &mut p.caches[li],
+                    p.pos,
+                ));
+                row += n;
+            }
+            let out = Tensor::from_vec(out, (1, rows, q_width), &self.device)?;
             let mut out = l.o.forward(&out)?;
             if let Some(n) = &l.post_attn_norm {
                 out = n.forward(&out)?;
@@ -217,7 +272,7 @@ impl Decoder {
             x = (x + out)?;
             let h = l.ffn_norm.forward(&x)?;
             let gate = l.gate.forward(&h)?;
-            let gate = match activation {
+            let gate = match self.activation {
                 Activation::Silu => candle_nn::ops::silu(&gate)?,
                 Activation::GeluTanh => gate.gelu()?,
             };
@@ -227,10 +282,23 @@ impl Decoder {
             }
             x = (x + ff)?;
         }
-        let last = x.narrow(1, seq - 1, 1)?;
+        // The last row of each part that wants logits.
+        let mut last = Vec::new();
+        let mut row = 0;
+        for p in parts.iter() {
+            row += p.ids.len();
+            if p.logits {
+                last.push(row as u32 - 1);
+            }
+        }
+        if last.is_empty() {
+            return Tensor::zeros((0, self.head.shape().0), DType::F32, &self.device);
+        }
+        let picked = Tensor::new(last.as_slice(), &self.device)?;
+        let last = x.squeeze(0)?.index_select(&picked, 0)?.unsqueeze(0)?;
         let last = self.final_norm.forward(&last)?;
-        // (1, 1, vocab) -> (1, vocab)
-        self.head.forward(&last)?.squeeze(1)
+        // (1, m, vocab) -> (m, vocab)
+        self.head.forward(&last)?.squeeze(0)
     }
 }
 
@@ -269,7 +337,6 @@ mod tests {
             post_ffn_norm: None,
             window: None,
             rope_base: 10_000.0,
-            cache: KvCache::default(),
         };
         let table = Tensor::zeros((32, 64), DType::F32, &Device::Cpu).unwrap();
         let table = QTensor::quantize(&table, GgmlDType::Q8_0).unwrap();
@@ -286,6 +353,7 @@ mod tests {
             rope: Rope::Interleaved,
             activation: Activation::Silu,
             device: Device::Cpu,
+            caches: Vec::new(),
         }
     }
 

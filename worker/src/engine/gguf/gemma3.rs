@@ -15,8 +15,6 @@
 use candle_core::Result;
 use candle_core::quantized::gguf_file::Content;
 
-use skep_kernels::attention::KvCache;
-
 use super::decoder::{Activation, Decoder, Layer, Rope};
 use super::loader::{GgufFile, md_f32, md_u32};
 
@@ -69,7 +67,6 @@ pub fn from_gguf(file: &GgufFile) -> Result<Decoder> {
             post_ffn_norm: Some(file.norm(&w("post_ffw_norm"), eps)?),
             window: (!global).then_some(window),
             rope_base: if global { global_base } else { LOCAL_ROPE_BASE },
-            cache: KvCache::default(),
         });
     }
     let decoder = Decoder {
@@ -85,6 +82,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<Decoder> {
         rope: Rope::Neox,
         activation: Activation::GeluTanh,
         device: file.device().clone(),
+        caches: Vec::new(),
     };
     decoder.check_shapes()?;
     Ok(decoder)

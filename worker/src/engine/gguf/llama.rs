@@ -6,8 +6,6 @@
 
 use candle_core::Result;
 
-use skep_kernels::attention::KvCache;
-
 use super::decoder::{Activation, Decoder, Layer, Rope};
 use super::loader::{GgufFile, md_f32, md_u32};
 
@@ -51,7 +49,6 @@ pub fn from_gguf(file: &GgufFile) -> Result<Decoder> {
             post_ffn_norm: None,
             window: None,
             rope_base: base,
-            cache: KvCache::default(),
         });
     }
     let decoder = Decoder {
@@ -67,6 +64,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<Decoder> {
         rope: Rope::Interleaved,
         activation: Activation::Silu,
         device: file.device().clone(),
+        caches: Vec::new(),
     };
     decoder.check_shapes()?;
     Ok(decoder)
