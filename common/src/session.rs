@@ -17,7 +17,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Domain separation: a MAC over a lane request never verifies as anything else, and a change
 /// to what is covered changes the tag.
-const DOMAIN: &[u8] = b"skep lane request v3\0";
+const DOMAIN: &[u8] = b"skep lane request v4\0";
 
 /// Every field of a lane request except the MAC itself: what the MAC covers.
 #[derive(Debug, Clone, Copy, PartialEq)]
