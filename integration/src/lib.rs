@@ -64,6 +64,8 @@ pub fn unique_dir(tag: &str) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct PoolOpts {
     pub workers: u16,
+    /// Jobs each worker runs at once (`--batch`): the pool has `workers × batch` slots.
+    pub batch: u16,
     pub model: String,
     pub ttft: String,
     pub tps: f64,
@@ -85,6 +87,7 @@ impl Default for PoolOpts {
     fn default() -> Self {
         PoolOpts {
             workers: 1,
+            batch: 1,
             model: "synthetic".into(),
             ttft: "5ms".into(),
             tps: 500.0,
@@ -279,6 +282,12 @@ impl Cluster {
                 "--name",
                 &format!("pool{i}"),
             ])
+            // `--batch` in `extra_args` wins (clap refuses a flag given twice).
+            .args(if opts.extra_args.iter().any(|a| a == "--batch") {
+                Vec::new()
+            } else {
+                vec!["--batch".to_owned(), opts.batch.to_string()]
+            })
             .args(if opts.models.is_empty() {
                 vec!["--model".to_owned(), opts.model.clone()]
             } else {

@@ -19,7 +19,9 @@ use skep_pool_manager::inventory;
 use skep_pool_manager::membership::{self, Membership};
 use skep_pool_manager::metrics::PoolMetrics;
 use skep_pool_manager::models::{ModelSet, ModelSpec};
-use skep_pool_manager::supervisor::{Launch, Slots, spawn_pool};
+use skep_pool_manager::supervisor::{
+    DEFAULT_BATCH, DEFAULT_PREFILL_CHUNK, Launch, Slots, spawn_pool,
+};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -57,9 +59,17 @@ struct Args {
     /// (`skep approve node.enroll`), where the queen requires one. Used only to enroll.
     #[arg(long)]
     approval: Option<PathBuf>,
-    /// Number of worker processes.
+    /// Number of worker processes (per model served).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,
+    /// Jobs each worker process runs at once. The queen sees workers × batch slots, each
+    /// predicted at the speed its worker measured with all of them busy.
+    #[arg(long, default_value_t = DEFAULT_BATCH, value_parser = clap::value_parser!(u16).range(1..=64))]
+    batch: u16,
+    /// Prompt tokens a worker runs per step, so a long prompt stalls the jobs decoding beside
+    /// it for one chunk at most.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    prefill_chunk: u32,
     /// Jobs each slot accepts waiting behind its running one (the credits announced to the
     /// queen at the start of every session).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
@@ -194,8 +204,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local}"));
 
-    let slots = args.workers as usize;
-    let work = Slots::new(slots, args.credits_per_slot);
+    // The queen sees every worker as `batch` slots that each run one job at a time.
+    let groups = usize::from(args.workers);
+    let slots = groups * usize::from(args.batch);
+    let work = Slots::batched(groups, usize::from(args.batch), args.credits_per_slot);
     let audit = Audit::start_with(&args.data_dir, args.refusal_audit_interval)
         .context("starting the audit log")?;
     let speed = Arc::new(Speed::default());
@@ -270,11 +282,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 * skep_pool_manager::models::DEFAULT_BUDGET_SHARE) as u64
         }
     };
-    let models = Arc::new(ModelSet::new(specs, budget, slots));
+    // A model is warm when every group has a ready worker for it.
+    let models = Arc::new(ModelSet::new(specs, budget, groups));
     member.model_set = Some(Arc::clone(&models));
     let launch = Launch {
         program,
         lane: LaneConfig::default(),
+        prefill_chunk: args.prefill_chunk,
     };
     // Workers start only now, after provisioning; every model is loaded and measured once
     // while membership waits for the figures before registering.
@@ -306,7 +320,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.bad_auth_limit,
     ));
     info!(fd_limit, max_connections = conns.max, "connection limits");
-    info!(%local, %pool_url, models = %names.join(","), workers = slots, budget, "pool manager listening");
+    info!(%local, %pool_url, models = %names.join(","), workers = groups, batch = args.batch, slots, budget, "pool manager listening");
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;

@@ -1,18 +1,32 @@
-//! Slot queues without workers: order, the 1 + K bound, cancels and session loss.
+//! Slot queues without workers: order, the 1 + K bound, cancels and session loss; then the
+//! real hot path on synthetic workers, one job per worker and several at once.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 
+use prost::Message;
+use skep_common::secret::Secret;
+use skep_common::session;
+use skep_lane::Lane;
+use skep_proto::v1::LaneRequest;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
+use crate::Figures;
 use crate::audit::Audit;
 
+use super::keeper::{batch_figures, figures};
+use super::requests::Requests;
+use super::slot::Claim;
 use super::*;
 
-/// A request lane in a private temp dir, standing for a worker's (cancels write its cancel word).
+/// A request lane in a private temp dir, standing for a worker's (cancels write its cancel word
+/// and push their requests into it).
 struct TempLane {
     dir: PathBuf,
-    lane: Arc<Lane>,
+    requests: Arc<Requests>,
+    /// A copy of the session secret, to check the MACs of what was pushed.
+    secret: Secret,
 }
 
 impl TempLane {
@@ -22,10 +36,43 @@ impl TempLane {
         let dir = std::env::temp_dir().join(format!("skep-pool-slot-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let lane = Lane::create(&dir.join("req"), LaneConfig::default(), 1).unwrap();
+        let secret = Secret::generate();
+        let copy = Secret::from_string(secret.expose().to_owned());
         TempLane {
             dir,
-            lane: Arc::new(lane),
+            requests: Arc::new(Requests::new(lane, secret)),
+            secret: copy,
         }
+    }
+
+    fn lane(&self) -> &Lane {
+        self.requests.lane()
+    }
+
+    /// The next request pushed into the lane, its MAC checked.
+    fn pop_request(&self) -> Option<LaneRequest> {
+        let mut buf = Vec::new();
+        if !self.lane().try_pop(&mut buf).unwrap() {
+            return None;
+        }
+        let req = LaneRequest::decode(buf.as_slice()).unwrap();
+        let fields = session::RequestFields {
+            seq: req.seq,
+            job_id: &req.job_id,
+            model: &req.model,
+            prompt: &req.prompt,
+            max_tokens: req.max_tokens,
+            deadline_ns: req.deadline_mono_ns,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed: req.seed,
+            cancel_seq: req.cancel_seq,
+        };
+        assert!(
+            session::verify_request(&self.secret, &fields, &req.mac),
+            "a request must carry the session's MAC"
+        );
+        Some(req)
     }
 }
 
@@ -61,23 +108,27 @@ fn done() -> Event {
     }
 }
 
-/// Stands for a worker with its request lane, about to run request `seq`.
+/// Stands for a worker with its request lane.
 #[derive(Debug)]
-struct FakeWorker(Arc<Lane>, u64);
+struct FakeWorker(Arc<Requests>);
 
 impl Claim for FakeWorker {
-    fn claim(&mut self) -> (Arc<Lane>, u64) {
-        (Arc::clone(&self.0), self.1)
+    fn requests(&self) -> Arc<Requests> {
+        Arc::clone(&self.0)
     }
 }
 
-/// `slot`'s next job, taken as on a worker, within `wait`.
+/// `slot`'s next job, taken as on a worker within `wait`, its request sent as `seq`.
 fn next(slots: &Slots, slot: usize, lane: &TempLane, seq: u64, wait: Duration) -> Next<FakeWorker> {
-    slots.slots[slot].next(wait, |_| Some(FakeWorker(Arc::clone(&lane.lane), seq)))
+    let next = slots.slots[slot].next(wait, |_| Some(FakeWorker(Arc::clone(&lane.requests))));
+    if let Next::Job(_, ticket, _) = &next {
+        ticket.sent(seq);
+    }
+    next
 }
 
 /// The next job of `slot`, which must have one queued.
-fn pop(slots: &Slots, slot: usize, lane: &TempLane, seq: u64) -> (QueuedJob, Arc<AtomicBool>) {
+fn pop(slots: &Slots, slot: usize, lane: &TempLane, seq: u64) -> (QueuedJob, Arc<Ticket>) {
     match next(slots, slot, lane, seq, Duration::ZERO) {
         Next::Job(job, cancelled, _) => (job, cancelled),
         other => panic!("expected a queued job, got {other:?}"),
@@ -228,22 +279,55 @@ fn cancelling_a_queued_job_removes_it_and_answers_cancelled() {
 }
 
 #[test]
-fn cancelling_the_running_job_sets_the_lane_cancel_word() {
+fn cancelling_the_running_job_sets_the_lane_cancel_word_and_pushes_a_cancel_request() {
     let slots = Slots::new(1, 2);
     let (sink, mut rx) = mpsc::unbounded_channel();
     let lane = TempLane::new();
     slots.enqueue(0, job(1, 1, &sink)).unwrap();
-    let (_running, cancelled) = pop(&slots, 0, &lane, 41);
-    assert_eq!(lane.lane.cancel_requested(), 0);
+    let (_running, ticket) = pop(&slots, 0, &lane, 41);
+    assert_eq!(lane.lane().cancel_requested(), 0);
     slots.cancel(1, 1);
     assert_eq!(
-        lane.lane.cancel_requested(),
+        lane.lane().cancel_requested(),
         41,
         "the worker must see its seq"
     );
-    assert!(cancelled.load(Ordering::Acquire));
+    assert!(ticket.is_cancelled());
+    // A request of its own names the job, on a new seq, MACed; it runs nothing.
+    let req = lane.pop_request().expect("a cancel request");
+    assert_eq!((req.cancel_seq, req.seq), (41, 1), "{req:?}");
+    assert!(req.prompt.is_empty() && req.max_tokens == 0, "{req:?}");
+    // Cancelling again sends nothing more.
+    slots.cancel(1, 1);
+    assert!(lane.pop_request().is_none());
     // Its CANCELLED comes from the slot thread once the worker stops, not from the cancel.
     assert!(drain(&mut rx).is_empty());
+}
+
+#[test]
+fn a_cancel_before_the_job_is_sent_goes_out_once_it_is() {
+    let slots = Slots::new(1, 2);
+    let (sink, _rx) = mpsc::unbounded_channel();
+    let lane = TempLane::new();
+    slots.enqueue(0, job(1, 1, &sink)).unwrap();
+    let ticket = match slots.slots[0].next(Duration::ZERO, |_| {
+        Some(FakeWorker(Arc::clone(&lane.requests)))
+    }) {
+        Next::Job(_, ticket, _) => ticket,
+        other => panic!("expected a job, got {other:?}"),
+    };
+    slots.cancel(1, 1);
+    assert!(ticket.is_cancelled());
+    assert!(
+        lane.pop_request().is_none(),
+        "nothing to name before the job has a seq"
+    );
+    ticket.sent(7);
+    let req = lane
+        .pop_request()
+        .expect("the cancel once the job was sent");
+    assert_eq!(req.cancel_seq, 7);
+    assert_eq!(lane.lane().cancel_requested(), 7);
 }
 
 #[test]
@@ -256,12 +340,12 @@ fn losing_a_session_drops_its_queued_jobs_and_cancels_its_running_one() {
     slots.enqueue(0, job(2, 1, &sink_b)).unwrap();
     slots.enqueue(0, job(1, 2, &sink_a)).unwrap();
     slots.enqueue(1, job(1, 3, &sink_a)).unwrap();
-    let (running, cancelled) = pop(&slots, 0, &lane, 7);
+    let (running, ticket) = pop(&slots, 0, &lane, 7);
     assert_eq!(running.session, 1);
 
     assert_eq!(slots.cancel_session(1), 3);
-    assert!(cancelled.load(Ordering::Acquire));
-    assert_eq!(lane.lane.cancel_requested(), 7);
+    assert!(ticket.is_cancelled());
+    assert_eq!(lane.lane().cancel_requested(), 7);
     // Nobody is left to tell about the queued ones.
     assert!(drain(&mut rx_a).is_empty());
     slots.slots[0].finish(&running, done());
@@ -306,6 +390,29 @@ fn a_closed_slot_refuses_jobs_and_wakes_its_thread() {
         next(&slots, 0, &lane, 1, Duration::from_secs(60)),
         Next::Closed
     ));
+}
+
+#[test]
+fn batch_figures_take_the_slowest_first_token_and_the_mean_per_token_time() {
+    let jobs = [
+        Figures {
+            first_token_us: 1000,
+            per_token_us: 100,
+        },
+        Figures {
+            first_token_us: 3000,
+            per_token_us: 300,
+        },
+    ];
+    assert_eq!(
+        batch_figures(&jobs),
+        Some(Figures {
+            first_token_us: 3000,
+            per_token_us: 200
+        })
+    );
+    assert_eq!(batch_figures(&jobs[..1]), Some(jobs[0]));
+    assert_eq!(batch_figures(&[]), None);
 }
 
 #[test]
@@ -613,7 +720,7 @@ fn the_largest_valid_request_fits_the_lane() {
     assert!(req.encoded_len() <= cfg.max_entry as usize);
     check_lane_config(&cfg).unwrap();
     let tmp = TempLane::new();
-    assert!(tmp.lane.push(&req.encode_to_vec()).is_ok());
+    assert!(tmp.lane().push(&req.encode_to_vec()).is_ok());
 }
 
 /// A pool given a lane too small for a valid request does not start its slots.
@@ -636,3 +743,5 @@ fn a_lane_too_small_for_a_valid_request_is_refused_at_start() {
     let refused = spawn_slots(spec, Slots::new(1, 2), Arc::new(Speed::default()), audit);
     assert!(refused.is_err());
 }
+
+mod batch;
