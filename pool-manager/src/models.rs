@@ -3,7 +3,7 @@
 //!
 //! This is bookkeeping only, with no processes of its own: the supervisor starts and stops the
 //! workers it asks for (`wanted`) and reports back when they are ready (`set_ready`). A model is
-//! *warm* when every slot has a ready worker for it, *loading* while it is wanted and not warm,
+//! *warm* when every worker group has a ready worker for it, *loading* while it is wanted and not warm,
 //! *cold* otherwise. Loading one more model first unloads the models the queen named
 //! (`JobFrame.evict`), then, if it still does not fit, the least recently used warm models; a
 //! model with a job running or queued at this pool is never unloaded, and a model that cannot
@@ -35,7 +35,7 @@ pub struct ModelSpec {
 
 #[derive(Debug)]
 struct Entry {
-    /// Loading or warm: the supervisor keeps a worker for it on every slot.
+    /// Loading or warm: the supervisor keeps a worker for it in every worker group.
     wanted: bool,
     /// Per slot: that slot's worker for this model is up and ready.
     ready: Vec<bool>,
