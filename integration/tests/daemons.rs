@@ -268,3 +268,47 @@ fn plaintext_pool_off_loopback_needs_insecure_plaintext() {
     );
     cluster.kill_queen();
 }
+
+/// Whether process `pid` still runs (a zombie waiting to be reaped does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let close = s.rfind(')')?;
+            s[close + 1..].split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_pool_told_to_stop_stops_with_its_workers_while_the_queen_lives() {
+    // The queen keeps its session stream to the pool open for as long as it lives; a graceful
+    // stop that waited for every stream would never end.
+    let mut cluster = Cluster::start(PoolOpts::default());
+    skep_integration::assert_success(&cluster.submit("synthetic", "10s", 4, "before the stop"));
+    let workers = cluster.worker_pids(0);
+    assert!(!workers.is_empty(), "the pool has no worker");
+    let pool = cluster.pools[0].child.id();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pool.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let deadline = Instant::now() + REFUSAL;
+    let status = loop {
+        if let Some(s) = cluster.pools[0].child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not stop within {REFUSAL:?} of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+    for w in workers {
+        wait_until("the pool's workers to stop", || !running(w));
+    }
+    // The queen is still up and answers.
+    assert!(running(cluster.queen.id()));
+}

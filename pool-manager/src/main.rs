@@ -31,6 +31,10 @@ enum EngineKind {
     Gguf,
 }
 
+/// How long a stopping pool waits for its open streams (the queen's session among them) to end
+/// before it closes them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// A skep pool manager: runs jobs from the queen on this machine's workers.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -321,6 +325,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     info!(fd_limit, max_connections = conns.max, "connection limits");
     info!(%local, %pool_url, models = %names.join(","), workers = groups, batch = args.batch, slots, budget, "pool manager listening");
+    let (start_stopping, stop_serving) = tokio::sync::oneshot::channel::<()>();
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
@@ -332,18 +337,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(service.into_server(audit, limits))
         // Probes carry no credential: health answers only SERVING / NOT_SERVING.
         .add_service(skep_pool_manager::grpc::health_server(&metrics))
-        .serve_with_incoming_shutdown(
-            daemon::incoming_with(listener, conns),
-            daemon::shutdown_signal(),
-        );
+        .serve_with_incoming_shutdown(daemon::incoming_with(listener, conns), async {
+            let _ = stop_serving.await;
+        });
+    tokio::pin!(server);
     // Serve until shut down, or until the queen refuses this node for good.
     let result = tokio::select! {
-        r = server => r.map_err(anyhow::Error::from),
+        r = &mut server => r.map_err(anyhow::Error::from),
         m = membership => match m {
             Ok(Err(fatal)) => Err(fatal.into()),
             Ok(Ok(())) => Ok(()),
             Err(e) => Err(anyhow::anyhow!("membership task failed: {e}")),
         },
+        () = daemon::shutdown_signal() => {
+            // A graceful stop waits for open streams, and the queen's session stream stays
+            // open as long as the queen lives: give requests in flight a moment, then stop.
+            let _ = start_stopping.send(());
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                info!("streams still open after the shutdown grace; closing them");
+            }
+            Ok(())
+        }
     };
     // Workers are child processes: stop them (cancelling what runs) rather than orphan them.
     tokio::task::block_in_place(|| supervisor.shutdown());
