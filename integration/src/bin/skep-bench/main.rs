@@ -16,8 +16,10 @@
 //!   (see `load_sections.rs`).
 //!
 //! `skep-bench memory --model-path FILE` is a subcommand of its own: the PSS of a pool of 1 and
-//! of 4 workers on one model file (see `memory.rs`).
+//! of 4 workers on one model file (see `memory.rs`). So is `skep-bench batch --model-path FILE`:
+//! many jobs at once against llama.cpp's server (see `batch.rs`).
 
+mod batch;
 mod load_sections;
 mod memory;
 mod models;
@@ -99,6 +101,9 @@ fn main() -> anyhow::Result<()> {
     // `skep-bench memory ...`: a subcommand with its own flags (memory.rs).
     if std::env::args_os().nth(1).is_some_and(|a| a == "memory") {
         return memory::main(std::env::args_os().skip(1));
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "batch") {
+        return batch::main(std::env::args_os().skip(1));
     }
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
