@@ -4,6 +4,9 @@
 //! One pass over plain slices instead of a dozen tensor operations per layer: no repeated
 //! key/value heads, no cache concatenation (the cache grows in place), no mask tensor.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::pool::for_item_ranges;
 
 /// How rotary embeddings pair a head's dimensions.
@@ -29,15 +32,30 @@ pub struct AttentionSpec {
 
 /// Keys and values of the positions seen so far, one buffer per kv head, position-major
 /// (`[kv_head][pos][head_dim]`): a head's attention reads one contiguous stream, and appending
-/// a token is one `extend` per kv head.
+/// a token is one `extend` per kv head. Stored in half precision, as llama.cpp's default cache
+/// is: half the memory per position (what bounds how many jobs a batched worker holds), half
+/// the bytes read per attention step at depth, and the same rounding of keys and values as the
+/// reference implementation.
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     len: usize,
 }
 
 impl KvCache {
+    /// An empty cache with room for `positions` positions of `kv_heads` heads of `head_dim`,
+    /// allocated once: a job whose length is known up front never grows (and never holds the
+    /// slack of a doubling) its cache.
+    pub fn with_capacity(kv_heads: usize, head_dim: usize, positions: usize) -> KvCache {
+        let room = || Vec::with_capacity(positions.saturating_mul(head_dim));
+        KvCache {
+            k: (0..kv_heads).map(|_| room()).collect(),
+            v: (0..kv_heads).map(|_| room()).collect(),
+            len: 0,
+        }
+    }
+
     pub fn clear(&mut self) {
         self.k = Vec::new();
         self.v = Vec::new();
@@ -51,6 +69,15 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes held for keys and values (capacity, not just length).
+    pub fn bytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|b| b.capacity() * std::mem::size_of::<f16>())
+            .sum()
     }
 }
 
@@ -152,8 +179,8 @@ pub fn attend(
     cache.v.resize_with(kvh, Vec::new);
     for (kt, vt) in k.chunks_exact(kvh * hd).zip(v.chunks_exact(kvh * hd)) {
         for (h, (kh, vh)) in kt.chunks_exact(hd).zip(vt.chunks_exact(hd)).enumerate() {
-            cache.k[h].extend_from_slice(kh);
-            cache.v[h].extend_from_slice(vh);
+            append_half(&mut cache.k[h], kh);
+            append_half(&mut cache.v[h], vh);
         }
     }
     cache.len += seq;
@@ -172,6 +199,8 @@ pub fn attend(
     let per_thread = if seq == 1 { 1 } else { 4 };
     for_item_ranges(items, hd, work, per_thread, &mut out, |range, part| {
         let mut scores = Vec::new();
+        // A run's keys and values widened once, for all the heads of the run.
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut start = range.start;
         while start < range.end {
             let (t, h) = (start / heads, start % heads);
@@ -182,13 +211,13 @@ pub fn attend(
             let lo = spec.window.map_or(0, |w| (p + 1).saturating_sub(w));
             let n = p + 1 - lo;
             let qs = &q[start * hd..end * hd];
-            let (keys, values) = (&cache.k[kv], &cache.v[kv]);
+            widen(&cache.k[kv][lo * hd..(p + 1) * hd], &mut keys);
+            widen(&cache.v[kv][lo * hd..(p + 1) * hd], &mut values);
             let off = (start - range.start) * hd;
             let rows = &mut part[off..off + run * hd];
             scores.clear();
             scores.resize(run * n, 0f32);
-            for (i, j) in (lo..=p).enumerate() {
-                let kj = &keys[j * hd..(j + 1) * hd];
+            for (i, kj) in keys.chunks_exact(hd).enumerate() {
                 for (r, qh) in qs.chunks_exact(hd).enumerate() {
                     scores[r * n + i] = dot_f32(qh, kj) * scale;
                 }
@@ -204,8 +233,7 @@ pub fn attend(
                     *x /= sum;
                 }
             }
-            for (i, j) in (lo..=p).enumerate() {
-                let vj = &values[j * hd..(j + 1) * hd];
+            for (i, vj) in values.chunks_exact(hd).enumerate() {
                 for (r, row) in rows.chunks_exact_mut(hd).enumerate() {
                     let w = scores[r * n + i];
                     for (o, x) in row.iter_mut().zip(vj) {
@@ -217,6 +245,20 @@ pub fn attend(
         }
     });
     out
+}
+
+/// Appends `x` rounded to half precision.
+fn append_half(buf: &mut Vec<f16>, x: &[f32]) {
+    let at = buf.len();
+    buf.resize(at + x.len(), f16::ZERO);
+    buf[at..].convert_from_f32_slice(x);
+}
+
+/// `into` = `x` widened to single precision.
+fn widen(x: &[f16], into: &mut Vec<f32>) {
+    into.clear();
+    into.resize(x.len(), 0.0);
+    x.convert_to_f32_slice(into);
 }
 
 #[cfg(test)]
@@ -276,7 +318,15 @@ mod tests {
             Rope::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin).unwrap(),
             Rope::Neox => candle_nn::rotary_emb::rope(t, &cos, &sin).unwrap(),
         };
-        let (qt, kt) = (rot(&qt), rot(&kt));
+        // The cache holds keys and values in half precision.
+        let half = |t: Tensor| {
+            t.to_dtype(candle_core::DType::F16)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+        };
+        let (qt, kt) = (rot(&qt), half(rot(&kt)));
+        let vt = half(vt);
         let rep: Vec<u32> = (0..h as u32).map(|i| i / (h / kvh) as u32).collect();
         let rep = Tensor::new(rep.as_slice(), &dev).unwrap();
         let kt = kt.index_select(&rep, 1).unwrap();

@@ -19,6 +19,9 @@ use super::stream::TextStream;
 use super::{GgufEngine, inference, sampler};
 use crate::engine::{BatchEngine, Emitted, EngineError, Finish, GenerateRequest, SeqId, Work};
 
+/// Generated positions a job's KV cache has room for from the start.
+const RESERVE_AHEAD: usize = 512;
+
 /// One job held by the engine.
 pub(super) struct Seq {
     /// The prompt's ids.
@@ -63,6 +66,12 @@ impl BatchEngine for GgufEngine {
         }
         let ids = self.prompt_ids(&req.prompt)?;
         let prompt_tokens = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        // The most positions the job can reach (the last token sampled is never fed back),
+        // allocated once; a job asking for many tokens gets room for `RESERVE_AHEAD` of them
+        // and grows from there, so a generous max_tokens does not pin memory it may not use.
+        let ahead = (req.max_tokens as usize - 1).min(RESERVE_AHEAD);
+        let positions = (ids.len() + ahead).min(self.context_len);
+        let caches = self.weights.new_caches(positions);
         self.jobs.insert(
             id,
             Seq {
@@ -70,7 +79,7 @@ impl BatchEngine for GgufEngine {
                 fed: 0,
                 pos: 0,
                 next: 0,
-                caches: Vec::new(),
+                caches,
                 sampler: sampler(&req.sampling),
                 text: TextStream::new(&self.opts.stop),
                 tokens: 0,

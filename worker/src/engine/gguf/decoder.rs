@@ -130,6 +130,13 @@ impl Decoder {
         self.caches.clear();
     }
 
+    /// A job's context: one cache per layer, each with room for `positions` positions.
+    pub fn new_caches(&self, positions: usize) -> Vec<KvCache> {
+        (0..self.layers.len())
+            .map(|_| KvCache::with_capacity(self.kv_heads, self.head_dim, positions))
+            .collect()
+    }
+
     /// Checks that every weight has the shape the hyper-parameters imply, so that a file whose
     /// tensors disagree with its metadata is refused at load rather than failing (or tripping
     /// a kernel's assertion) in the middle of a job.
