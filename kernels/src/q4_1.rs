@@ -160,10 +160,15 @@ fn dots(row: &[Block], acts: &[Q8_1Row], out: &mut [f32]) {
         let mut quads = acts.chunks_exact(4);
         let mut outs = out.chunks_exact_mut(4);
         for (a, o) in (&mut quads).zip(&mut outs) {
-            o.copy_from_slice(&dot4_avx2(row, [&a[0], &a[1], &a[2], &a[3]]));
+            o.copy_from_slice(&dotn_avx2(row, [&a[0], &a[1], &a[2], &a[3]]));
         }
-        for (a, o) in quads.remainder().iter().zip(outs.into_remainder()) {
-            *o = dot(row.iter().copied(), a);
+        // A batch of decoding jobs is often not a multiple of four: the rest share the block
+        // loads too (a lone row would unpack every block for itself).
+        match (quads.remainder(), outs.into_remainder()) {
+            ([a, b, c], o) => o.copy_from_slice(&dotn_avx2(row, [a, b, c])),
+            ([a, b], o) => o.copy_from_slice(&dotn_avx2(row, [a, b])),
+            ([a], [o]) => *o = dot(row.iter().copied(), a),
+            _ => {}
         }
     }
     #[cfg(not(all(
@@ -176,23 +181,23 @@ fn dots(row: &[Block], acts: &[Q8_1Row], out: &mut [f32]) {
     }
 }
 
-/// `dot_avx2` for four activation rows at once, each summed exactly as `dot_avx2` sums it.
+/// `dot_avx2` for `N` activation rows at once, each summed exactly as `dot_avx2` sums it.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn dot4_avx2(row: &[Block], a: [&Q8_1Row; 4]) -> [f32; 4] {
+fn dotn_avx2<const N: usize>(row: &[Block], a: [&Q8_1Row; N]) -> [f32; N] {
     use safe_arch::*;
     let low_nibbles = set_splat_i8_m256i(0x0F);
     let ones = set_splat_i16_m256i(1);
-    let mut acc = [zeroed_m256(); 4];
-    let mut mins = [0f32; 4];
+    let mut acc = [zeroed_m256(); N];
+    let mut mins = [0f32; N];
     for (b, &(d, m, w)) in row.iter().enumerate() {
         let packed = m128i::from(w);
         let bytes = set_m128i_m256i(shr_imm_u16_m128i::<4>(packed), packed);
         let qx = bitand_m256i(bytes, low_nibbles);
-        for k in 0..4 {
+        for k in 0..N {
             let qy = m256i::from(a[k].qs[b]);
             let pairs = mul_u8i8_add_horizontal_saturating_m256i(qx, qy);
             let quads = mul_i16_horizontal_add_m256i(pairs, ones);
@@ -431,17 +436,23 @@ mod tests {
     #[test]
     fn a_batch_gives_the_bits_of_one_token_at_a_time() {
         let (w, _) = matrix(40, 256, 12);
-        let m = 5;
-        let x: Vec<f32> = (0..m * 256)
-            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0)
-            .collect();
-        let mut batch = vec![0f32; m * 40];
-        w.matmul(&x, m, &mut batch);
-        for t in 0..m {
-            let mut one = vec![1f32; 40];
-            w.matmul(&x[t * 256..(t + 1) * 256], 1, &mut one);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&one), bits(&batch[t * 40..(t + 1) * 40]), "token {t}");
+        // Every remainder after the groups of four: 1, 2 and 3 rows, alone and after a group.
+        for m in [2, 3, 5, 6, 7] {
+            let x: Vec<f32> = (0..m * 256)
+                .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0)
+                .collect();
+            let mut batch = vec![0f32; m * 40];
+            w.matmul(&x, m, &mut batch);
+            for t in 0..m {
+                let mut one = vec![1f32; 40];
+                w.matmul(&x[t * 256..(t + 1) * 256], 1, &mut one);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&one),
+                    bits(&batch[t * 40..(t + 1) * 40]),
+                    "{m} rows, row {t}"
+                );
+            }
         }
     }
 
