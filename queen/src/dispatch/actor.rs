@@ -376,6 +376,7 @@ impl Handler<Submit> for Dispatcher {
         let deadline = self.at(msg.job.arrived + msg.job.budget);
         let spec = core::JobSpec {
             model: msg.job.model.clone(),
+            prompt_bytes: prompt_bytes(&msg.job.prompt),
             max_tokens: msg.job.max_tokens,
             deadline,
             caller: Arc::from(msg.job.owner.as_str()),
@@ -413,7 +414,12 @@ impl Handler<Submit> for Dispatcher {
             Duration::from_micros(admitted.predicted_finish.saturating_sub(now)) + since_arrival;
         let own = self
             .core
-            .cost_of(&admitted.node, &msg.job.model, msg.job.max_tokens)
+            .cost_of(
+                &admitted.node,
+                &msg.job.model,
+                prompt_bytes(&msg.job.prompt),
+                msg.job.max_tokens,
+            )
             .unwrap_or(0);
         let predicted_start = Duration::from_micros(
             admitted
@@ -495,6 +501,7 @@ impl Handler<Resume> for Dispatcher {
         let now = self.now();
         let spec = core::JobSpec {
             model: job.model.clone(),
+            prompt_bytes: prompt_bytes(&job.prompt),
             max_tokens: job.max_tokens,
             deadline: self.at(job.arrived + job.budget),
             caller: Arc::from(job.owner.as_str()),
@@ -936,4 +943,9 @@ impl DispatchHandle {
     pub(crate) async fn models_changed(&self, msg: ModelsChanged) {
         let _ = self.addr.send(msg).await;
     }
+}
+
+/// A prompt's size as the cost model classes it (prompts are bounded far below `u32::MAX`).
+fn prompt_bytes(prompt: &str) -> u32 {
+    u32::try_from(prompt.len()).unwrap_or(u32::MAX)
 }

@@ -111,6 +111,8 @@ impl Default for Config {
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     pub model: String,
+    /// The prompt's size in bytes: its prompt pass is priced by prompts of its size.
+    pub prompt_bytes: u32,
     pub max_tokens: u32,
     /// Absolute deadline on the core's clock.
     pub deadline: Micros,
@@ -443,9 +445,15 @@ impl Core {
     }
 
     /// Tail cost of a job on a node, as admission sees it.
-    pub fn cost_of(&self, node: &str, model: &str, max_tokens: u32) -> Option<Micros> {
+    pub fn cost_of(
+        &self,
+        node: &str,
+        model: &str,
+        prompt_bytes: u32,
+        max_tokens: u32,
+    ) -> Option<Micros> {
         let n = self.nodes.get(node)?;
-        Some(self.cost(n, model).job(max_tokens))
+        Some(self.cost(n, model).job(prompt_bytes, max_tokens))
     }
 
     // --- inputs -------------------------------------------------------------------------------
@@ -801,7 +809,9 @@ impl Core {
                 continue;
             }
             serving = true;
-            let cost = self.cost(node, &spec.model).job(spec.max_tokens);
+            let cost = self
+                .cost(node, &spec.model)
+                .job(spec.prompt_bytes, spec.max_tokens);
             for s in 0..node.slots.len() {
                 let extra = Extra {
                     order,
@@ -973,7 +983,8 @@ impl Core {
                 return (0, job.spec.deadline);
             }
             (
-                self.cost(node, &job.spec.model).job(job.spec.max_tokens),
+                self.cost(node, &job.spec.model)
+                    .job(job.spec.prompt_bytes, job.spec.max_tokens),
                 job.spec.deadline,
             )
         };
@@ -1249,7 +1260,9 @@ impl Core {
                 let extra = Extra {
                     order,
                     deadline: job.spec.deadline,
-                    cost: self.cost(node, &job.spec.model).job(job.spec.max_tokens),
+                    cost: self
+                        .cost(node, &job.spec.model)
+                        .job(job.spec.prompt_bytes, job.spec.max_tokens),
                     model: &job.spec.model,
                 };
                 let Some((here, fits)) = self.try_slot(now, node, slot as usize, extra) else {
@@ -1361,7 +1374,10 @@ impl Core {
         let first = Progress::get(&p.first_token);
         let last = Progress::get(&p.last_token);
         let tokens = p.tokens();
-        let mut sample = Sample::default();
+        let mut sample = Sample {
+            prompt_bytes: job.spec.prompt_bytes,
+            ..Sample::default()
+        };
         match report {
             Report::Finished {
                 worker_first_token_us,
@@ -1424,14 +1440,14 @@ fn head_end(now: Micros, job: &Live, cost: &Cost, begin: Micros) -> Micros {
             last.saturating_add(cost.per_token().saturating_mul(max.saturating_sub(tokens)))
         }
         (Some(started), _) => started
-            .saturating_add(cost.first_token())
+            .saturating_add(cost.first_token(job.spec.prompt_bytes))
             .saturating_add(cost.per_token().saturating_mul(max.saturating_sub(1))),
         _ => match job.place {
             Place::Sent { sent_at, .. } => sent_at
                 .max(now)
                 .max(begin)
-                .saturating_add(cost.job(job.spec.max_tokens)),
-            _ => now.saturating_add(cost.job(job.spec.max_tokens)),
+                .saturating_add(cost.job(job.spec.prompt_bytes, job.spec.max_tokens)),
+            _ => now.saturating_add(cost.job(job.spec.prompt_bytes, job.spec.max_tokens)),
         },
     };
     end.max(now)

@@ -5,7 +5,10 @@
 //! estimates each by a configurable tail quantile (p95 by default):
 //!
 //! - *overhead*: what the queen's clock sees beyond the worker's own time (network, pool, lane);
-//! - *first token*: the worker's time to its first token (the prompt pass);
+//! - *first token*: the worker's time to its first token (the prompt pass), kept per prompt size
+//!   class as well: a prompt pass grows with the prompt, and in a batched worker a job's first
+//!   token also waits for the prompt chunks of more urgent jobs, so one tail over short and long
+//!   prompts would price a short, urgent job like a long one;
 //! - *per token*: the worker's time per further token.
 //!
 //! Until a pool has run enough jobs, the figures it measured at warm-up (with a safety margin)
@@ -19,6 +22,13 @@ const WINDOW: usize = 128;
 const TRUST_AFTER: usize = 16;
 /// Margin on warm-up figures: one short warm-up job says little about the tail.
 const FIGURES_MARGIN: f64 = 1.5;
+/// Prompt size classes of the first-token part: under 256 bytes, then one per doubling.
+const PROMPT_CLASSES: usize = 10;
+
+/// The prompt size class of a prompt of `bytes` bytes.
+fn prompt_class(bytes: u32) -> usize {
+    ((u32::BITS - (bytes >> 8).leading_zeros()) as usize).min(PROMPT_CLASSES - 1)
+}
 
 /// The conservative prior used for a model no pool has measured yet (see docs/ARCHITECTURE.md).
 pub const PRIOR_OVERHEAD_US: u64 = 20_000;
@@ -38,6 +48,8 @@ pub struct Figures {
 /// `None` (a job stopped before its first token teaches nothing about per-token time).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sample {
+    /// The job's prompt size in bytes (what the queen knows of it before a worker tokenizes it).
+    pub prompt_bytes: u32,
     pub overhead_us: Option<u64>,
     pub first_token_us: Option<u64>,
     pub per_token_us: Option<u64>,
@@ -78,6 +90,8 @@ pub struct Cost {
     figures: Option<Figures>,
     overhead: Part,
     first_token: Part,
+    /// The first-token samples again, per prompt size class.
+    first_token_by_prompt: Vec<Part>,
     per_token: Part,
 }
 
@@ -88,6 +102,7 @@ impl Cost {
             figures: None,
             overhead: Part::default(),
             first_token: Part::default(),
+            first_token_by_prompt: vec![Part::default(); PROMPT_CLASSES],
             per_token: Part::default(),
         }
     }
@@ -114,6 +129,7 @@ impl Cost {
         }
         if let Some(v) = s.first_token_us {
             self.first_token.push(v, q);
+            self.first_token_by_prompt[prompt_class(s.prompt_bytes)].push(v, q);
         }
         if let Some(v) = s.per_token_us {
             self.per_token.push(v, q);
@@ -123,17 +139,37 @@ impl Cost {
     pub fn overhead(&self) -> u64 {
         self.overhead.estimate(self.priors().0)
     }
-    pub fn first_token(&self) -> u64 {
-        self.first_token.estimate(self.priors().1)
+    /// Time to the first token of a job whose prompt is `prompt_bytes` long: the tail of its
+    /// prompt size class once that class has enough samples of its own. Before that, the
+    /// shortest prompts are priced by the prior (the warm-up job's prompt is one of them), or by
+    /// their own samples if those are slower; longer ones by the nearest longer class that has
+    /// enough samples (a longer prompt never takes less), else by the tail over all prompts —
+    /// never below the prior while few samples are in.
+    pub fn first_token(&self, prompt_bytes: u32) -> u64 {
+        let own = prompt_class(prompt_bytes);
+        let classes = &self.first_token_by_prompt;
+        if classes[own].samples.len() >= TRUST_AFTER {
+            return classes[own].tail;
+        }
+        if own == 0 {
+            return classes[0].estimate(self.priors().1);
+        }
+        match classes[own..]
+            .iter()
+            .find(|c| c.samples.len() >= TRUST_AFTER)
+        {
+            Some(longer) => longer.tail.max(self.priors().1),
+            None => self.first_token.estimate(self.priors().1),
+        }
     }
     pub fn per_token(&self) -> u64 {
         self.per_token.estimate(self.priors().2)
     }
 
-    /// Whole service time of a job asking for `max_tokens`.
-    pub fn job(&self, max_tokens: u32) -> u64 {
+    /// Whole service time of a job with a `prompt_bytes` prompt asking for `max_tokens`.
+    pub fn job(&self, prompt_bytes: u32, max_tokens: u32) -> u64 {
         self.overhead()
-            .saturating_add(self.first_token())
+            .saturating_add(self.first_token(prompt_bytes))
             .saturating_add(
                 self.per_token()
                     .saturating_mul(u64::from(max_tokens.saturating_sub(1))),
@@ -149,10 +185,10 @@ mod tests {
     fn no_figures_means_the_conservative_prior_never_zero() {
         let c = Cost::new(0.95);
         assert_eq!(
-            c.job(8000),
+            c.job(0, 8000),
             PRIOR_OVERHEAD_US + PRIOR_FIRST_TOKEN_US + PRIOR_PER_TOKEN_US * 7999
         );
-        assert!(c.job(1) > 0);
+        assert!(c.job(0, 1) > 0);
     }
 
     #[test]
@@ -162,10 +198,10 @@ mod tests {
             first_token_us: 20_000,
             per_token_us: 5_000,
         });
-        assert_eq!(c.first_token(), 30_000);
+        assert_eq!(c.first_token(0), 30_000);
         assert_eq!(c.per_token(), 7_500);
         // 200 tok/s cannot produce 8000 tokens in 200 ms.
-        assert!(c.job(8000) > 200_000);
+        assert!(c.job(0, 8000) > 200_000);
     }
 
     #[test]
@@ -175,41 +211,91 @@ mod tests {
             // 95 fast jobs and 5 slow ones.
             let v = if i % 20 == 0 { 10_000 } else { 1_000 };
             c.observe(Sample {
+                prompt_bytes: 0,
                 overhead_us: Some(100),
                 first_token_us: Some(v),
                 per_token_us: Some(v),
             });
         }
         // p95 of 100 samples is the 95th smallest: still a fast one; p99 must see a slow one.
-        assert_eq!(c.first_token(), 1_000);
+        assert_eq!(c.first_token(0), 1_000);
         let mut p99 = Cost::new(0.99);
         for i in 0..100u64 {
             let v = if i % 20 == 0 { 10_000 } else { 1_000 };
             p99.observe(Sample {
+                prompt_bytes: 0,
                 overhead_us: Some(100),
                 first_token_us: Some(v),
                 per_token_us: Some(v),
             });
         }
-        assert_eq!(p99.first_token(), 10_000);
+        assert_eq!(p99.first_token(0), 10_000);
     }
 
     #[test]
     fn few_samples_never_drop_below_the_prior() {
         let mut c = Cost::new(0.95);
         c.observe(Sample {
+            prompt_bytes: 0,
             overhead_us: Some(1),
             first_token_us: Some(1),
             per_token_us: Some(1),
         });
-        assert_eq!(c.first_token(), PRIOR_FIRST_TOKEN_US);
+        assert_eq!(c.first_token(0), PRIOR_FIRST_TOKEN_US);
         for _ in 0..TRUST_AFTER {
             c.observe(Sample {
+                prompt_bytes: 0,
                 overhead_us: Some(1),
                 first_token_us: Some(1),
                 per_token_us: Some(1),
             });
         }
-        assert_eq!(c.first_token(), 1);
+        assert_eq!(c.first_token(0), 1);
+    }
+
+    #[test]
+    fn a_short_prompt_is_priced_by_short_prompts_once_they_have_enough_samples() {
+        let mut c = Cost::new(0.95);
+        let sample = |prompt_bytes, first_token_us| Sample {
+            prompt_bytes,
+            overhead_us: Some(100),
+            first_token_us: Some(first_token_us),
+            per_token_us: Some(1_000),
+        };
+        c.set_figures(Figures {
+            first_token_us: 40_000,
+            per_token_us: 1_000,
+        });
+        // Long prompts (~1.2 KB) take 1.5 s to their first token.
+        for _ in 0..TRUST_AFTER {
+            c.observe(sample(1200, 1_500_000));
+        }
+        // The shortest prompts, not measured yet, are priced by the warm-up figures (a short
+        // prompt's), with their margin — not by the long prompts' tail, which would refuse
+        // every short urgent job, and so never learn what short jobs cost.
+        assert_eq!(c.first_token(60), 60_000);
+        // A middle size takes the nearest longer class's tail; a size longer than any seen, the
+        // tail over every prompt.
+        assert_eq!(c.first_token(600), 1_500_000);
+        assert_eq!(c.first_token(40_000), 1_500_000);
+        // Short prompts' own samples take over, slower than the figures or faster.
+        for _ in 0..TRUST_AFTER - 1 {
+            c.observe(sample(60, 100_000));
+        }
+        assert_eq!(c.first_token(60), 100_000);
+        c.observe(sample(60, 20_000));
+        assert_eq!(c.first_token(60), 100_000);
+        assert_eq!(c.first_token(1200), 1_500_000);
+        assert_eq!(c.job(60, 1), 100 + 100_000);
+    }
+
+    #[test]
+    fn prompt_classes_double() {
+        assert_eq!(prompt_class(0), 0);
+        assert_eq!(prompt_class(255), 0);
+        assert_eq!(prompt_class(256), 1);
+        assert_eq!(prompt_class(511), 1);
+        assert_eq!(prompt_class(512), 2);
+        assert_eq!(prompt_class(u32::MAX), PROMPT_CLASSES - 1);
     }
 }
