@@ -7,8 +7,11 @@
 //! * **order**: jobs are considered earliest deadline first; the prompt chunk goes to the most
 //!   urgent job still in its prompt pass;
 //! * **preemption at token granularity**: when the step with every job in it would make a job
-//!   miss its deadline, the jobs with the most slack (that can afford to skip a step) wait, their
-//!   context kept, until the step is short enough for the urgent one or nobody else can wait;
+//!   finish later than halfway to its deadline, the jobs with the most slack (that can afford to
+//!   skip a step) wait, their context kept, until the step is short enough for the urgent one or
+//!   nobody else can wait. Aiming at half the time left rather than all of it keeps room for
+//!   noise and for more urgent jobs still to come, and it makes urgent jobs finish early instead
+//!   of just in time — the queen prices the next urgent job by how long the last ones took;
 //! * **early stop**: a job that could not finish by its deadline even running alone is stopped at
 //!   once when it shares the worker (its room goes to jobs that can still make it). Alone it runs
 //!   on until its deadline, as an unbatched worker does: its partial output is still worth
@@ -53,6 +56,8 @@ pub struct StepCost {
 
 /// Weight of the newest observation in the running means.
 const ALPHA: f64 = 0.2;
+/// Share of its time left by which the scheduler aims to finish a job (see the module doc).
+const TARGET_SHARE: f64 = 0.5;
 
 impl StepCost {
     /// A model for steps of up to `batch` decoding jobs, nothing observed yet.
@@ -162,13 +167,13 @@ pub fn plan(now_ns: u64, jobs: &[Job], cost: &StepCost, chunk: usize) -> Plan {
         }
     }
 
-    // Preemption: while the step makes some job miss, the job with the most slack that can
-    // afford to skip this step waits.
+    // Preemption: while the step makes some job finish past its target, the job with the most
+    // slack that can afford to skip this step waits.
     loop {
         let rows = set.iter().filter(|(_, p)| *p == 0).count();
         let prompt: usize = set.iter().map(|(_, p)| p).sum();
         let step_ns = cost.estimate(rows, prompt) * 1000.0;
-        let misses = |j: &Job| steps_needed(j, chunk) as f64 * step_ns > left(j);
+        let misses = |j: &Job| steps_needed(j, chunk) as f64 * step_ns > TARGET_SHARE * left(j);
         let Some(urgent) = set.iter().position(|(j, _)| misses(j)) else {
             break;
         };

@@ -377,12 +377,13 @@ impl Handler<Submit> for Dispatcher {
         let spec = core::JobSpec {
             model: msg.job.model.clone(),
             prompt_bytes: prompt_bytes(&msg.job.prompt),
+            pace_us: pace_us(msg.job.budget, msg.job.max_tokens),
             max_tokens: msg.job.max_tokens,
             deadline,
             caller: Arc::from(msg.job.owner.as_str()),
             caller_share: msg.job.caller_share,
         };
-        let admitted = self.core.submit(now, spec).map_err(|r| {
+        let admitted = self.core.submit(now, spec.clone()).map_err(|r| {
             let why = match r {
                 Refusal::Infeasible { .. } => Rejection::Infeasible,
                 Refusal::NoPool => Rejection::NoPool,
@@ -414,12 +415,7 @@ impl Handler<Submit> for Dispatcher {
             Duration::from_micros(admitted.predicted_finish.saturating_sub(now)) + since_arrival;
         let own = self
             .core
-            .cost_of(
-                &admitted.node,
-                &msg.job.model,
-                prompt_bytes(&msg.job.prompt),
-                msg.job.max_tokens,
-            )
+            .cost_of(&admitted.node, &msg.job.model, &spec)
             .unwrap_or(0);
         let predicted_start = Duration::from_micros(
             admitted
@@ -502,6 +498,7 @@ impl Handler<Resume> for Dispatcher {
         let spec = core::JobSpec {
             model: job.model.clone(),
             prompt_bytes: prompt_bytes(&job.prompt),
+            pace_us: pace_us(job.budget, job.max_tokens),
             max_tokens: job.max_tokens,
             deadline: self.at(job.arrived + job.budget),
             caller: Arc::from(job.owner.as_str()),
@@ -948,4 +945,9 @@ impl DispatchHandle {
 /// A prompt's size as the cost model classes it (prompts are bounded far below `u32::MAX`).
 fn prompt_bytes(prompt: &str) -> u32 {
     u32::try_from(prompt.len()).unwrap_or(u32::MAX)
+}
+
+/// A job's budget per token it asks for: how urgent it is, as the cost model classes it.
+fn pace_us(budget: Duration, max_tokens: u32) -> u64 {
+    u64::try_from(budget.as_micros()).unwrap_or(u64::MAX) / u64::from(max_tokens.max(1))
 }

@@ -113,6 +113,9 @@ pub struct JobSpec {
     pub model: String,
     /// The prompt's size in bytes: its prompt pass is priced by prompts of its size.
     pub prompt_bytes: u32,
+    /// Its budget per token asked for, at admission (µs): its tokens are priced by jobs of its
+    /// urgency (`cost.rs`).
+    pub pace_us: u64,
     pub max_tokens: u32,
     /// Absolute deadline on the core's clock.
     pub deadline: Micros,
@@ -445,15 +448,12 @@ impl Core {
     }
 
     /// Tail cost of a job on a node, as admission sees it.
-    pub fn cost_of(
-        &self,
-        node: &str,
-        model: &str,
-        prompt_bytes: u32,
-        max_tokens: u32,
-    ) -> Option<Micros> {
+    pub fn cost_of(&self, node: &str, model: &str, spec: &JobSpec) -> Option<Micros> {
         let n = self.nodes.get(node)?;
-        Some(self.cost(n, model).job(prompt_bytes, max_tokens))
+        Some(
+            self.cost(n, model)
+                .job(spec.prompt_bytes, spec.max_tokens, spec.pace_us),
+        )
     }
 
     // --- inputs -------------------------------------------------------------------------------
@@ -809,9 +809,9 @@ impl Core {
                 continue;
             }
             serving = true;
-            let cost = self
-                .cost(node, &spec.model)
-                .job(spec.prompt_bytes, spec.max_tokens);
+            let cost =
+                self.cost(node, &spec.model)
+                    .job(spec.prompt_bytes, spec.max_tokens, spec.pace_us);
             for s in 0..node.slots.len() {
                 let extra = Extra {
                     order,
@@ -983,8 +983,11 @@ impl Core {
                 return (0, job.spec.deadline);
             }
             (
-                self.cost(node, &job.spec.model)
-                    .job(job.spec.prompt_bytes, job.spec.max_tokens),
+                self.cost(node, &job.spec.model).job(
+                    job.spec.prompt_bytes,
+                    job.spec.max_tokens,
+                    job.spec.pace_us,
+                ),
                 job.spec.deadline,
             )
         };
@@ -1260,9 +1263,11 @@ impl Core {
                 let extra = Extra {
                     order,
                     deadline: job.spec.deadline,
-                    cost: self
-                        .cost(node, &job.spec.model)
-                        .job(job.spec.prompt_bytes, job.spec.max_tokens),
+                    cost: self.cost(node, &job.spec.model).job(
+                        job.spec.prompt_bytes,
+                        job.spec.max_tokens,
+                        job.spec.pace_us,
+                    ),
                     model: &job.spec.model,
                 };
                 let Some((here, fits)) = self.try_slot(now, node, slot as usize, extra) else {
@@ -1376,6 +1381,7 @@ impl Core {
         let tokens = p.tokens();
         let mut sample = Sample {
             prompt_bytes: job.spec.prompt_bytes,
+            pace_us: job.spec.pace_us,
             ..Sample::default()
         };
         match report {
@@ -1435,21 +1441,29 @@ fn head_end(now: Micros, job: &Live, cost: &Cost, begin: Micros) -> Micros {
     let max = u64::from(job.spec.max_tokens);
     let p = &job.progress;
     let tokens = u64::from(p.tokens());
-    let end = match (p.started_at(), Progress::get(&p.last_token)) {
-        (_, Some(last)) if tokens > 0 => {
-            last.saturating_add(cost.per_token().saturating_mul(max.saturating_sub(tokens)))
-        }
-        (Some(started), _) => started
-            .saturating_add(cost.first_token(job.spec.prompt_bytes))
-            .saturating_add(cost.per_token().saturating_mul(max.saturating_sub(1))),
-        _ => match job.place {
-            Place::Sent { sent_at, .. } => sent_at
-                .max(now)
-                .max(begin)
-                .saturating_add(cost.job(job.spec.prompt_bytes, job.spec.max_tokens)),
-            _ => now.saturating_add(cost.job(job.spec.prompt_bytes, job.spec.max_tokens)),
-        },
-    };
+    let end =
+        match (p.started_at(), Progress::get(&p.last_token)) {
+            (_, Some(last)) if tokens > 0 => last.saturating_add(
+                cost.per_token_at(job.spec.pace_us)
+                    .saturating_mul(max.saturating_sub(tokens)),
+            ),
+            (Some(started), _) => started
+                .saturating_add(cost.first_token(job.spec.prompt_bytes))
+                .saturating_add(
+                    cost.per_token_at(job.spec.pace_us)
+                        .saturating_mul(max.saturating_sub(1)),
+                ),
+            _ => match job.place {
+                Place::Sent { sent_at, .. } => sent_at.max(now).max(begin).saturating_add(
+                    cost.job(job.spec.prompt_bytes, job.spec.max_tokens, job.spec.pace_us),
+                ),
+                _ => now.saturating_add(cost.job(
+                    job.spec.prompt_bytes,
+                    job.spec.max_tokens,
+                    job.spec.pace_us,
+                )),
+            },
+        };
     end.max(now)
 }
 

@@ -9,7 +9,11 @@
 //!   class as well: a prompt pass grows with the prompt, and in a batched worker a job's first
 //!   token also waits for the prompt chunks of more urgent jobs, so one tail over short and long
 //!   prompts would price a short, urgent job like a long one;
-//! - *per token*: the worker's time per further token.
+//! - *per token*: the worker's time per further token, kept per *pace* class as well (the job's
+//!   budget per token it asks for): a batched worker advances the most urgent jobs first and
+//!   holds back those with slack, so a job's speed there depends on how tight its deadline is,
+//!   and one tail over loose and tight jobs would price every urgent job at the speed of the
+//!   jobs that were made to wait for urgent ones.
 //!
 //! Until a pool has run enough jobs, the figures it measured at warm-up (with a safety margin)
 //! stand in; without even those, a stated, conservative prior does — never zero.
@@ -24,6 +28,14 @@ const TRUST_AFTER: usize = 16;
 const FIGURES_MARGIN: f64 = 1.5;
 /// Prompt size classes of the first-token part: under 256 bytes, then one per doubling.
 const PROMPT_CLASSES: usize = 10;
+
+/// Pace classes of the per-token part: under 1 ms of budget per token, then one per doubling.
+const PACE_CLASSES: usize = 16;
+
+/// The pace class of a job with `pace_us` of budget per token.
+fn pace_class(pace_us: u64) -> usize {
+    ((u64::BITS - (pace_us >> 10).leading_zeros()) as usize).min(PACE_CLASSES - 1)
+}
 
 /// The prompt size class of a prompt of `bytes` bytes.
 fn prompt_class(bytes: u32) -> usize {
@@ -50,6 +62,8 @@ pub struct Figures {
 pub struct Sample {
     /// The job's prompt size in bytes (what the queen knows of it before a worker tokenizes it).
     pub prompt_bytes: u32,
+    /// The job's budget per token asked for, at admission (µs).
+    pub pace_us: u64,
     pub overhead_us: Option<u64>,
     pub first_token_us: Option<u64>,
     pub per_token_us: Option<u64>,
@@ -93,6 +107,8 @@ pub struct Cost {
     /// The first-token samples again, per prompt size class.
     first_token_by_prompt: Vec<Part>,
     per_token: Part,
+    /// The per-token samples again, per pace class.
+    per_token_by_pace: Vec<Part>,
 }
 
 impl Cost {
@@ -104,6 +120,7 @@ impl Cost {
             first_token: Part::default(),
             first_token_by_prompt: vec![Part::default(); PROMPT_CLASSES],
             per_token: Part::default(),
+            per_token_by_pace: vec![Part::default(); PACE_CLASSES],
         }
     }
 
@@ -133,6 +150,7 @@ impl Cost {
         }
         if let Some(v) = s.per_token_us {
             self.per_token.push(v, q);
+            self.per_token_by_pace[pace_class(s.pace_us)].push(v, q);
         }
     }
 
@@ -162,16 +180,40 @@ impl Cost {
             None => self.first_token.estimate(self.priors().1),
         }
     }
+    /// Time per token over all jobs (what a running job's remaining tokens are priced at when
+    /// its own pace is not at hand).
     pub fn per_token(&self) -> u64 {
         self.per_token.estimate(self.priors().2)
     }
 
-    /// Whole service time of a job with a `prompt_bytes` prompt asking for `max_tokens`.
-    pub fn job(&self, prompt_bytes: u32, max_tokens: u32) -> u64 {
+    /// Time per token of a job with `pace_us` of budget per token: the tail of its pace class
+    /// once that class has enough samples. Before that, the nearest tighter class measured (a
+    /// looser job is held back at least as often), never below the prior — the warm-up
+    /// figures, measured with every job of the batch advancing each step, the speed the most
+    /// urgent jobs get. So the tightest jobs are priced by the warm-up figures until they have
+    /// samples of their own, not by the jobs that were made to wait for them.
+    pub fn per_token_at(&self, pace_us: u64) -> u64 {
+        let own = pace_class(pace_us);
+        let classes = &self.per_token_by_pace;
+        if classes[own].samples.len() >= TRUST_AFTER {
+            return classes[own].tail;
+        }
+        let prior = self.priors().2;
+        let tighter = classes[..own]
+            .iter()
+            .rev()
+            .find(|c| c.samples.len() >= TRUST_AFTER)
+            .map_or(0, |c| c.tail);
+        tighter.max(prior).max(classes[own].tail)
+    }
+
+    /// Whole service time of a job with a `prompt_bytes` prompt asking for `max_tokens` with
+    /// `pace_us` of budget per token.
+    pub fn job(&self, prompt_bytes: u32, max_tokens: u32, pace_us: u64) -> u64 {
         self.overhead()
             .saturating_add(self.first_token(prompt_bytes))
             .saturating_add(
-                self.per_token()
+                self.per_token_at(pace_us)
                     .saturating_mul(u64::from(max_tokens.saturating_sub(1))),
             )
     }
@@ -185,10 +227,10 @@ mod tests {
     fn no_figures_means_the_conservative_prior_never_zero() {
         let c = Cost::new(0.95);
         assert_eq!(
-            c.job(0, 8000),
+            c.job(0, 8000, 0),
             PRIOR_OVERHEAD_US + PRIOR_FIRST_TOKEN_US + PRIOR_PER_TOKEN_US * 7999
         );
-        assert!(c.job(0, 1) > 0);
+        assert!(c.job(0, 1, 0) > 0);
     }
 
     #[test]
@@ -201,7 +243,7 @@ mod tests {
         assert_eq!(c.first_token(0), 30_000);
         assert_eq!(c.per_token(), 7_500);
         // 200 tok/s cannot produce 8000 tokens in 200 ms.
-        assert!(c.job(0, 8000) > 200_000);
+        assert!(c.job(0, 8000, 0) > 200_000);
     }
 
     #[test]
@@ -212,6 +254,7 @@ mod tests {
             let v = if i % 20 == 0 { 10_000 } else { 1_000 };
             c.observe(Sample {
                 prompt_bytes: 0,
+                pace_us: 0,
                 overhead_us: Some(100),
                 first_token_us: Some(v),
                 per_token_us: Some(v),
@@ -224,6 +267,7 @@ mod tests {
             let v = if i % 20 == 0 { 10_000 } else { 1_000 };
             p99.observe(Sample {
                 prompt_bytes: 0,
+                pace_us: 0,
                 overhead_us: Some(100),
                 first_token_us: Some(v),
                 per_token_us: Some(v),
@@ -237,6 +281,7 @@ mod tests {
         let mut c = Cost::new(0.95);
         c.observe(Sample {
             prompt_bytes: 0,
+            pace_us: 0,
             overhead_us: Some(1),
             first_token_us: Some(1),
             per_token_us: Some(1),
@@ -245,6 +290,7 @@ mod tests {
         for _ in 0..TRUST_AFTER {
             c.observe(Sample {
                 prompt_bytes: 0,
+                pace_us: 0,
                 overhead_us: Some(1),
                 first_token_us: Some(1),
                 per_token_us: Some(1),
@@ -258,6 +304,7 @@ mod tests {
         let mut c = Cost::new(0.95);
         let sample = |prompt_bytes, first_token_us| Sample {
             prompt_bytes,
+            pace_us: 0,
             overhead_us: Some(100),
             first_token_us: Some(first_token_us),
             per_token_us: Some(1_000),
@@ -286,7 +333,7 @@ mod tests {
         c.observe(sample(60, 20_000));
         assert_eq!(c.first_token(60), 100_000);
         assert_eq!(c.first_token(1200), 1_500_000);
-        assert_eq!(c.job(60, 1), 100 + 100_000);
+        assert_eq!(c.job(60, 1, 0), 100 + 100_000);
     }
 
     #[test]
@@ -297,5 +344,54 @@ mod tests {
         assert_eq!(prompt_class(511), 1);
         assert_eq!(prompt_class(512), 2);
         assert_eq!(prompt_class(u32::MAX), PROMPT_CLASSES - 1);
+    }
+
+    #[test]
+    fn an_urgent_job_is_priced_by_urgent_jobs_not_by_those_held_back_for_them() {
+        let mut c = Cost::new(0.95);
+        c.set_figures(Figures {
+            first_token_us: 40_000,
+            per_token_us: 10_000,
+        });
+        let sample = |pace_us, per_token_us| Sample {
+            prompt_bytes: 0,
+            pace_us,
+            overhead_us: Some(100),
+            first_token_us: Some(40_000),
+            per_token_us: Some(per_token_us),
+        };
+        // Loose jobs (120 ms of budget per token) were held back for urgent ones: 50 ms a token.
+        for _ in 0..TRUST_AFTER {
+            c.observe(sample(120_000, 50_000));
+        }
+        // An urgent job (40 ms a token), none measured yet: the warm-up figures with their
+        // margin, not the loose jobs' 50 ms (which would refuse it, so it never gets measured).
+        assert_eq!(c.per_token_at(40_000), 15_000);
+        assert_eq!(c.per_token_at(120_000), 50_000);
+        // A looser class than any measured takes the nearest tighter one's tail.
+        assert_eq!(c.per_token_at(2_000_000), 50_000);
+        // Urgent jobs' own samples take over once there are enough.
+        for _ in 0..TRUST_AFTER {
+            c.observe(sample(40_000, 12_000));
+        }
+        assert_eq!(c.per_token_at(40_000), 12_000);
+        assert_eq!(c.job(0, 11, 40_000), 100 + 40_000 + 10 * 12_000);
+        // Slower samples than the prior count even before there are enough of them.
+        let mut slow = Cost::new(0.95);
+        slow.set_figures(Figures {
+            first_token_us: 40_000,
+            per_token_us: 10_000,
+        });
+        slow.observe(sample(40_000, 90_000));
+        assert_eq!(slow.per_token_at(40_000), 90_000);
+    }
+
+    #[test]
+    fn pace_classes_double_from_a_millisecond() {
+        assert_eq!(pace_class(0), 0);
+        assert_eq!(pace_class(1023), 0);
+        assert_eq!(pace_class(1024), 1);
+        assert_eq!(pace_class(2048), 2);
+        assert_eq!(pace_class(u64::MAX), PACE_CLASSES - 1);
     }
 }

@@ -155,8 +155,15 @@ fn the_first_plan_advances_the_urgent_job_and_holds_back_the_most_slack() {
     ];
     let p = plan(0, &jobs, &cost, 64);
     let ids: Vec<_> = p.advance.iter().map(|w| w.id).collect();
-    // 2 is most urgent; dropping 3 (the most slack) gives 25 ms steps, 250 ms for its 10
-    // tokens: it fits.
+    // 2 is most urgent: its 10 tokens should take at most half its 250 ms. All four make 30 ms
+    // steps (300 ms); the most slack wait in turn — 3, then 1, then 4 — and alone it takes
+    // 150 ms, the best it can get.
+    assert_eq!(ids, vec![2]);
+    // With a looser deadline, dropping 3 alone is enough: 3 rows, 25 ms steps, 250 ms of 500.
+    let mut looser = jobs.clone();
+    looser[1].deadline_ns = 500 * MS;
+    let p = plan(0, &looser, &cost, 64);
+    let ids: Vec<_> = p.advance.iter().map(|w| w.id).collect();
     assert_eq!(ids, vec![2, 4, 1]);
 }
 

@@ -362,6 +362,7 @@ impl Sim {
                     let caller = sim_caller(i);
                     let spec = JobSpec {
                         prompt_bytes: 0,
+                        pace_us: 0,
                         model: a.model.into(),
                         max_tokens: a.max_tokens,
                         deadline: self.now + a.budget,
@@ -731,6 +732,7 @@ fn spec(max_tokens: u32, deadline: Micros) -> JobSpec {
 fn spec_of(caller: &str, max_tokens: u32, deadline: Micros) -> JobSpec {
     JobSpec {
         prompt_bytes: 0,
+        pace_us: 0,
         model: "m".into(),
         max_tokens,
         deadline,
@@ -814,7 +816,7 @@ fn a_model_nobody_measured_gets_the_conservative_prior_not_zero() {
 fn a_later_arrival_that_would_make_an_admitted_job_late_is_refused() {
     // One slot; every job costs 5 + 30 + 15*(n-1) ms at the figures' margin.
     let mut core = one_pool(1, 20 * MS, 10 * MS);
-    let cost = core.cost_of("n", "m", 0, 10).unwrap();
+    let cost = core.cost_of("n", "m", &cost_spec(10)).unwrap();
     // A: admitted with little slack.
     core.submit(0, spec(10, cost + 10 * MS)).unwrap();
     // B: same size, a deadline that fits after A.
@@ -845,7 +847,7 @@ fn placement_prefers_the_pool_that_finishes_first() {
 #[test]
 fn a_job_predicted_late_is_never_sent() {
     let mut core = one_pool(1, 10 * MS, 10 * MS);
-    let cost = core.cost_of("n", "m", 0, 10).unwrap();
+    let cost = core.cost_of("n", "m", &cost_spec(10)).unwrap();
     let a = core.submit(0, spec(10, 10 * cost)).unwrap();
     // Credit for two more at the pool; fill it.
     core.submit(0, spec(10, 10 * cost)).unwrap();
@@ -976,4 +978,17 @@ fn a_job_sent_to_an_idle_slot_runs_first_even_before_it_starts() {
     // first: behind A it would finish at ~165 ms, after its 100 ms deadline.
     let b = core.submit(MS, spec(1, 100 * MS));
     assert!(matches!(b, Err(Refusal::Infeasible { .. })), "{b:?}");
+}
+
+/// A job of `max_tokens` as `cost_of` prices it (no prompt, the tightest pace).
+fn cost_spec(max_tokens: u32) -> JobSpec {
+    JobSpec {
+        model: "m".into(),
+        prompt_bytes: 0,
+        pace_us: 0,
+        max_tokens,
+        deadline: 0,
+        caller: std::sync::Arc::from("c"),
+        caller_share: None,
+    }
 }

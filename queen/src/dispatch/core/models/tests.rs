@@ -41,6 +41,7 @@ fn pool(core: &mut Core, id: &str, slots: u32, credits: u32, models: &[M<'_>], b
 fn job(model: &str, max_tokens: u32, deadline: Micros) -> JobSpec {
     JobSpec {
         prompt_bytes: 0,
+        pace_us: 0,
         model: model.into(),
         max_tokens,
         deadline,
@@ -85,7 +86,7 @@ fn a_warm_pool_wins_when_it_finishes_first() {
     let mut core = Core::new(Config::default());
     pool(&mut core, "cold", 1, 2, &[("m", false, 5 * S, 100)], 0);
     pool(&mut core, "warm", 1, 2, &[("m", true, 5 * S, 100)], 0);
-    let cost = core.cost_of("warm", "m", 0, 10).unwrap();
+    let cost = core.cost_of("warm", "m", &cost_spec(10)).unwrap();
     let a = core.submit(0, job("m", 10, 60 * S)).unwrap();
     assert_eq!(a.node, "warm");
     assert_eq!(a.predicted_finish, cost);
@@ -102,7 +103,7 @@ fn a_load_elsewhere_when_the_warm_pool_is_busy_and_the_deadline_covers_it() {
     let long = core.submit(0, job("m", 20_000, 600 * S)).unwrap();
     assert_eq!(long.node, "warm");
     core.take_actions();
-    let cost = core.cost_of("cold", "m", 0, 10).unwrap();
+    let cost = core.cost_of("cold", "m", &cost_spec(10)).unwrap();
     let b = core.submit(MS, job("m", 10, 10 * S)).unwrap();
     assert_eq!(b.node, "cold");
     // It starts when the load is predicted to end.
@@ -178,7 +179,7 @@ fn evictions_are_the_least_recently_used_idle_models_never_one_with_work() {
 fn a_job_behind_a_load_is_predicted_at_the_ready_time() {
     let mut core = Core::new(Config::default());
     pool(&mut core, "n", 2, 2, &[("m", false, 2 * S, 100)], 0);
-    let cost = core.cost_of("n", "m", 0, 10).unwrap();
+    let cost = core.cost_of("n", "m", &cost_spec(10)).unwrap();
     let a = core.submit(0, job("m", 10, 60 * S)).unwrap();
     assert_eq!(a.predicted_finish, 2 * S + cost);
     core.take_actions();
@@ -221,7 +222,7 @@ fn a_load_waits_for_the_models_in_use_and_groups_their_jobs_first() {
         &[("x", true, S, 100), ("y", false, S, 100)],
         100,
     );
-    let cost = core.cost_of("n", "x", 0, 10).unwrap();
+    let cost = core.cost_of("n", "x", &cost_spec(10)).unwrap();
     let finish_of = |core: &Core, now: Micros, key: JobKey| {
         core.predict(now, &core.nodes["n"], 0)
             .iter()
@@ -299,8 +300,21 @@ fn a_pool_without_model_states_serves_every_model_warm() {
         },
     );
     core.node_up(0, "n", 1, 2, vec!["m".into()]);
-    let cost = core.cost_of("n", "m", 0, 10).unwrap();
+    let cost = core.cost_of("n", "m", &cost_spec(10)).unwrap();
     let a = core.submit(0, job("m", 10, 60 * S)).unwrap();
     assert_eq!(a.predicted_finish, cost);
     assert_eq!(sends(&core.take_actions()), [(a.key, "n".into(), vec![])]);
+}
+
+/// A job of `max_tokens` as `cost_of` prices it (no prompt, the tightest pace).
+fn cost_spec(max_tokens: u32) -> JobSpec {
+    JobSpec {
+        model: "m".into(),
+        prompt_bytes: 0,
+        pace_us: 0,
+        max_tokens,
+        deadline: 0,
+        caller: std::sync::Arc::from("c"),
+        caller_share: None,
+    }
 }
