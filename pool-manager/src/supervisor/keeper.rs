@@ -171,10 +171,13 @@ pub(super) fn figures(tokens: u32, first_token_us: u64, generation_us: u64) -> F
     }
 }
 
-/// The figures of jobs run together: the slowest first token (the last of them to start
-/// streaming) and the mean time per later token. None for no jobs.
+/// The figures of jobs run together: the first of their first tokens and the mean time per
+/// later token. The worker gives the prompt chunk to its most urgent job first, so the first
+/// first token is what the most urgent job of a full batch sees — the job a tight deadline
+/// belongs to; the queen learns the slower first tokens of less urgent jobs from real jobs
+/// (per prompt size) within a few jobs. None for no jobs.
 pub(super) fn batch_figures(jobs: &[Figures]) -> Option<Figures> {
-    let first_token_us = jobs.iter().map(|f| f.first_token_us).max()?;
+    let first_token_us = jobs.iter().map(|f| f.first_token_us).min()?;
     let total: u64 = jobs
         .iter()
         .map(|f| f.per_token_us)
