@@ -173,11 +173,22 @@ pub fn plan(now_ns: u64, jobs: &[Job], cost: &StepCost, chunk: usize) -> Plan {
         let rows = set.iter().filter(|(_, p)| *p == 0).count();
         let prompt: usize = set.iter().map(|(_, p)| p).sum();
         let step_ns = cost.estimate(rows, prompt) * 1000.0;
+        // Would a job miss its target if every step stayed like this one (prompt chunks and
+        // all)? That is the worry of a job that decodes beside other jobs' prompts.
         let misses = |j: &Job| steps_needed(j, chunk) as f64 * step_ns > TARGET_SHARE * left(j);
         let Some(urgent) = set.iter().position(|(j, _)| misses(j)) else {
             break;
         };
-        let slack = |j: &Job| left(j) - steps_needed(j, chunk) as f64 * step_ns;
+        // A job's slack: its time left after its own prompt steps (at this step's cost) and its
+        // tokens after that at the cost of a step of decoding alone. Pricing every one of its
+        // tokens at the cost of a step carrying a prompt chunk would leave a long job no slack
+        // at all, and it would never make way for an urgent one.
+        let decode_ns = cost.estimate(set.len(), 0) * 1000.0;
+        let slack = |j: &Job| {
+            let prompt_steps = j.pending_prompt.div_ceil(chunk) as u64;
+            let decode_steps = steps_needed(j, chunk) - prompt_steps;
+            left(j) - prompt_steps as f64 * step_ns - decode_steps as f64 * decode_ns
+        };
         let waiter = set
             .iter()
             .enumerate()

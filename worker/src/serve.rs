@@ -331,8 +331,16 @@ impl Worker<'_> {
             }
             return Ok(());
         }
-        self.cost
-            .observe(rows, prompt, began.elapsed().as_secs_f64() * 1e6);
+        let took_us = began.elapsed().as_secs_f64() * 1e6;
+        tracing::trace!(
+            jobs = plan.advance.len(),
+            held = jobs.len() - plan.advance.len(),
+            rows,
+            prompt,
+            took_us,
+            "step"
+        );
+        self.cost.observe(rows, prompt, took_us);
         for (seq, emitted) in out.drain(..) {
             // A job stopped earlier in this list (a token past its deadline) hears nothing more.
             let Some(i) = self.active.iter().position(|a| a.seq == seq) else {

@@ -188,6 +188,29 @@ fn chunked_prompts_bound_a_decoding_jobs_stall_to_one_chunk() {
 }
 
 #[test]
+fn a_long_prompt_waits_while_an_urgent_job_decodes() {
+    // A step of one decoding row costs 12 ms; with a 128-token chunk, 230 ms more. The urgent
+    // job's 15 tokens beside the chunks would take 3.6 s of its 500 ms; the long job, with 29 s
+    // for its 330-token prompt and 128 tokens, can wait.
+    let cost = StepCost::linear(4, 10_000.0, 2_000.0, 1_800.0);
+    let jobs = [job(1, 500, 0, 15), job(2, 29_000, 330, 128)];
+    let p = plan(0, &jobs, &cost, 128);
+    assert_eq!(
+        p.advance,
+        vec![Work {
+            id: 1,
+            prompt_tokens: 0
+        }]
+    );
+    // Run to the end: both meet their deadlines, the urgent one within half its time.
+    let run = simulate(jobs.to_vec(), &cost, 128, |now, js| {
+        plan(now, js, &cost, 128)
+    });
+    assert_eq!(met(&run, &jobs), vec![1, 2]);
+    assert!(run.finished[&1] <= 250 * MS, "{:?}", run.finished);
+}
+
+#[test]
 fn the_prompt_chunk_goes_to_the_most_urgent_prompt_first() {
     let cost = StepCost::linear(4, 1_000.0, 100.0, 10.0);
     let jobs = [
