@@ -41,6 +41,28 @@ if ! "$venv/bin/python" -c "import sys, openai; sys.exit(openai.__version__ != '
   "$venv/bin/pip" install -q "openai==$OPENAI_VERSION"
 fi
 
+# The CUDA backend (skep-cuda's `cuda` feature; scripts/ptx-check.sh) compiles its kernels with
+# NVRTC and checks the PTX with ptxas, both from NVIDIA's wheels, pinned, in a venv at the
+# repository root (.venv-cuda/, gitignored; cuda/build.rs looks there). The runtime wheel is
+# only for its headers (cuda_fp16.h): NVRTC ships none. No GPU or driver is needed for any of it.
+NVRTC_VERSION=12.9.86
+CUDA_RUNTIME_VERSION=12.9.79
+cuda_venv="$(cd "$(dirname "$0")/.." && pwd)/.venv-cuda"
+cuda_pins=(
+  "nvidia-cuda-nvrtc-cu12==$NVRTC_VERSION"
+  "nvidia-cuda-nvcc-cu12==$NVRTC_VERSION"
+  "nvidia-cuda-runtime-cu12==$CUDA_RUNTIME_VERSION"
+)
+if ! "$cuda_venv/bin/python" - "${cuda_pins[@]}" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))
+PY
+then
+  python3 -m venv "$cuda_venv"
+  "$cuda_venv/bin/pip" install -q "${cuda_pins[@]}"
+fi
+
 # The status page's browser test (integration/tests/status_page.rs) drives Debian's headless
 # Chromium through chromedriver (WebDriver over loopback).
 browser_need=()

@@ -19,6 +19,10 @@ cargo fmt --all -- --check
 step "lint"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "CUDA backend (no GPU needed): build, lint, PTX check"
+cargo clippy -p skep-cuda -p skep-worker --features skep-cuda/cuda --all-targets -- -D warnings
+scripts/ptx-check.sh
+
 step "build binaries"
 cargo build --workspace --bins
 

@@ -118,10 +118,15 @@ pub fn run(plan: &LoadPlan) -> LoadReport {
 async fn drive(cluster: &mut Cluster, plan: &LoadPlan) -> LoadReport {
     let client = cluster.jobs_client().await;
     let ended = Arc::new(AtomicUsize::new(0));
+    // Jobs accepted and not yet ended: a queen kill is only a test of resuming work in flight
+    // when there is some (on a loaded machine the queen can be slow enough that every job
+    // around the kill point is still waiting for acceptance).
+    let streaming = Arc::new(AtomicUsize::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(plan.concurrency));
     let started = Instant::now();
     let submitter = {
         let (client, ended, sem) = (client.clone(), Arc::clone(&ended), Arc::clone(&sem));
+        let streaming = Arc::clone(&streaming);
         let requests: Vec<_> = (0..plan.jobs)
             .map(|i| {
                 let max_tokens = 4 + (i % 13) as u32;
@@ -141,8 +146,9 @@ async fn drive(cluster: &mut Cluster, plan: &LoadPlan) -> LoadReport {
             for (req, max_tokens) in requests {
                 let permit = Arc::clone(&sem).acquire_owned().await.expect("semaphore");
                 let (client, ended) = (client.clone(), Arc::clone(&ended));
+                let streaming = Arc::clone(&streaming);
                 tasks.push(tokio::spawn(async move {
-                    let seen = one_job(client, req, max_tokens, deadline).await;
+                    let seen = one_job(client, req, max_tokens, deadline, &streaming).await;
                     ended.fetch_add(1, Ordering::SeqCst);
                     drop(permit);
                     seen
@@ -170,7 +176,10 @@ async fn drive(cluster: &mut Cluster, plan: &LoadPlan) -> LoadReport {
     }
 
     for at in &plan.kill_queen_after {
-        while ended.load(Ordering::SeqCst) < *at && !submitter.is_finished() {
+        while (ended.load(Ordering::SeqCst) < *at
+            || streaming.load(Ordering::SeqCst) < QUEEN_KILL_IN_FLIGHT)
+            && !submitter.is_finished()
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tokio::task::block_in_place(|| {
@@ -197,11 +206,29 @@ async fn drive(cluster: &mut Cluster, plan: &LoadPlan) -> LoadReport {
     report
 }
 
+/// Accepted jobs that must be in flight when the queen is killed.
+const QUEEN_KILL_IN_FLIGHT: usize = 4;
+
 async fn one_job(
+    client: JobsClient<Channel>,
+    req: tonic::Request<SubmitRequest>,
+    max_tokens: u32,
+    deadline: Duration,
+    streaming: &AtomicUsize,
+) -> Seen {
+    let seen = follow_stream(client, req, max_tokens, deadline, streaming).await;
+    if seen.accepted {
+        streaming.fetch_sub(1, Ordering::SeqCst);
+    }
+    seen
+}
+
+async fn follow_stream(
     mut client: JobsClient<Channel>,
     mut req: tonic::Request<SubmitRequest>,
     max_tokens: u32,
     deadline: Duration,
+    streaming: &AtomicUsize,
 ) -> Seen {
     req.set_timeout(deadline);
     let mut seen = Seen {
@@ -222,7 +249,12 @@ async fn one_job(
                     seen.id = ev.job_id.clone();
                 }
                 match ev.kind {
-                    Some(job_event::Kind::Accepted(_)) => seen.accepted = true,
+                    Some(job_event::Kind::Accepted(_)) => {
+                        if !seen.accepted {
+                            streaming.fetch_add(1, Ordering::SeqCst);
+                        }
+                        seen.accepted = true;
+                    }
                     Some(job_event::Kind::Dispatched(d)) => {
                         seen.attempts = seen.attempts.max(d.attempt);
                     }

@@ -6,6 +6,7 @@
 //! again on a new generation, and the job it held fails cleanly instead of hanging.
 
 pub mod audit;
+pub mod device;
 pub mod grpc;
 pub mod inventory;
 pub mod membership;

@@ -14,6 +14,7 @@ use skep_common::{auth, daemon, validate};
 use skep_lane::LaneConfig;
 use skep_pool_manager::Speed;
 use skep_pool_manager::audit::Audit;
+use skep_pool_manager::device::{self, Device};
 use skep_pool_manager::grpc::PoolService;
 use skep_pool_manager::inventory;
 use skep_pool_manager::membership::{self, Membership};
@@ -80,6 +81,10 @@ struct Args {
     credits_per_slot: u32,
     #[arg(long, value_enum, default_value = "synthetic")]
     engine: EngineKind,
+    /// Where the workers run: cpu, cuda (the first GPU) or cuda:N. A GPU is checked at start
+    /// (by the worker binary) and the pool refuses to start when it is not usable.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
     /// Models served, comma-separated: names from the queen's catalogue (fetched by content
     /// hash, like --model), or NAME=FILE for a local GGUF file; plain names for the synthetic
     /// engine. Each is loaded on demand and kept warm while the memory budget allows
@@ -189,6 +194,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             program.display()
         );
     }
+    // Before enrolling: a pool that cannot run its workers must not announce itself.
+    let gpu = device::probe(&program, args.device)
+        .await
+        .context("refusing to start")?;
+    if let Some(gpu) = &gpu {
+        info!(device = %args.device, name = %gpu.name, memory_bytes = gpu.memory_bytes,
+            compute_capability = %gpu.compute_capability, "workers run on a GPU");
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -243,6 +256,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queen_ca: queen_ca.clone(),
         approval: args.approval.clone(),
         metrics: metrics.clone(),
+        gpu,
     };
     let mut member = member;
     let creds = member.join().await?;
@@ -459,6 +473,12 @@ fn resolve(p: &std::path::Path) -> anyhow::Result<PathBuf> {
 
 /// A worker's engine flags for one model (never a secret: they go through argv).
 fn engine_args(args: &Args, model: &str, path: Option<&std::path::Path>) -> Vec<String> {
+    let mut v = vec!["--device".to_owned(), args.device.to_string()];
+    v.extend(engine_flags(args, model, path));
+    v
+}
+
+fn engine_flags(args: &Args, model: &str, path: Option<&std::path::Path>) -> Vec<String> {
     match args.engine {
         EngineKind::Synthetic => vec![
             "--engine".into(),

@@ -68,6 +68,9 @@ pub struct Membership {
     pub approval: Option<PathBuf>,
     /// Told whether the registration holds (for readiness: the pool's health).
     pub metrics: crate::metrics::PoolMetrics,
+    /// The GPU the workers run on (`--device cuda:N`), as the worker's probe found it: marked
+    /// `in_use` in the inventory.
+    pub gpu: Option<crate::device::ProbedGpu>,
 }
 
 /// Failures that retrying cannot fix.
@@ -399,7 +402,7 @@ impl Membership {
         info!(node = %reg.node_id, "registered with queen");
         self.metrics.set_registered(true);
         let every = Duration::from_millis(reg.heartbeat_interval_ms.clamp(100, 10_000) as u64);
-        let gpus = inventory::gpus();
+        let gpus = inventory::gpus(self.gpu.as_ref());
         loop {
             tokio::time::sleep(every).await;
             let (model_states, memory_budget_bytes) = self.model_states();

@@ -53,6 +53,11 @@ pub enum EngineError {
     Prompt(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The device the model runs on failed (a lost GPU, a kernel fault): the process's device
+    /// state cannot be trusted after it, so the worker fails its jobs and exits, and its pool
+    /// starts a new one.
+    #[error("the GPU failed: {0}")]
+    Device(String),
 }
 
 /// A loaded model that generates tokens. Loaded once per worker and kept warm.

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use skep_common::secret::Secret;
 use skep_common::telemetry::{self, LogFormat};
+use skep_cuda::device::{self, DeviceSpec};
 use skep_lane::Lane;
 use skep_worker::engine::gguf::{GgufEngine, GgufOptions};
 use skep_worker::engine::{BatchEngine, SyntheticConfig, SyntheticEngine};
@@ -23,13 +24,20 @@ enum EngineKind {
 #[command(version)]
 struct Args {
     /// Inherited fd of the request lane (a sealed memfd the pool manager created).
-    #[arg(long)]
-    request_lane_fd: i32,
+    #[arg(long, required_unless_present = "probe_device")]
+    request_lane_fd: Option<i32>,
     /// Inherited fd of the response lane.
-    #[arg(long)]
-    response_lane_fd: i32,
-    #[arg(long)]
-    generation: u64,
+    #[arg(long, required_unless_present = "probe_device")]
+    response_lane_fd: Option<i32>,
+    #[arg(long, required_unless_present = "probe_device")]
+    generation: Option<u64>,
+    /// Where the engine runs: cpu, cuda (the first GPU) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Only check that a device is usable and print what it is (one line), then exit: 0 when
+    /// it is, 2 with the reason on stderr when not. Needs no other argument.
+    #[arg(long, value_name = "DEVICE", exclusive = true)]
+    probe_device: Option<DeviceSpec>,
     #[arg(long, value_enum, default_value = "synthetic")]
     engine: EngineKind,
     /// Name of the model served.
@@ -75,14 +83,23 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(spec) = args.probe_device {
+        std::process::exit(probe_device(spec));
+    }
     telemetry::init(args.log_format);
+    // clap requires all three unless --probe-device, which has returned above.
+    let (Some(request_fd), Some(response_fd), Some(generation)) =
+        (args.request_lane_fd, args.response_lane_fd, args.generation)
+    else {
+        anyhow::bail!("--request-lane-fd, --response-lane-fd and --generation are required");
+    };
     let session = read_session()?;
     // Opened before the model loads, so heartbeats start at once. `open_inherited` refuses a
     // lane that is not sealed against resizing, or that belongs to another generation.
     let config = ServeConfig {
-        requests: Lane::open_inherited(args.request_lane_fd, args.generation)
+        requests: Lane::open_inherited(request_fd, generation)
             .context("opening the request lane")?,
-        responses: Lane::open_inherited(args.response_lane_fd, args.generation)
+        responses: Lane::open_inherited(response_fd, generation)
             .context("opening the response lane")?,
         batch: usize::from(args.batch),
         prefill_chunk: args.prefill_chunk as usize,
@@ -90,6 +107,15 @@ fn main() -> anyhow::Result<()> {
     let load = || -> anyhow::Result<Box<dyn BatchEngine>> {
         Ok(match args.engine {
             EngineKind::Synthetic => {
+                if !args.device.is_cpu() {
+                    // The GPU's own reason comes first: tests of the refusal use this engine.
+                    device::probe(&args.device)
+                        .with_context(|| format!("device {}", args.device))?;
+                    anyhow::bail!(
+                        "device {}: the synthetic engine runs on the CPU only; use --device cpu",
+                        args.device
+                    );
+                }
                 std::thread::sleep(args.synthetic_load);
                 hold_weights(args.synthetic_weights_mib);
                 Box::new(SyntheticEngine::new(SyntheticConfig {
@@ -113,11 +139,31 @@ fn load_gguf(args: &Args) -> anyhow::Result<Box<dyn BatchEngine>> {
         .context("--engine gguf needs --model-path")?;
     let opts = GgufOptions {
         prefill_chunk: args.prefill_chunk as usize,
+        device: args.device,
         ..GgufOptions::default()
     };
     let engine = GgufEngine::load(path, &args.model, opts)
         .with_context(|| format!("loading {}", path.display()))?;
     Ok(Box::new(engine))
+}
+
+/// `--probe-device`: one line on stdout and 0 when the device is usable, the reason on stderr
+/// and 2 when not (the pool manager runs this before it enrolls).
+fn probe_device(spec: DeviceSpec) -> i32 {
+    match device::probe(&spec) {
+        Ok(None) => {
+            println!("cpu");
+            0
+        }
+        Ok(Some(gpu)) => {
+            println!("{}", gpu.to_line());
+            0
+        }
+        Err(e) => {
+            eprintln!("device {spec}: {e}");
+            2
+        }
+    }
 }
 
 /// Holds `mib` MiB of touched private memory for the life of the process, as a loaded model's

@@ -26,7 +26,7 @@ use skep_proto::v1::{
 };
 use tracing::{debug, info, warn};
 
-use crate::engine::{BatchEngine, Emitted, Finish, GenerateRequest, Sampling, SeqId};
+use crate::engine::{BatchEngine, Emitted, EngineError, Finish, GenerateRequest, Sampling, SeqId};
 use crate::schedule::{self, StepCost};
 
 /// How long to block on an empty request lane before checking that the pool manager lives.
@@ -63,6 +63,8 @@ pub enum ServeError {
     Orphaned,
     #[error("loading the engine: {0}")]
     Load(String),
+    #[error("the GPU failed: {0}")]
+    Device(String),
 }
 
 /// Loads the engine with `load`, then serves jobs until the lanes die or the parent process
@@ -328,6 +330,15 @@ impl Worker<'_> {
             warn!(error = %e, jobs = plan.advance.len(), "engine step failed");
             for w in &plan.advance {
                 self.end(w.id, Err(Stop::Failed(e.to_string())))?;
+            }
+            if let EngineError::Device(why) = e {
+                // Every held job's context lived on the failed device: fail them all, then
+                // exit so that the pool starts a fresh worker (a new generation) on it.
+                let held: Vec<SeqId> = self.active.iter().map(|a| a.seq).collect();
+                for seq in held {
+                    self.end(seq, Err(Stop::Failed(format!("the GPU failed: {why}"))))?;
+                }
+                return Err(ServeError::Device(why));
             }
             return Ok(());
         }

@@ -3,12 +3,15 @@
 //!
 //! The model file is mapped once at start and its weights used in place where the kernels can
 //! (`loader`); the model stays warm, and each job clears the KV cache and starts from position
-//! 0, so jobs never see each other's context. With the `cuda` cargo feature the weights
-//! go to the first CUDA GPU when one is present.
+//! 0, so jobs never see each other's context. With the `cuda` cargo feature and
+//! `--device cuda:N` the same decoder runs on that GPU (`gpu`: every matrix and KV cache in
+//! device memory).
 
 mod batch;
 mod decoder;
 mod gemma3;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod linear;
 mod llama;
 mod loader;
@@ -17,6 +20,7 @@ mod spm;
 mod stream;
 mod template;
 mod tokenizer;
+mod trace;
 
 use std::fs::File;
 use std::ops::ControlFlow;
@@ -34,6 +38,7 @@ use self::stream::TextStream;
 use self::template::{ChatTemplate, TemplateError};
 pub use self::tokenizer::PromptTokens;
 use self::tokenizer::{GgufTokenizer, TokenizerError};
+pub use self::trace::{Trace, argmax, top_two_gap};
 use crate::engine::{Engine, EngineError, Finish, GenerateRequest, Sampling, Stop};
 
 /// Prompt tokens per forward pass of the prompt: a cancel or a deadline during a long prompt
@@ -48,6 +53,8 @@ pub struct GgufOptions {
     pub stop: Vec<String>,
     /// Prompt tokens per forward pass (`PREFILL_CHUNK`; at least 1).
     pub prefill_chunk: usize,
+    /// Where the decoder runs (`--device`).
+    pub device: skep_cuda::device::DeviceSpec,
 }
 
 impl Default for GgufOptions {
@@ -55,6 +62,7 @@ impl Default for GgufOptions {
         GgufOptions {
             stop: Vec::new(),
             prefill_chunk: PREFILL_CHUNK,
+            device: skep_cuda::device::DeviceSpec::Cpu,
         }
     }
 }
@@ -81,8 +89,9 @@ pub enum GgufError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Template(#[from] TemplateError),
+    /// The requested device cannot run the model; the text says why and what to do.
     #[error("device: {0}")]
-    Device(candle_core::Error),
+    Device(String),
 }
 
 /// What `GgufEngine::profile` measured.
@@ -146,6 +155,11 @@ impl GgufEngine {
     }
 
     fn load_inner(path: &Path, model_name: &str, opts: GgufOptions) -> Result<Self, GgufError> {
+        if let skep_cuda::device::DeviceSpec::Cuda(_) = opts.device {
+            // Before the file is read: a GPU that cannot be used is the first thing to report.
+            skep_cuda::device::probe(&opts.device)
+                .map_err(|e| GgufError::Device(format!("{}: {e}", opts.device)))?;
+        }
         let open = |source| GgufError::Open {
             path: path.display().to_string(),
             source,
@@ -182,11 +196,19 @@ impl GgufEngine {
                 }
                 None => None,
             };
-            let weights = match arch {
+            #[allow(unused_mut)] // mutated with the `cuda` feature only
+            let mut weights = match arch {
                 Arch::Llama => llama::from_gguf(&file),
                 Arch::Gemma3 => gemma3::from_gguf(&file),
             }
             .map_err(GgufError::Weights)?;
+            // The probe above has refused a CUDA device in a build without the feature.
+            #[cfg(feature = "cuda")]
+            if let skep_cuda::device::DeviceSpec::Cuda(n) = opts.device {
+                let g = gpu::GpuDecoder::load(&file, &weights, n)
+                    .map_err(|e| GgufError::Device(format!("{}: {e}", opts.device)))?;
+                weights.backend = decoder::Backend::Cuda(Box::new(g));
+            }
             Ok::<_, GgufError>((weights, tokenizer, template, context_len, file.memory()))
         }))
         .map_err(|panic| GgufError::Panicked(panic_message(&panic)))??;
@@ -563,16 +585,10 @@ fn sampler(s: &Sampling) -> LogitsProcessor {
     )
 }
 
-/// The first CUDA GPU when built with `cuda` and one is present, the CPU otherwise.
+/// candle's device: always the host. A GPU, when asked for (`GgufOptions::device`), is driven
+/// by skep's own backend (`gpu`), not by candle, whose CUDA build needs the toolkit.
 fn pick_device() -> Result<Device, GgufError> {
-    #[cfg(feature = "cuda")]
-    {
-        Device::cuda_if_available(0).map_err(GgufError::Device)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Ok(Device::Cpu)
-    }
+    Ok(Device::Cpu)
 }
 
 /// Context cap for Gemma 3: its KV cache grows with the sequence and nothing larger is needed
@@ -645,6 +661,10 @@ fn bad(key: &str, v: impl std::fmt::Debug) -> GgufError {
 }
 
 fn inference(e: candle_core::Error) -> EngineError {
+    #[cfg(feature = "cuda")]
+    if gpu::is_device_error(&e) {
+        return EngineError::Device(e.to_string());
+    }
     EngineError::Inference(e.to_string())
 }
 

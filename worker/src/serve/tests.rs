@@ -416,3 +416,76 @@ fn a_job_beyond_the_batch_is_refused_and_the_held_ones_finish() {
         assert_eq!(texts(&by_job[&seq]).len(), 30, "job {seq}");
     }
 }
+
+/// An engine whose device is lost once it holds `after` jobs: every step fails from then on.
+struct LostDevice {
+    admitted: usize,
+    after: usize,
+}
+
+impl BatchEngine for LostDevice {
+    fn model(&self) -> &str {
+        "synthetic"
+    }
+
+    fn admit(&mut self, _id: SeqId, _req: &GenerateRequest) -> Result<u32, EngineError> {
+        self.admitted += 1;
+        Ok(1)
+    }
+
+    fn pending_prompt(&self, _id: SeqId) -> usize {
+        1
+    }
+
+    fn step(
+        &mut self,
+        _work: &[Work],
+        _out: &mut Vec<(SeqId, Emitted)>,
+    ) -> Result<(), EngineError> {
+        if self.admitted >= self.after {
+            return Err(EngineError::Device("CUDA_ERROR_ILLEGAL_ADDRESS".into()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(())
+    }
+
+    fn release(&mut self, _id: SeqId) {}
+}
+
+#[test]
+fn a_lost_device_fails_every_held_job_and_ends_the_worker_for_a_restart() {
+    let mut pool = Pool::start_with(2, || {
+        Box::new(LostDevice {
+            admitted: 0,
+            after: 2,
+        })
+    });
+    pool.push(&pool.request(1, 8).encode_to_vec());
+    pool.push(&pool.request(2, 8).encode_to_vec());
+    let mut failed = Vec::new();
+    for _ in 0..2 {
+        let got = pool.responses();
+        match got.as_slice() {
+            [
+                LaneResponse {
+                    seq,
+                    kind: Some(lane_response::Kind::Error(e)),
+                },
+            ] => {
+                assert_eq!(e.code, CODE_INTERNAL, "{e:?}");
+                assert!(e.message.contains("ILLEGAL_ADDRESS"), "{e:?}");
+                failed.push(*seq);
+            }
+            other => panic!("expected one error: {other:?}"),
+        }
+    }
+    failed.sort_unstable();
+    assert_eq!(failed, [1, 2]);
+    // The worker's loop ends with the device error (its process exits and the pool starts a
+    // new generation), rather than serving on with a broken device.
+    let ended = pool.worker.take().unwrap().join().unwrap();
+    assert!(
+        matches!(ended, Err(ServeError::Device(ref m)) if m.contains("ILLEGAL_ADDRESS")),
+        "{ended:?}"
+    );
+}

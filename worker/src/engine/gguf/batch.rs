@@ -12,9 +12,8 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
-use skep_kernels::attention::KvCache;
 
-use super::decoder::Part;
+use super::decoder::{Context, Part};
 use super::stream::TextStream;
 use super::{GgufEngine, inference, sampler};
 use crate::engine::{BatchEngine, Emitted, EngineError, Finish, GenerateRequest, SeqId, Work};
@@ -32,7 +31,7 @@ pub(super) struct Seq {
     pos: usize,
     /// The token sampled last, fed in the next step.
     next: u32,
-    caches: Vec<KvCache>,
+    caches: Context,
     sampler: LogitsProcessor,
     text: TextStream,
     tokens: u32,
@@ -71,7 +70,7 @@ impl BatchEngine for GgufEngine {
         // and grows from there, so a generous max_tokens does not pin memory it may not use.
         let ahead = (req.max_tokens as usize - 1).min(RESERVE_AHEAD);
         let positions = (ids.len() + ahead).min(self.context_len);
-        let caches = self.weights.new_caches(positions);
+        let caches = self.weights.new_caches(positions).map_err(inference)?;
         self.jobs.insert(
             id,
             Seq {

@@ -65,7 +65,7 @@ pub enum Embedding {
 }
 
 impl Embedding {
-    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+    pub(super) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             Embedding::Q8 {
                 rows: t,
@@ -95,6 +95,40 @@ impl Embedding {
     }
 }
 
+/// Where the products and attention of a pass run.
+pub enum Backend {
+    /// skep-kernels and candle on the host.
+    Cpu,
+    /// A CUDA GPU holding every matrix and the KV caches (the `cuda` feature).
+    #[cfg(feature = "cuda")]
+    Cuda(Box<super::gpu::GpuDecoder>),
+}
+
+/// A job's context: its keys and values so far, wherever the pass runs.
+pub enum Context {
+    /// One cache per layer.
+    Cpu(Vec<KvCache>),
+    #[cfg(feature = "cuda")]
+    Gpu(super::gpu::GpuCache),
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Context::Cpu(Vec::new())
+    }
+}
+
+impl Context {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        match self {
+            Context::Cpu(c) => c.first().map_or(0, KvCache::len),
+            #[cfg(feature = "cuda")]
+            Context::Gpu(c) => c.len(),
+        }
+    }
+}
+
 pub struct Decoder {
     pub embed: Embedding,
     /// Gemma multiplies embeddings by sqrt(hidden).
@@ -109,17 +143,18 @@ pub struct Decoder {
     pub rope: Rope,
     pub activation: Activation,
     pub device: Device,
-    /// The one-job path's context (`forward`), one cache per layer; a batched engine keeps a
-    /// context per job and passes it to `forward_batch`.
-    pub caches: Vec<KvCache>,
+    /// The one-job path's context (`forward`); a batched engine keeps a context per job and
+    /// passes it to `forward_batch`.
+    pub caches: Context,
+    pub backend: Backend,
 }
 
 /// One job's share of a batched pass: its next tokens, where they start, and its context.
 pub struct Part<'a> {
     pub ids: &'a [u32],
     pub pos: usize,
-    /// One cache per layer (grown to the layer count on first use).
-    pub caches: &'a mut Vec<KvCache>,
+    /// Its keys and values so far (a fresh context is made ready on first use).
+    pub caches: &'a mut Context,
     /// Whether the logits after its last token are wanted (a prompt chunk other than the
     /// last needs none).
     pub logits: bool,
@@ -127,14 +162,21 @@ pub struct Part<'a> {
 
 impl Decoder {
     pub fn clear_kv_cache(&mut self) {
-        self.caches.clear();
+        self.caches = Context::default();
     }
 
-    /// A job's context: one cache per layer, each with room for `positions` positions.
-    pub fn new_caches(&self, positions: usize) -> Vec<KvCache> {
-        (0..self.layers.len())
-            .map(|_| KvCache::with_capacity(self.kv_heads, self.head_dim, positions))
-            .collect()
+    /// A job's context with room for `positions` positions, allocated once (on the GPU this is
+    /// device memory, and can fail).
+    pub fn new_caches(&self, positions: usize) -> Result<Context> {
+        match &self.backend {
+            Backend::Cpu => Ok(Context::Cpu(
+                (0..self.layers.len())
+                    .map(|_| KvCache::with_capacity(self.kv_heads, self.head_dim, positions))
+                    .collect(),
+            )),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(g) => g.new_cache(self, positions).map(Context::Gpu),
+        }
     }
 
     /// Checks that every weight has the shape the hyper-parameters imply, so that a file whose
@@ -215,20 +257,33 @@ impl Decoder {
         if rows == 0 || parts.iter().any(|p| p.ids.is_empty()) {
             candle_core::bail!("no tokens to run");
         }
-        let layers = self.layers.len();
-        for p in parts.iter_mut() {
-            if p.caches.len() != layers {
-                p.caches.resize_with(layers, KvCache::default);
-            }
-            if p.caches[0].len() != p.pos {
-                candle_core::bail!(
-                    "position {} after {} cached tokens",
-                    p.pos,
-                    p.caches[0].len()
-                );
-            }
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(g) = &self.backend {
+            return g.forward_batch(self, parts);
         }
+        let layers = self.layers.len();
+        // Each part's token count and first position, so that its cache can stay borrowed.
+        let spans: Vec<(usize, usize)> = parts.iter().map(|p| (p.ids.len(), p.pos)).collect();
         let ids: Vec<u32> = parts.iter().flat_map(|p| p.ids.iter().copied()).collect();
+        let wanted: Vec<bool> = parts.iter().map(|p| p.logits).collect();
+        let mut caches = Vec::with_capacity(parts.len());
+        for p in parts.iter_mut() {
+            let held = p.caches.len();
+            if held != p.pos {
+                candle_core::bail!("position {} after {held} cached tokens", p.pos);
+            }
+            // One arm without the `cuda` feature; the GPU arm refuses a context from elsewhere.
+            #[allow(clippy::infallible_destructuring_match)]
+            let c = match &mut *p.caches {
+                Context::Cpu(c) => c,
+                #[cfg(feature = "cuda")]
+                Context::Gpu(_) => candle_core::bail!("a job's GPU context cannot run on the CPU"),
+            };
+            if c.len() != layers {
+                c.resize_with(layers, KvCache::default);
+            }
+            caches.push(c);
+        }
         let mut x = self
             .embed
             .lookup(&ids, &self.device)?
@@ -254,8 +309,7 @@ impl Decoder {
             let qk_norm = l.qk_norm.as_ref().map(|(q, k, eps)| (&q[..], &k[..], *eps));
             let mut out = Vec::with_capacity(rows * q_width);
             let mut row = 0;
-            for p in parts.iter_mut() {
-                let n = p.ids.len();
+            for (&(n, pos), c) in spans.iter().zip(caches.iter_mut()) {
                 let (qs, ks) = (
                     row * q_width..(row + n) * q_width,
                     row * kv_width..(row + n) * kv_width,
@@ -266,8 +320,8 @@ impl Decoder {
                     &mut k[ks.clone()],
                     &v[ks],
                     qk_norm,
-                    &mut p.caches[li],
-                    p.pos,
+                    &mut c[li],
+                    pos,
                 ));
                 row += n;
             }
@@ -292,9 +346,9 @@ impl Decoder {
         // The last row of each part that wants logits.
         let mut last = Vec::new();
         let mut row = 0;
-        for p in parts.iter() {
-            row += p.ids.len();
-            if p.logits {
+        for (&(n, _), &wants) in spans.iter().zip(&wanted) {
+            row += n;
+            if wants {
                 last.push(row as u32 - 1);
             }
         }
@@ -360,7 +414,8 @@ mod tests {
             rope: Rope::Interleaved,
             activation: Activation::Silu,
             device: Device::Cpu,
-            caches: Vec::new(),
+            caches: Context::default(),
+            backend: Backend::Cpu,
         }
     }
 

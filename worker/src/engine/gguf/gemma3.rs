@@ -15,7 +15,7 @@
 use candle_core::Result;
 use candle_core::quantized::gguf_file::Content;
 
-use super::decoder::{Activation, Decoder, Layer, Rope};
+use super::decoder::{Activation, Backend, Context, Decoder, Layer, Rope};
 use super::loader::{GgufFile, md_f32, md_u32};
 
 /// Every `SWA_PATTERN`-th layer attends globally; the others see a sliding window.
@@ -82,7 +82,8 @@ pub fn from_gguf(file: &GgufFile) -> Result<Decoder> {
         rope: Rope::Neox,
         activation: Activation::GeluTanh,
         device: file.device().clone(),
-        caches: Vec::new(),
+        caches: Context::default(),
+        backend: Backend::Cpu,
     };
     decoder.check_shapes()?;
     Ok(decoder)

@@ -6,7 +6,7 @@
 
 use candle_core::Result;
 
-use super::decoder::{Activation, Decoder, Layer, Rope};
+use super::decoder::{Activation, Backend, Context, Decoder, Layer, Rope};
 use super::loader::{GgufFile, md_f32, md_u32};
 
 /// Rotary base when the file does not say (llama.cpp's default).
@@ -64,7 +64,8 @@ pub fn from_gguf(file: &GgufFile) -> Result<Decoder> {
         rope: Rope::Interleaved,
         activation: Activation::Silu,
         device: file.device().clone(),
-        caches: Vec::new(),
+        caches: Context::default(),
+        backend: Backend::Cpu,
     };
     decoder.check_shapes()?;
     Ok(decoder)

@@ -116,6 +116,31 @@ impl GgufFile {
         Ok(Some((dtype, rows, cols, bytes)))
     }
 
+    /// The bytes of 2-D tensor `name` as they lie in the file, with its dtype and
+    /// `(rows, cols)` (what the GPU backend copies to the device).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn raw(&self, name: &str) -> Result<(GgmlDType, usize, usize, &[u8])> {
+        let Some(info) = self.ct.tensor_infos.get(name) else {
+            candle_core::bail!("cannot find tensor info for {name}")
+        };
+        let dtype = info.ggml_dtype;
+        let (rows, cols) = info.shape.dims2()?;
+        let len = rows
+            .checked_mul(cols)
+            .filter(|e| e.is_multiple_of(dtype.block_size()))
+            .map(|e| e / dtype.block_size() * dtype.type_size());
+        let Some(len) = len else {
+            candle_core::bail!("{name}: {rows}x{cols} is not a whole number of blocks")
+        };
+        let bytes = self.map.bytes();
+        let start = usize::try_from(self.ct.tensor_data_offset.saturating_add(info.offset))
+            .unwrap_or(usize::MAX);
+        match start.checked_add(len).and_then(|end| bytes.get(start..end)) {
+            Some(b) => Ok((dtype, rows, cols, b)),
+            None => candle_core::bail!("{name}: its {len} bytes run past the end of the file"),
+        }
+    }
+
     /// Q8_0 and Q5_0 matrix `name` in the kernels' form, in place; `None` for other formats.
     fn q8(&self, name: &str) -> Result<Option<Q8Matrix>> {
         let dtype = self.ct.tensor_infos.get(name).map(|i| i.ggml_dtype);
