@@ -1,9 +1,48 @@
-//! Build script: with the `cuda` feature, compiles every `kernels/*.cu` to PTX with NVRTC and
-//! writes the module table that `src/ptx.rs` embeds; without it, does nothing.
+//! Build script: compiles the host build of the kernels' dequantization for the tests; with the
+//! `cuda` feature, also compiles every `kernels/*.cu` to PTX with NVRTC and writes the module
+//! table that `src/ptx.rs` embeds.
 
 fn main() {
+    host_quant::build();
     #[cfg(feature = "cuda")]
     kernels::build();
+}
+
+/// `tests/quant_host.c` (kernels/quant.cuh compiled as C), linked into the integration tests
+/// only, so that tests/dequant.rs checks the GPU's dequantization bit for bit without a GPU.
+///
+/// Compiled in every build, `cuda` feature or not, because cargo has no build-script input that
+/// says whether tests are being built; it is one small C file, and the workspace already needs a
+/// C compiler (ring and libsqlite3-sys build C with `cc` too).
+mod host_quant {
+    use std::path::Path;
+
+    pub fn build() {
+        let manifest_dir =
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+        let manifest_dir = Path::new(&manifest_dir);
+        let shim = manifest_dir.join("tests/quant_host.c");
+        let kernels_dir = manifest_dir.join("kernels");
+        println!("cargo:rerun-if-changed={}", shim.display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            kernels_dir.join("quant.cuh").display()
+        );
+        let objects = cc::Build::new()
+            .file(&shim)
+            .include(&kernels_dir)
+            .std("c99")
+            .warnings_into_errors(true)
+            // candle computes each value with separate roundings; a fused multiply-add (which
+            // the GPU build does use) would round once and could differ in the last bit.
+            .flag("-ffp-contract=off")
+            .compile_intermediates();
+        // As objects on the tests' link line rather than a `rustc-link-lib`, which would reach
+        // the library and binaries too.
+        for object in objects {
+            println!("cargo:rustc-link-arg-tests={}", object.display());
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

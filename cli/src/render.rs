@@ -114,7 +114,12 @@ pub fn nodes(nodes: &[Node], json: bool) {
                     "cpus": i.cpus,
                     "memory_bytes": i.memory_bytes,
                     "load1": i.load1,
-                    "gpus": i.gpus.iter().map(|g| json!({"name": g.name, "memory_bytes": g.memory_bytes})).collect::<Vec<_>>(),
+                    "gpus": i.gpus.iter().map(|g| json!({
+                        "name": g.name,
+                        "memory_bytes": g.memory_bytes,
+                        "compute_capability": g.compute_capability,
+                        "in_use": g.in_use,
+                    })).collect::<Vec<_>>(),
                     "models_loaded": i.models_loaded,
                     "models_held": i.models_held,
                 })),

@@ -6,15 +6,10 @@
 // the host in f64 and rounded to f32), keys and values rounded to f16 as the CPU cache does.
 // Launch shapes are computed in src/launch.rs, whose constants must match the ones below.
 
-// No headers: NVRTC from the wheel has no CUDA headers, and half precision needs only two
-// conversion instructions.
-typedef unsigned short half_bits;
-
-__device__ __forceinline__ float h2f(half_bits h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
+// No CUDA headers: NVRTC from the wheel has none, and half precision needs only two conversion
+// instructions. quant.cuh holds the dequantization (h2f, the u8/i8 types, the formats' units),
+// shared with a host build that tests it against candle.
+#include "quant.cuh"
 
 __device__ __forceinline__ half_bits f2h(float f) {
     half_bits h;
@@ -32,9 +27,6 @@ __device__ __forceinline__ half_bits f2h(float f) {
 #define NORM_THREADS 256
 #define ATT_THREADS 128
 #define ATT_TILE 128
-
-typedef unsigned char u8;
-typedef signed char i8;
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -67,94 +59,6 @@ __device__ float block_max(float v, float* scratch) {
     float t = NEG_INF;
     for (int i = 0; i < warps; i++) t = fmaxf(t, scratch[i]);
     return t;
-}
-
-__device__ __forceinline__ float f16_at(const u8* p) {
-    return h2f(*reinterpret_cast<const half_bits*>(p));
-}
-
-// ---- Dequantization: `u` is a 32-element unit of a row (a block of the 32-element formats, a
-// sub-block of the 256-element K formats); `w` receives its values in row order.
-
-// Q4_0: f16 d, 16 bytes of nibbles (low nibbles are elements 0..15, high 16..31).
-__device__ __forceinline__ void unit_q4_0(const u8* row, int u, float* w) {
-    const u8* b = row + u * 18;
-    float d = f16_at(b);
-    for (int i = 0; i < 16; i++) {
-        int q = b[2 + i];
-        w[i] = ((q & 0xF) - 8) * d;
-        w[i + 16] = ((q >> 4) - 8) * d;
-    }
-}
-
-// Q4_1: f16 d, f16 m, 16 bytes of nibbles; value = q * d + m.
-__device__ __forceinline__ void unit_q4_1(const u8* row, int u, float* w) {
-    const u8* b = row + u * 20;
-    float d = f16_at(b), m = f16_at(b + 2);
-    for (int i = 0; i < 16; i++) {
-        int q = b[4 + i];
-        w[i] = (q & 0xF) * d + m;
-        w[i + 16] = (q >> 4) * d + m;
-    }
-}
-
-// Q5_0: f16 d, 32 high bits, 16 bytes of low nibbles; value = (q - 16) * d.
-__device__ __forceinline__ void unit_q5_0(const u8* row, int u, float* w) {
-    const u8* b = row + u * 22;
-    float d = f16_at(b);
-    unsigned qh = b[2] | (b[3] << 8) | (b[4] << 16) | ((unsigned)b[5] << 24);
-    for (int i = 0; i < 16; i++) {
-        int q = b[6 + i];
-        int lo = (q & 0xF) | (((qh >> i) << 4) & 0x10);
-        int hi = (q >> 4) | ((qh >> (i + 12)) & 0x10);
-        w[i] = (lo - 16) * d;
-        w[i + 16] = (hi - 16) * d;
-    }
-}
-
-// Q8_0: f16 d, 32 signed bytes.
-__device__ __forceinline__ void unit_q8_0(const u8* row, int u, float* w) {
-    const u8* b = row + u * 34;
-    float d = f16_at(b);
-    for (int i = 0; i < 32; i++) w[i] = (i8)b[2 + i] * d;
-}
-
-// Q4_K: 256-element super-blocks of f16 d, f16 dmin, 12 bytes of packed 6-bit scales and mins,
-// 128 bytes of nibbles. Sub-block u uses bytes 32*(u/2).. (low nibbles for even u, high for
-// odd) with scale and min number u.
-__device__ __forceinline__ void unit_q4_k(const u8* row, int u, float* w) {
-    const u8* b = row + (u / 8) * 144;
-    int s = u % 8;
-    float d = f16_at(b), dmin = f16_at(b + 2);
-    const u8* sc = b + 4;
-    int scale, min;
-    if (s < 4) {
-        scale = sc[s] & 63;
-        min = sc[s + 4] & 63;
-    } else {
-        scale = (sc[s + 4] & 0xF) | ((sc[s - 4] >> 6) << 4);
-        min = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
-    }
-    float d1 = d * scale, m1 = dmin * min;
-    const u8* q = b + 16 + 32 * (s / 2);
-    int shift = (s & 1) * 4;
-    for (int i = 0; i < 32; i++) w[i] = d1 * ((q[i] >> shift) & 0xF) - m1;
-}
-
-// Q6_K: 256-element super-blocks of 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16
-// signed 8-bit scales and f16 d. Sub-block u: half n = u/4 and group g = u%4 of that half.
-__device__ __forceinline__ void unit_q6_k(const u8* row, int u, float* w) {
-    const u8* b = row + (u / 8) * 210;
-    int s = u % 8, n = s / 4, g = s % 4;
-    const u8* ql = b + 64 * n + (g & 1) * 32;
-    const u8* qh = b + 128 + 32 * n;
-    const i8* sc = (const i8*)(b + 192) + 8 * n + 2 * g;
-    float d = f16_at(b + 208);
-    int lshift = (g >> 1) * 4, hshift = 2 * g;
-    for (int i = 0; i < 32; i++) {
-        int q = (((ql[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32;
-        w[i] = d * sc[i / 16] * q;
-    }
 }
 
 // ---- y[t][r] = sum_c W[r][c] * x[t][c] for t < tokens: one warp per row, MM_TOKENS token rows

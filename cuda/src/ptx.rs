@@ -24,6 +24,12 @@ mod tests {
     }
 
     #[test]
+    fn the_build_and_the_device_check_state_one_minimum_driver() {
+        // device.rs tells users the minimum without the `cuda` feature's build constants.
+        assert_eq!(MIN_DRIVER, crate::device::MIN_DRIVER);
+    }
+
+    #[test]
     fn smoke_kernel_is_embedded() {
         let (_, ptx) = MODULES
             .iter()

@@ -1,13 +1,13 @@
 //! The device this pool's workers run on (`--device cpu|cuda:N`), and the check at start that
 //! asks the worker binary itself whether that GPU is usable (`skep-worker --probe-device`).
 //!
-//! The forms and the probe line mirror `skep_cuda::device` (the worker's side); they are read
-//! here without linking the CUDA crate into the pool.
+//! The forms and the probe line are `skep_cuda::device`'s (the worker's side); the pool links
+//! skep-cuda without its `cuda` feature, so no CUDA code comes with them.
 
-use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
+
+use skep_cuda::device::GpuInfo;
 
 use skep_proto::v1::Gpu;
 
@@ -15,48 +15,8 @@ use skep_proto::v1::Gpu;
 /// creating a context takes seconds on a cold GPU, never minutes.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `--device`: where the workers run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Device {
-    #[default]
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for Device {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            format!(
-                "unknown device {s:?}: expected cpu, cuda (the first GPU) or cuda:N (GPU ordinal N)"
-            )
-        };
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => {
-                let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
-                if n.is_empty()
-                    || !n.bytes().all(|b| b.is_ascii_digit())
-                    || (n.len() > 1 && n.starts_with('0'))
-                {
-                    return Err(bad());
-                }
-                n.parse().map(Device::Cuda).map_err(|_| bad())
-            }
-        }
-    }
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
+/// `--device`: where the workers run (the worker's own type: one parser, one set of forms).
+pub use skep_cuda::device::DeviceSpec as Device;
 
 /// The GPU a probe found: what the inventory needs to report it and to tell it among the GPUs
 /// `nvidia-smi` lists.
@@ -72,34 +32,16 @@ pub struct ProbedGpu {
 }
 
 impl ProbedGpu {
-    /// Reads the worker's probe line: `name=<..> memory_bytes=<..> compute_capability=<..>
-    /// ordinal=<..>` and optionally `uuid=<..>`. The name may hold spaces, so it runs up to
-    /// ` memory_bytes=`.
+    /// Reads the worker's probe line (`skep_cuda::device::GpuInfo::to_line`).
     pub fn parse_line(line: &str) -> Option<ProbedGpu> {
-        let rest = line.trim().strip_prefix("name=")?;
-        let (name, rest) = rest.split_once(" memory_bytes=")?;
-        let mut words = rest.split_whitespace();
-        let memory_bytes = words.next()?.parse().ok()?;
-        let (mut cc, mut ordinal, mut uuid) = (None, None, String::new());
-        for word in words {
-            match word.split_once('=')? {
-                ("compute_capability", v) => {
-                    let (major, minor) = v.split_once('.')?;
-                    major.parse::<u32>().ok()?;
-                    minor.parse::<u32>().ok()?;
-                    cc = Some(v.to_owned());
-                }
-                ("ordinal", v) => ordinal = Some(v.parse().ok()?),
-                ("uuid", v) => uuid = v.to_owned(),
-                _ => {}
-            }
-        }
+        let info = GpuInfo::parse_line(line)?;
+        let (major, minor) = info.compute_capability;
         Some(ProbedGpu {
-            ordinal: ordinal?,
-            name: name.chars().take(64).collect(),
-            memory_bytes,
-            compute_capability: cc?,
-            uuid,
+            ordinal: info.ordinal,
+            name: info.name.chars().take(64).collect(),
+            memory_bytes: info.memory_bytes,
+            compute_capability: format!("{major}.{minor}"),
+            uuid: info.uuid,
         })
     }
 
@@ -181,18 +123,6 @@ pub async fn probe(worker: &Path, device: Device) -> Result<Option<ProbedGpu>, P
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_the_forms_the_worker_takes() {
-        assert_eq!("cpu".parse(), Ok(Device::Cpu));
-        assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
-        assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
-        for bad in ["", "gpu", "cuda:", "cuda:01", "cuda:-1", "cuda:1x"] {
-            let err = bad.parse::<Device>().unwrap_err();
-            assert!(err.contains("cuda:N"), "{bad:?}: {err}");
-        }
-        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
-    }
 
     #[test]
     fn reads_the_probe_line() {

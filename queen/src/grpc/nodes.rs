@@ -63,6 +63,13 @@ fn checked_inventory(inv: Option<Inventory>) -> Result<Option<Inventory>, Status
             "GPU names must be printable, at most 64 bytes",
         ));
     }
+    // "major.minor" (or empty when the driver is too old to say).
+    let capability = |s: &str| s.len() <= 16 && s.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if !inv.gpus.iter().all(|g| capability(&g.compute_capability)) {
+        return Err(Status::invalid_argument(
+            "a GPU's compute capability must be digits and dots, at most 16 bytes",
+        ));
+    }
     check_models(&inv.models_loaded)?;
     if inv.models_held.len() > 64
         || inv
@@ -401,9 +408,31 @@ fn checked_figures(
 
 #[cfg(test)]
 mod tests {
-    use skep_proto::v1::ModelState;
+    use skep_proto::v1::{Gpu, ModelState};
 
     use super::*;
+
+    #[test]
+    fn a_gpu_compute_capability_must_be_short_digits_and_dots() {
+        let inv = |cc: &str| {
+            Some(Inventory {
+                gpus: vec![Gpu {
+                    name: "NVIDIA H200".into(),
+                    memory_bytes: 1 << 30,
+                    compute_capability: cc.into(),
+                    in_use: true,
+                }],
+                ..Inventory::default()
+            })
+        };
+        for ok in ["9.0", "6.1", ""] {
+            assert!(checked_inventory(inv(ok)).is_ok(), "{ok:?}");
+        }
+        for bad in ["9.0\x1b[2J", "sm_90", "1.2.3.4.5.6.7.8.9"] {
+            let err = checked_inventory(inv(bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
 
     fn state(model: &str, load_us: u64, footprint_bytes: u64) -> ModelState {
         ModelState {
