@@ -173,7 +173,10 @@ impl GgufEngine {
         // zero alignment or head count) reach arithmetic that panics. A corrupt file must be an
         // error, not a crashed worker, so the whole read runs under catch_unwind.
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let file = GgufFile::new(map, &device).map_err(GgufError::Format)?;
+            let mut file = GgufFile::new(map, &device).map_err(GgufError::Format)?;
+            // On a GPU the matrices are read from the file straight to the device (gpu.rs):
+            // the host keeps the token table and the norms only.
+            file.matrices_on_device = matches!(opts.device, skep_cuda::device::DeviceSpec::Cuda(_));
             let content = &file.ct;
             let arch = architecture(content)?;
             let context_len = match arch {

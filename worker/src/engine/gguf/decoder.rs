@@ -429,6 +429,19 @@ mod tests {
     }
 
     #[test]
+    fn matrices_kept_on_the_gpu_only_refuse_a_host_pass_with_a_clear_error() {
+        let mut d = tiny(32);
+        d.layers[0].q = Linear::OnDevice((64, 64));
+        d.check_shapes().unwrap();
+        let err = d.forward(&[1, 2], 0).unwrap_err().to_string();
+        assert!(err.contains("GPU memory only"), "{err}");
+        // The shape check still sees a device matrix's shape.
+        d.layers[0].q = Linear::OnDevice((48, 64));
+        let err = d.check_shapes().unwrap_err().to_string();
+        assert!(err.contains("layer 0 q is 48x64"), "{err}");
+    }
+
+    #[test]
     fn a_weight_that_disagrees_with_the_metadata_is_refused_at_load() {
         let err = tiny(48).check_shapes().unwrap_err().to_string();
         assert!(err.contains("layer 0 k is 48x64, expected 32x64"), "{err}");

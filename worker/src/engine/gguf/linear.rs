@@ -14,6 +14,15 @@ pub enum Linear {
     Q4_1(Q4_1Matrix),
     /// Shared with the token table when the head is tied to the embeddings.
     Q8(Arc<Q8Matrix>),
+    /// `(rows, cols)` of a matrix that lives in GPU memory only (`--device cuda:N`): the GPU
+    /// backend reads it from the file, and no host copy is made.
+    OnDevice((usize, usize)),
+}
+
+fn on_device() -> candle_core::Error {
+    candle_core::Error::Msg(
+        "this matrix is in GPU memory only (the model was loaded for --device cuda); the host pass cannot use it".into(),
+    )
 }
 
 impl Linear {
@@ -37,6 +46,7 @@ impl Linear {
             Linear::Candle(m, _) => m.forward(x),
             Linear::Q4_1(w) => product(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out)),
             Linear::Q8(w) => product(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out)),
+            Linear::OnDevice(_) => Err(on_device()),
         }
     }
 }
@@ -48,6 +58,7 @@ impl Linear {
             Linear::Candle(_, shape) => *shape,
             Linear::Q4_1(w) => (w.rows(), w.cols()),
             Linear::Q8(w) => (w.rows(), w.cols()),
+            Linear::OnDevice(shape) => *shape,
         }
     }
 
@@ -59,6 +70,7 @@ impl Linear {
                 product_vec(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out))
             }
             Linear::Q8(w) => product_vec(x, w.rows(), w.cols(), |xs, m, out| w.matmul(xs, m, out)),
+            Linear::OnDevice(_) => Err(on_device()),
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct GgufFile {
     device: Device,
     mapped: Cell<usize>,
     copied: Cell<usize>,
+    /// The weight matrices go to a GPU (`--device cuda:N`): `linear` makes no host copy.
+    pub matrices_on_device: bool,
 }
 
 impl GgufFile {
@@ -57,6 +59,7 @@ impl GgufFile {
             device: device.clone(),
             mapped: Cell::new(0),
             copied: Cell::new(0),
+            matrices_on_device: false,
         })
     }
 
@@ -157,6 +160,9 @@ impl GgufFile {
 
     /// Weight matrix `name`: in place when the kernels take its format, else candle's.
     pub fn linear(&self, name: &str) -> Result<Linear> {
+        if self.matrices_on_device {
+            return self.dims2(name).map(Linear::OnDevice);
+        }
         match self.in_place(name)? {
             Some((GgmlDType::Q4_1, rows, cols, bytes)) => Q4_1Matrix::new(rows, cols, bytes)
                 .map(Linear::Q4_1)
@@ -208,7 +214,18 @@ impl GgufFile {
         }
         let t = self.qtensor(name)?;
         let embed = embedding(&t, round_to_f16, &self.device)?;
+        if self.matrices_on_device {
+            return Ok((embed, Linear::OnDevice(t.shape().dims2()?)));
+        }
         Ok((embed, Linear::new(t)?))
+    }
+
+    /// `(rows, cols)` of 2-D tensor `name`.
+    fn dims2(&self, name: &str) -> Result<(usize, usize)> {
+        match self.ct.tensor_infos.get(name) {
+            Some(info) => info.shape.dims2(),
+            None => candle_core::bail!("cannot find tensor info for {name}"),
+        }
     }
 }
 
