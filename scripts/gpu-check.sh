@@ -9,7 +9,7 @@
 #                                measures speed; figures go to $OUT (default ./gpu-check-out);
 #                                then, if llama.cpp's sources were carried and nvcc and cmake are
 #                                there, builds llama-bench for sm_90 within $SKEP_LLAMA_BUDGET
-#                                seconds (default 240) and runs it on the same 1B file
+#                                seconds (default 180) and runs it on the same 1B file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.gpu-bin
@@ -60,14 +60,14 @@ run)
     tar -xJf "$bin/llama.tar.xz" -C "$root"
     set +e
     # Only llama-bench, only sm_90, no flash-attention kernels: the build must fit the time left.
-    timeout "${SKEP_LLAMA_BUDGET:-240}" bash -c "cmake -S '$root' -B '$work/llama-build' -DCMAKE_BUILD_TYPE=Release \
+    timeout "${SKEP_LLAMA_BUDGET:-180}" bash -c "cmake -S '$root' -B '$work/llama-build' -DCMAKE_BUILD_TYPE=Release \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
         -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >'$out/llama-cmake.txt' 2>&1 &&
       cmake --build '$work/llama-build' --target llama-bench -j\$(nproc) >'$out/llama-build.txt' 2>&1"
     built=$?
     if [[ $built -eq 0 ]]; then
-      timeout 120 "$work/llama-build/bin/llama-bench" -m "$model" -p 512 -n 128 -ngl 99 -o json \
+      timeout 60 "$work/llama-build/bin/llama-bench" -m "$model" -p 512 -n 128 -ngl 99 -o json \
         >"$out/llama-bench.json" 2>"$out/llama-bench.err"
     else
       echo "llama-bench was not built within the budget (exit $built)" | tee "$out/llama-bench.err"
