@@ -97,6 +97,25 @@ pub enum Act {
     GeluTanh,
 }
 
+/// What the rotary launches of one layer share: the pass's row table, its token rows, the
+/// layer's frequencies and layout, and the optional per-head norm (weights and epsilon).
+pub struct Rotary<'a> {
+    pub meta: &'a CudaSlice<u64>,
+    pub rows: usize,
+    pub head_dim: usize,
+    pub inv_freq: &'a Buffer,
+    pub layout: RopeLayout,
+    pub norm: Option<(&'a Buffer, f32)>,
+}
+
+struct RotaryArgs {
+    shape: Shape,
+    head_dim: i32,
+    neox: i32,
+    norm: u64,
+    eps: f32,
+}
+
 /// A CUDA device with the decoder's kernels loaded.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -364,83 +383,70 @@ impl Gpu {
     }
 
     /// Norms (optionally) and rotates q in place: `rows x heads x head_dim`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_q(
-        &self,
-        q: &mut Buffer,
-        meta: &CudaSlice<u64>,
-        rows: usize,
-        heads: usize,
-        head_dim: usize,
-        inv_freq: &Buffer,
-        layout: RopeLayout,
-        norm: Option<(&Buffer, f32)>,
-    ) -> Result<()> {
-        let shape = launch::per_head(rows, heads, head_dim)?;
-        check_len("q", q.len(), rows * heads * head_dim)?;
-        check_len("the row table", meta.len(), 3 * rows)?;
-        check_len("the rotary frequencies", inv_freq.len(), head_dim / 2)?;
-        let (h, hd) = (int("heads", heads)?, int("head_dim", head_dim)?);
-        let neox = i32::from(layout == RopeLayout::Neox);
-        let (w, eps) = self.norm_arg(norm, head_dim)?;
+    pub fn rope_q(&self, q: &mut Buffer, r: &Rotary<'_>, heads: usize) -> Result<()> {
+        let a = self.rotary_args(r, heads)?;
+        check_len("q", q.len(), r.rows * heads * r.head_dim)?;
+        let h = int("heads", heads)?;
         let mut b = self.stream.launch_builder(self.kernel("rope_q"));
         b.arg(q)
-            .arg(meta)
+            .arg(r.meta)
             .arg(&h)
-            .arg(&hd)
-            .arg(inv_freq)
-            .arg(&neox)
-            .arg(&w)
-            .arg(&eps);
-        // SAFETY: matches `rope_q(q, meta, heads, hd, inv_freq, neox, norm_w, eps)`; `w` is a
-        // device pointer to `head_dim` values or null, and the lengths are checked above.
-        unsafe { b.launch(config(shape)) }?;
+            .arg(&a.head_dim)
+            .arg(r.inv_freq)
+            .arg(&a.neox)
+            .arg(&a.norm)
+            .arg(&a.eps);
+        // SAFETY: matches `rope_q(q, meta, heads, hd, inv_freq, neox, norm_w, eps)`; `norm` is
+        // a device pointer to `head_dim` values or null, and the lengths are checked above.
+        unsafe { b.launch(config(a.shape)) }?;
         Ok(())
     }
 
     /// Norms (optionally) and rotates k in place, then stores k and v in each row's cache at
     /// `layer`.
-    #[allow(clippy::too_many_arguments)]
     pub fn rope_store_kv(
         &self,
         k: &mut Buffer,
         v: &Buffer,
-        meta: &CudaSlice<u64>,
+        r: &Rotary<'_>,
         layer: usize,
-        rows: usize,
         kv_heads: usize,
-        head_dim: usize,
-        inv_freq: &Buffer,
-        layout: RopeLayout,
-        norm: Option<(&Buffer, f32)>,
     ) -> Result<()> {
-        let shape = launch::per_head(rows, kv_heads, head_dim)?;
-        check_len("k", k.len(), rows * kv_heads * head_dim)?;
-        check_len("v", v.len(), rows * kv_heads * head_dim)?;
-        check_len("the row table", meta.len(), 3 * rows)?;
-        check_len("the rotary frequencies", inv_freq.len(), head_dim / 2)?;
-        let (l, kvh, hd) = (
-            int("layer", layer)?,
-            int("kv_heads", kv_heads)?,
-            int("head_dim", head_dim)?,
-        );
-        let neox = i32::from(layout == RopeLayout::Neox);
-        let (w, eps) = self.norm_arg(norm, head_dim)?;
+        let a = self.rotary_args(r, kv_heads)?;
+        check_len("k", k.len(), r.rows * kv_heads * r.head_dim)?;
+        check_len("v", v.len(), r.rows * kv_heads * r.head_dim)?;
+        let (l, kvh) = (int("layer", layer)?, int("kv_heads", kv_heads)?);
         let mut b = self.stream.launch_builder(self.kernel("rope_store_kv"));
         b.arg(k)
             .arg(v)
-            .arg(meta)
+            .arg(r.meta)
             .arg(&l)
             .arg(&kvh)
-            .arg(&hd)
-            .arg(inv_freq)
-            .arg(&neox)
-            .arg(&w)
-            .arg(&eps);
+            .arg(&a.head_dim)
+            .arg(r.inv_freq)
+            .arg(&a.neox)
+            .arg(&a.norm)
+            .arg(&a.eps);
         // SAFETY: matches `rope_store_kv(...)`; the row table was built by `row_meta`, which
-        // checked every row's position against its cache's capacity and layer count below.
-        unsafe { b.launch(config(shape)) }?;
+        // checked every row's position against its cache's capacity, and every cache of a pass
+        // holds the decoder's layer count.
+        unsafe { b.launch(config(a.shape)) }?;
         Ok(())
+    }
+
+    /// The checks and scalar arguments the two rotary launches share.
+    fn rotary_args(&self, r: &Rotary<'_>, heads: usize) -> Result<RotaryArgs> {
+        let shape = launch::per_head(r.rows, heads, r.head_dim)?;
+        check_len("the row table", r.meta.len(), 3 * r.rows)?;
+        check_len("the rotary frequencies", r.inv_freq.len(), r.head_dim / 2)?;
+        let (norm, eps) = self.norm_arg(r.norm, r.head_dim)?;
+        Ok(RotaryArgs {
+            shape,
+            head_dim: int("head_dim", r.head_dim)?,
+            neox: i32::from(r.layout == RopeLayout::Neox),
+            norm,
+            eps,
+        })
     }
 
     /// Attention of every row over its own job's cache at `layer`.

@@ -596,6 +596,36 @@ pub fn kill(pid: u32) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
 
+/// Runs `cmd` with stderr to `<dir>/<name>.log` until it exits or `limit` passes (then it is
+/// killed and the status is `None`: it kept running). Returns the status and its stderr. For
+/// daemons that must refuse to start.
+pub fn run_bounded(
+    cmd: &mut Command,
+    dir: &Path,
+    name: &str,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
 #[track_caller]
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;

@@ -10,28 +10,9 @@ use skep_integration::{Cluster, PoolOpts, bin, wait_until};
 /// How long a daemon that should refuse to start may take to exit.
 const REFUSAL: Duration = Duration::from_secs(15);
 
-/// Runs `cmd` with stderr to `<dir>/<name>.log` until it exits or `REFUSAL` passes (then it is
-/// killed and the status is `None`: it did not refuse). Returns the status and its stderr.
+/// `skep_integration::run_bounded` with this file's refusal limit.
 fn run_bounded(cmd: &mut Command, dir: &Path, name: &str) -> (Option<ExitStatus>, String) {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + REFUSAL;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, std::fs::read_to_string(&log).unwrap_or_default())
+    skep_integration::run_bounded(cmd, dir, name, REFUSAL)
 }
 
 #[track_caller]

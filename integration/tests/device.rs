@@ -15,28 +15,9 @@ const REFUSAL: Duration = Duration::from_secs(15);
 /// What the worker of a build without the `cuda` feature says (skep_cuda's `NotBuilt`).
 const NOT_BUILT: &str = "this build of skep-worker has no CUDA support";
 
-/// Runs `cmd` until it exits or `REFUSAL` passes (then kills it: `None`). Returns the status
-/// and its stderr.
+/// `skep_integration::run_bounded` with this file's refusal limit.
 fn run_bounded(cmd: &mut Command, dir: &Path, name: &str) -> (Option<ExitStatus>, String) {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + REFUSAL;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, std::fs::read_to_string(&log).unwrap_or_default())
+    skep_integration::run_bounded(cmd, dir, name, REFUSAL)
 }
 
 fn pool_command(cluster: &Cluster, pdir: &Path, device: &str) -> Command {

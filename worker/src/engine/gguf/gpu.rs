@@ -9,7 +9,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Result, Tensor};
-use skep_cuda::gpu::{Act, Buffer, Gpu, GpuError, KvBuffers, Matrix, RopeLayout};
+use skep_cuda::gpu::{Act, Buffer, Gpu, GpuError, KvBuffers, Matrix, RopeLayout, Rotary};
 use skep_cuda::launch::QuantKind;
 
 use super::decoder::{Activation, Context, Decoder, Norm, Part, Rope};
@@ -280,21 +280,17 @@ impl GpuDecoder {
                 Some((qw, kw, eps)) => (Some((qw, *eps)), Some((kw, *eps))),
                 None => (None, None),
             };
-            g.rope_q(&mut q, &meta, rows, heads, hd, &l.inv_freq, layout, qn)
-                .map_err(e)?;
-            g.rope_store_kv(
-                &mut k,
-                &v,
-                &meta,
-                li,
+            let rotary = |norm| Rotary {
+                meta: &meta,
                 rows,
-                kvh,
-                hd,
-                &l.inv_freq,
+                head_dim: hd,
+                inv_freq: &l.inv_freq,
                 layout,
-                kn,
-            )
-            .map_err(e)?;
+                norm,
+            };
+            g.rope_q(&mut q, &rotary(qn), heads).map_err(e)?;
+            g.rope_store_kv(&mut k, &v, &rotary(kn), li, kvh)
+                .map_err(e)?;
             g.attention(&q, &mut att, &meta, li, rows, heads, kvh, hd, cpu.window)
                 .map_err(e)?;
             g.matmul(&l.o, &att, rows, &mut out).map_err(e)?;
